@@ -1,0 +1,242 @@
+"""Render validated specs into hook modules under generated/.
+
+    render(spec) -> str            the module text (deterministic; ast-checked)
+    generate(specs_dir, out_dir)   write changed files, remove orphans; returns changed paths
+    check(specs_dir, out_dir)      render in memory; returns stale/missing/orphaned paths
+
+All choices are made here in Python (which fragment, which lines); the templates only place
+finished values. Fragments live in templates/: basis/<source>.j2 computes the basis,
+core/<kind>_init_<family>.j2 turns it into adapter tensors, core/<kind>_forward_<hook>.j2 is the
+hook math, core/<kind>_frozen.j2 is the part of W a cropping variant takes over.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import textwrap
+from pathlib import Path
+
+import jinja2
+
+from .shapes import parse_shape_expr, to_python
+
+TEMPLATES = Path(__file__).parent / "templates"
+HEADER_CMD = "just gen"  # printed in every header
+
+# Bases that produce U (o, r), S (r,), Vh (r, i) share the "svd" core-init fragments.
+BASIS_FAMILY = {"svd": "svd"}
+
+_env = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    autoescape=False,
+)
+
+
+def _fragment(path: str) -> bool:
+    return (TEMPLATES / path).is_file()
+
+
+def fragment_names(core: str, hook: str, basis: str, residual: str) -> dict[str, str | None]:
+    """Which template fragments a (core, hook, basis, residual) combination uses."""
+    family = BASIS_FAMILY.get(basis)
+    return {
+        "basis": f"basis/{basis}.j2" if family else None,
+        "core_init": f"core/{core}_init_{family}.j2" if family else None,
+        "forward": f"core/{core}_forward_{hook}.j2",
+        "frozen": f"core/{core}_frozen.j2" if residual == "crop" else None,
+    }
+
+
+def has_fragments(core: str, hook: str, basis: str, residual: str) -> list[str]:
+    """Messages for each fragment the combination needs but the compiler lacks (empty = ok)."""
+    what = {
+        "basis": f"basis {basis!r}",
+        "core_init": f"core {core!r} on basis {basis!r}",
+        "forward": f"core {core!r} with hook {hook!r}",
+        "frozen": f"core {core!r} with residual 'crop'",
+    }
+    return [
+        f"{what[k]} is not supported (no template {p})"
+        for k, p in fragment_names(core, hook, basis, residual).items()
+        if p and not _fragment(p)
+    ]
+
+
+def py(value) -> str:
+    """Python literal for a spec value, double-quoted as a formatter would write it."""
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, tuple):
+        inner = ", ".join(py(v) for v in value)
+        return f"({inner},)" if len(value) == 1 else f"({inner})"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{py(k)}: {py(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def _dims_comment(shape: tuple[str, ...]) -> str:
+    short = {"d_in": "i", "d_out": "o"}
+    return "(" + ", ".join(short.get(s, s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _simple_init(p) -> list[str]:
+    dims = ", ".join(to_python(parse_shape_expr(s), "cfg") for s in p.shape)
+    c = _dims_comment(p.shape)
+    key = f't["{p.name}"]'
+    if p.init == "zeros":
+        return [f"{key} = torch.zeros({dims})  # {c}"]
+    if p.init == "ones":
+        return [f"{key} = torch.ones({dims})  # {c}"]
+    if p.init == "constant":
+        return [f"{key} = torch.full(({dims},), {p.value!r})  # {c}"]
+    if p.init == "kaiming_uniform":
+        return [
+            f"{key} = torch.empty({dims})  # {c}",
+            f"nn.init.kaiming_uniform_({key}, a=math.sqrt(5))  # PEFT's default for lora_A",
+        ]
+    raise AssertionError(p.init)
+
+
+def _docstring(spec) -> str:
+    first = f"{spec.title}: {spec.summary}"
+    refs = []
+    for r in spec.references:
+        bits = [r.get("authors"), str(r["year"]) if "year" in r else None]
+        who = " ".join(b for b in bits if b)
+        line = f"{who}, {r['title']}" if who else r["title"]
+        if "arxiv" in r:
+            line += f", arXiv {r['arxiv']}"
+        refs.append(textwrap.fill(line + ".", width=96))
+    if spec.reference_impl:
+        refs.append(f"Reference implementation: {spec.reference_impl}.")
+    parts = [first, "\n".join(refs), textwrap.indent(spec.math, "    "), "Identity at init: " + spec.identity]
+    if spec.notes:
+        parts.append(spec.notes)
+    parts.append(
+        f"Spec: basis={spec.basis}{'+' + spec.select if spec.select else ''}, core={spec.core}, "
+        f"residual={spec.residual}, hook={spec.hook}."
+    )
+    return "\n\n".join(p for p in parts if p)
+
+
+def context(spec, display: str) -> dict:
+    """Everything the module template needs, as finished strings and lists."""
+    pytype = {"int": "int", "float": "float", "bool": "bool"}
+    fields = [(h.name, pytype[h.type], repr(h.default), h.doc) for h in spec.hyperparameters]
+    params = [(p.name, py(tuple(p.shape)), p.init, p.trainable, p.doc) for p in spec.params]
+    shape_lines = [
+        (p.name, ", ".join(to_python(parse_shape_expr(s), "cfg") for s in p.shape) + ("," if len(p.shape) == 1 else ""))
+        for p in spec.params
+    ]
+    simple = [line for p in spec.params if p.init != "basis" for line in _simple_init(p)]
+    frags = fragment_names(spec.core, spec.hook, spec.basis, spec.residual)
+    return dict(
+        source=display,
+        regen=HEADER_CMD,
+        docstring=_docstring(spec),
+        name=spec.name,
+        title=spec.title,
+        hook=spec.hook,
+        residual=spec.residual,
+        calibration=spec.calibration,
+        target_names=py(spec.target_names),
+        lr=repr(spec.lr),
+        quantized_base=repr(spec.quantized_base),
+        fields=fields,
+        params=params,
+        shape_lines=shape_lines,
+        simple_init=simple,
+        frags=frags,
+        select=spec.select,
+        runtime_knobs=py(tuple(h.name for h in spec.hyperparameters if h.runtime)),
+        ranks=py(tuple(h.name for h in spec.hyperparameters if h.rank)),
+        bounds=py({h.name: (h.min, h.max) for h in spec.hyperparameters}),
+    )
+
+
+def render(spec, display: str | None = None) -> str:
+    """Module source for `spec`. Raises SyntaxError (with the spec named) if it does not parse."""
+    display = display or spec.source
+    text = _env.get_template("module.py.j2").render(**context(spec, display))
+    try:
+        ast.parse(text)
+    except SyntaxError as e:
+        raise SyntaxError(f"{display}: generated code does not parse at line {e.lineno}: {e.msg}") from None
+    return text
+
+
+def _spec_files(specs_dir: Path) -> list[Path]:
+    return sorted(p for p in Path(specs_dir).glob("*.yaml"))
+
+
+def _display(path: Path) -> str:
+    return f"specs/{path.name}"
+
+
+def _render_all(specs_dir: Path) -> dict[str, str]:
+    from .spec import SpecError, load_spec
+
+    out, problems = {}, []
+    for path in _spec_files(specs_dir):
+        try:
+            spec = load_spec(path, display=_display(path))
+        except SpecError as e:
+            problems += e.problems
+            continue
+        out[f"{spec.name}.py"] = render(spec)
+    if problems:
+        raise SpecError(problems)
+    return out
+
+
+INIT_TEXT = '''# Code generated by lora_lite.codegen. DO NOT EDIT.
+# Regenerate: just gen    Check: just gen-check
+"""One hook module per spec in specs/; see each module's docstring for its math."""
+'''
+
+
+def generate(specs_dir: str | Path, out_dir: str | Path) -> list[Path]:
+    """Render every spec in `specs_dir` into `out_dir`; write only changed files, remove orphans.
+
+    Returns the paths written or removed. Raises SpecError listing every bad spec (nothing written).
+    """
+    out_dir = Path(out_dir)
+    files = _render_all(Path(specs_dir))
+    files["__init__.py"] = INIT_TEXT
+    out_dir.mkdir(parents=True, exist_ok=True)
+    changed = []
+    for name, text in sorted(files.items()):
+        path = out_dir / name
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            tmp = path.with_suffix(".py.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(path)
+            changed.append(path)
+    for path in sorted(out_dir.glob("*.py")):
+        if path.name not in files:
+            path.unlink()
+            changed.append(path)
+    return changed
+
+
+def check(specs_dir: str | Path, out_dir: str | Path) -> list[str]:
+    """Render in memory; return one line per stale, missing or orphaned file (empty = up to date)."""
+    out_dir = Path(out_dir)
+    files = _render_all(Path(specs_dir))
+    files["__init__.py"] = INIT_TEXT
+    problems = []
+    for name, text in sorted(files.items()):
+        path = out_dir / name
+        if not path.exists():
+            problems.append(f"missing: {path}")
+        elif path.read_text(encoding="utf-8") != text:
+            problems.append(f"stale: {path}")
+    for path in sorted(out_dir.glob("*.py")):
+        if path.name not in files:
+            problems.append(f"orphaned: {path}")
+    return problems

@@ -1,0 +1,80 @@
+"""Safe evaluator for shape expressions in specs (`r`, `d_out`, `r - block`, `2 * r`).
+
+Only names, non-negative integer literals, unary minus and the operators + - * // are
+allowed; anything else (calls, attributes, strings, `**`) is refused. Nothing reaches `eval`.
+"""
+
+from __future__ import annotations
+
+import ast
+
+_OPS = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.FloorDiv: lambda a, b: a // b,
+}
+
+
+def parse_shape_expr(text: str | int) -> ast.expr:
+    """Parse one shape expression and check it uses only the allowed syntax.
+
+    Raises ValueError naming the offending piece, e.g. "call 'f(r)' is not allowed".
+    """
+    if isinstance(text, bool) or not isinstance(text, (str, int)):
+        raise ValueError(f"expected a string or integer, got {type(text).__name__}")
+    try:
+        tree = ast.parse(str(text), mode="eval")
+    except SyntaxError as e:
+        raise ValueError(f"cannot parse {text!r}: {e.msg}") from None
+    for node in ast.walk(tree.body):
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            continue
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            continue
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            continue
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            continue
+        if isinstance(node, (ast.operator, ast.unaryop, ast.expr_context)):
+            continue
+        raise ValueError(f"{ast.unparse(node)!r} is not allowed (only names, integers, + - * //)")
+    return tree.body
+
+
+def names_in(expr: ast.expr) -> list[str]:
+    """Names used by a parsed shape expression, in order of appearance."""
+    return [n.id for n in ast.walk(expr) if isinstance(n, ast.Name)]
+
+
+def eval_shape_expr(expr: ast.expr, env: dict[str, int]) -> int:
+    """Evaluate a parsed expression with integer bindings; KeyError names an unknown name."""
+    if isinstance(expr, ast.Constant):
+        return expr.value
+    if isinstance(expr, ast.Name):
+        if expr.id not in env:
+            raise KeyError(expr.id)
+        return int(env[expr.id])
+    if isinstance(expr, ast.UnaryOp):
+        return -eval_shape_expr(expr.operand, env)
+    if isinstance(expr, ast.BinOp):
+        return _OPS[type(expr.op)](eval_shape_expr(expr.left, env), eval_shape_expr(expr.right, env))
+    raise ValueError(f"{ast.unparse(expr)!r} is not allowed")
+
+
+def to_python(expr: ast.expr, prefix: str, dims: tuple[str, ...] = ("d_in", "d_out")) -> str:
+    """Render an expression as Python source; hyperparameter names become `<prefix>.<name>`.
+
+    `r - block` -> `cfg.r - cfg.block`; `d_in` stays `d_in`. Input must come from
+    `parse_shape_expr`, so the output holds only names, integers and + - * //.
+    """
+
+    class _Rename(ast.NodeTransformer):
+        def visit_Name(self, node: ast.Name) -> ast.AST:
+            if node.id in dims:
+                return node
+            return ast.Attribute(value=ast.Name(prefix, ast.Load()), attr=node.id, ctx=ast.Load())
+
+    import copy
+
+    return ast.unparse(_Rename().visit(copy.deepcopy(expr)))

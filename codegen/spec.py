@@ -1,0 +1,347 @@
+"""Load, validate and freeze one adapter spec (`specs/<name>.yaml`).
+
+    load_spec(path) -> Spec          raises SpecError: one line per problem, best first,
+                                     each `file:line: $.key.path: message`
+
+YAML is read with PyYAML's safe loader; duplicate keys are refused (PyYAML keeps the last one
+silently). The JSON Schema `specs/schema.json` catches structure and types; the checks here
+catch what a schema cannot: shape expressions, the tensors and hyperparameters a core needs,
+and combinations that have no template fragment.
+"""
+
+from __future__ import annotations
+
+import json
+import keyword
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from .shapes import eval_shape_expr, names_in, parse_shape_expr
+
+# Fields every config has (lora_lite.config.AdapterConfig); a hyperparameter may not reuse them.
+RESERVED = {"target_names", "layers", "dtype", "residual"}
+
+# What each core kind needs from the spec: tensors (name -> trainable) and hyperparameters.
+CORES: dict[str, dict[str, Any]] = {
+    "lowrank": {
+        "tensors": {"lora_A": True, "lora_B": True},
+        "hyper": ("r", "alpha"),
+        "crop_tensors": {"lora_A0": False, "lora_B0": False},
+    },
+    "ia3": {"tensors": {"lora_ia3": True}, "hyper": ()},
+}
+
+# Bases that leave a frozen part of W to crop, and the ones that need calibration data.
+CROPPABLE_BASES = {"svd"}
+CALIBRATION = {"none": "none", "random": "none", "svd": "none"}
+
+
+class SpecError(ValueError):
+    """A spec is invalid. `str(err)` is one line per problem: `file:line: $.path: message`."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    name: str
+    type: str  # "int" | "float" | "bool"
+    default: int | float | bool
+    doc: str
+    min: float | None = None
+    max: float | None = None
+    rank: bool = False  # clamped per target to min(d_in, d_out)
+    runtime: bool = False  # may change after attach (ll.set_coeff)
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    shape: tuple[str, ...]  # shape expressions as written
+    init: str  # zeros | ones | constant | kaiming_uniform | basis
+    trainable: bool = True
+    value: float | None = None
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A validated spec; `raw` is the parsed YAML (kept for checkpoints and reports)."""
+
+    name: str
+    title: str
+    summary: str
+    references: tuple[dict, ...]
+    reference_impl: str
+    math: str
+    identity: str
+    notes: str
+    hyperparameters: tuple[Hyperparameter, ...]
+    target_names: tuple[str, ...]
+    basis: str
+    select: str | None
+    core: str
+    residual: str
+    hook: str
+    params: tuple[Param, ...]
+    lr: float
+    quantized_base: bool
+    source: str  # where it was read from, for messages and the generated header
+    text: str  # the YAML text itself (checkpoints carry it, so custom specs reload anywhere)
+
+    @property
+    def raw(self) -> dict:
+        return yaml.safe_load(self.text)
+
+    @property
+    def calibration(self) -> str:
+        """'none', 'optional' (used when given) or 'required'."""
+        if self.select == "wanda":
+            return "optional"
+        return CALIBRATION[self.basis]
+
+    def hyper(self, name: str) -> Hyperparameter | None:
+        return next((h for h in self.hyperparameters if h.name == name), None)
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict:
+    """The JSON Schema every spec obeys (shipped as package data in lora_lite.specs)."""
+    return json.loads(resources.files("lora_lite.specs").joinpath("schema.json").read_text())
+
+
+def shipped_specs_dir() -> Path:
+    """Folder of the specs that ship with the package (the checkout's specs/ in editable mode)."""
+    return Path(str(resources.files("lora_lite.specs")))
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe loader that records the line of every key path and refuses duplicate keys."""
+
+
+def _walk(node: yaml.Node, path: tuple, lines: dict, problems: list, where: str) -> None:
+    lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                problems.append(
+                    f"{where}:{key_node.start_mark.line + 1}: {_fmt(path)}: duplicate key {key!r} "
+                    f"(first at line {seen[key]})"
+                )
+            seen[key] = key_node.start_mark.line + 1
+            _walk(value_node, path + (key,), lines, problems, where)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _walk(item, path + (i,), lines, problems, where)
+
+
+def _fmt(path) -> str:
+    out = "$"
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else f".{p}"
+    return out
+
+
+def parse_yaml(text: str, where: str) -> tuple[Any, dict]:
+    """Parse YAML text safely; return (data, {key path: line}). Raises SpecError."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise SpecError([f"{where}: empty file"])
+        lines: dict = {}
+        problems: list[str] = []
+        _walk(node, (), lines, problems, where)
+        if problems:
+            raise SpecError(problems)
+        data = loader.construct_document(node)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        msg = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise SpecError([f"{where}{line}: YAML syntax error: {msg}"]) from None
+    finally:
+        loader.dispose()
+    return data, lines
+
+
+def _line(lines: dict, path) -> str:
+    path = tuple(path)
+    while path and path not in lines:
+        path = path[:-1]
+    return f":{lines[path]}" if path in lines else ""
+
+
+def _schema_problems(data: Any, lines: dict, where: str) -> list[str]:
+    validator = jsonschema.Draft202012Validator(schema())
+    errors = sorted(validator.iter_errors(data), key=jsonschema.exceptions.relevance)
+    out = []
+    for err in errors:
+        path = tuple(err.absolute_path)
+        msg = err.message
+        if err.validator == "additionalProperties":
+            extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+            msg = "unexpected key " + ", ".join(repr(k) for k in extra)
+        elif err.validator == "pattern" and "\\\\" in err.validator_value:
+            msg = "text may not contain backslashes or triple quotes (it is copied into a docstring)"
+        elif err.validator == "not":
+            msg = "text may not contain triple quotes (it is copied into a docstring)"
+        out.append(f"{where}{_line(lines, path)}: {_fmt(path)}: {msg}")
+    return out
+
+
+def _semantic_problems(data: dict, lines: dict, where: str, stem: str | None) -> list[str]:
+    from .compiler import has_fragments  # the compiler knows which fragments exist
+
+    problems: list[str] = []
+
+    def bad(path, msg):
+        problems.append(f"{where}{_line(lines, path)}: {_fmt(path)}: {msg}")
+
+    if stem is not None and data["name"] != stem:
+        bad(("name",), f"{data['name']!r} must equal the file name {stem!r}")
+    hypers = data["hyperparameters"]
+    for name, h in hypers.items():
+        p = ("hyperparameters", name)
+        if name in RESERVED or keyword.iskeyword(name):
+            bad(p, f"{name!r} is reserved (config fields: {sorted(RESERVED)})")
+        d = h["default"]
+        want = {"int": int, "float": (int, float), "bool": bool}[h["type"]]
+        if isinstance(d, bool) != (h["type"] == "bool") or not isinstance(d, want):
+            bad(p + ("default",), f"{d!r} is not a {h['type']}")
+            continue
+        if "min" in h and d < h["min"]:
+            bad(p + ("default",), f"{d!r} is below min {h['min']}")
+        if "max" in h and d > h["max"]:
+            bad(p + ("default",), f"{d!r} is above max {h['max']}")
+        if h.get("rank") and h["type"] != "int":
+            bad(p + ("rank",), "only an int hyperparameter can be a rank")
+    core = CORES[data["core"]["kind"]]
+    for name in core["hyper"]:
+        if name not in hypers:
+            bad(("hyperparameters",), f"core {data['core']['kind']!r} needs hyperparameter {name!r}")
+    env = {n: h["default"] for n, h in hypers.items() if h["type"] == "int"}
+    env.update(d_in=64, d_out=48)
+    for name, p in data["params"].items():
+        path = ("params", name)
+        for i, expr in enumerate(p["shape"]):
+            try:
+                tree = parse_shape_expr(expr)
+                unknown = [n for n in names_in(tree) if n not in env]
+                if unknown:
+                    bad(
+                        path + ("shape", i),
+                        f"unknown name {unknown[0]!r} in {expr!r} "
+                        f"(known: d_in, d_out and int hyperparameters {sorted(set(env) - {'d_in', 'd_out'})})",
+                    )
+                elif eval_shape_expr(tree, env) < 1:
+                    bad(path + ("shape", i), f"{expr!r} is not positive with the defaults")
+            except ValueError as e:
+                bad(path + ("shape", i), f"bad shape expression: {e}")
+        if p["init"] == "constant" and "value" not in p:
+            bad(path + ("init",), "init 'constant' needs a 'value'")
+        if p["init"] == "basis" and data["basis"]["source"] in ("none", "random"):
+            bad(path + ("init",), f"init 'basis' needs a data or SVD basis, not {data['basis']['source']!r}")
+    needed = dict(core["tensors"])
+    if data["residual"] == "crop":
+        needed.update(core.get("crop_tensors", {}))
+    for name, trainable in needed.items():
+        if name not in data["params"]:
+            bad(("params",), f"core {data['core']['kind']!r} needs tensor {name!r}")
+        elif data["params"][name].get("trainable", True) != trainable:
+            bad(
+                ("params", name, "trainable"),
+                f"core {data['core']['kind']!r} needs it {'trainable' if trainable else 'frozen'}",
+            )
+    if data["residual"] == "crop" and data["basis"]["source"] not in CROPPABLE_BASES:
+        bad(("residual",), f"crop needs a basis to crop ({sorted(CROPPABLE_BASES)}), not {data['basis']['source']!r}")
+    if data["basis"].get("select") and data["basis"]["source"] != "svd":
+        bad(("basis", "select"), "select: wanda re-selects SVD directions; it needs source: svd")
+    for i, rx in enumerate(data["target"]["names"]):
+        try:
+            re.compile(rx)
+        except re.error as e:
+            bad(("target", "names", i), f"bad regex {rx!r}: {e}")
+    missing = has_fragments(data["core"]["kind"], data["hook"], data["basis"]["source"], data["residual"])
+    for what in missing:
+        bad(("core", "kind"), what)
+    return problems
+
+
+def parse_spec(text: str, where: str = "<spec>", stem: str | None = None) -> Spec:
+    """Validate spec text and return a frozen Spec. Raises SpecError (one line per problem)."""
+    data, lines = parse_yaml(text, where)
+    if not isinstance(data, dict):
+        raise SpecError([f"{where}: $: expected a mapping of spec fields, got {type(data).__name__}"])
+    problems = _schema_problems(data, lines, where)
+    if problems:
+        raise SpecError(problems)
+    problems = _semantic_problems(data, lines, where, stem)
+    if problems:
+        raise SpecError(problems)
+    hypers = tuple(
+        Hyperparameter(
+            name=n,
+            type=h["type"],
+            default=float(h["default"]) if h["type"] == "float" else h["default"],
+            doc=h["doc"],
+            min=h.get("min"),
+            max=h.get("max"),
+            rank=h.get("rank", False),
+            runtime=h.get("runtime", False),
+        )
+        for n, h in data["hyperparameters"].items()
+    )
+    params = tuple(
+        Param(
+            n, tuple(str(s) for s in p["shape"]), p["init"], p.get("trainable", True), p.get("value"), p.get("doc", "")
+        )
+        for n, p in data["params"].items()
+    )
+    return Spec(
+        name=data["name"],
+        title=data["title"],
+        summary=data["summary"],
+        references=tuple(data["references"]),
+        reference_impl=data.get("reference_impl", ""),
+        math=data["math"].rstrip(),
+        identity=data["identity"].rstrip(),
+        notes=data.get("notes", "").rstrip(),
+        hyperparameters=hypers,
+        target_names=tuple(data["target"]["names"]),
+        basis=data["basis"]["source"],
+        select=data["basis"].get("select"),
+        core=data["core"]["kind"],
+        residual=data["residual"],
+        hook=data["hook"],
+        params=params,
+        lr=float(data["train"]["lr"]),
+        quantized_base=data["quantized_base"],
+        source=where,
+        text=text,
+    )
+
+
+def load_spec(path: str | Path, display: str | None = None) -> Spec:
+    """Read and validate `path`. `display` is how messages and headers name the file.
+
+    Raises SpecError (file missing, YAML syntax, schema, semantics), one line per problem.
+    """
+    path = Path(path)
+    where = display or str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpecError([f"{where}: cannot read: {e.strerror or e}"]) from None
+    return parse_spec(text, where, stem=path.stem)

@@ -1,0 +1,72 @@
+# Code generated from specs/ia3.yaml by lora_lite.codegen. DO NOT EDIT.
+# Regenerate: just gen    Check: just gen-check
+"""IA3: a learned gain vector on the output of the key and value projections.
+
+Liu et al. 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context
+Learning, arXiv 2205.05638.
+Reference implementation: PEFT peft/tuners/ia3/layer.py, class Linear (is_feedforward=False).
+
+    y = l * (W x + b),    l in R^{d_out}
+
+Identity at init: l = 1.
+
+Spec: basis=none, core=ia3, residual=none, hook=output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lora_lite.config import AdapterConfig
+
+NAME = "ia3"
+TITLE = "IA3"
+HOOK = "output"  # forward hook: forward() returns the layer's new output
+RESIDUAL = "none"  # the base weight is never modified
+CALIBRATION = "none"  # calibration data is accepted and ignored
+TARGET_NAMES = ("\\.k_proj$", "\\.v_proj$")  # default targets: re.search on module names
+LR = 0.003  # recommended AdamW learning rate
+QUANTIZED_BASE = True  # whether bitsandbytes 4/8-bit targets are supported
+RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
+RANKS = ()  # hyperparameters clamped per target to min(d_in, d_out)
+BOUNDS = {}  # (min, max) of each hyperparameter; None = unbounded
+
+
+@dataclass(frozen=True)
+class Config(AdapterConfig):
+    """IA3 hyperparameters (defaults from specs/ia3.yaml)."""
+
+
+# Adapter tensors registered on each target: name -> (shape, init, trainable)
+PARAMS = {
+    "lora_ia3": (("d_out",), "ones", True),  # output gain (PEFT ia3_l)
+}
+
+
+def shapes(cfg: Config, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
+    """Shape of each adapter tensor for a target whose weight is (d_out, d_in)."""
+    return {
+        "lora_ia3": (d_out,),
+    }
+
+
+# i: d_in, o: d_out, r: rank, ...: leading (batch, token) dims
+def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]:
+    """Initial adapter tensors (fp32) for one target. W: (o, i) base weight, fp32, dequantized.
+
+    `stats` holds statistics of this layer's input, gathered on the intact model, when
+    calibration data was given: "second_moment" (i, i) = mean of x x^T over non-padding
+    tokens, and "tokens", their count. Otherwise it is None.
+    """
+    d_out, d_in = W.shape
+    t = {}
+    t["lora_ia3"] = torch.ones(d_out)  # (o,)
+    return t
+
+
+def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
+    """New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output."""
+    return y * m.lora_ia3.to(y.dtype)  # (..., o), the bias is scaled too, as in PEFT

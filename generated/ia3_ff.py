@@ -1,0 +1,72 @@
+# Code generated from specs/ia3_ff.yaml by lora_lite.codegen. DO NOT EDIT.
+# Regenerate: just gen    Check: just gen-check
+"""IA3-FF: a learned gain vector on the input of the feed-forward down projection.
+
+Liu et al. 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context
+Learning, arXiv 2205.05638.
+Reference implementation: PEFT peft/tuners/ia3/layer.py, class Linear (is_feedforward=True).
+
+    y = W (l * x) + b,    l in R^{d_in}
+
+Identity at init: l = 1.
+
+Spec: basis=none, core=ia3, residual=none, hook=input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lora_lite.config import AdapterConfig
+
+NAME = "ia3_ff"
+TITLE = "IA3-FF"
+HOOK = "input"  # forward pre-hook: forward() returns the layer's new input
+RESIDUAL = "none"  # the base weight is never modified
+CALIBRATION = "none"  # calibration data is accepted and ignored
+TARGET_NAMES = ("\\.down_proj$",)  # default targets: re.search on module names
+LR = 0.003  # recommended AdamW learning rate
+QUANTIZED_BASE = True  # whether bitsandbytes 4/8-bit targets are supported
+RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
+RANKS = ()  # hyperparameters clamped per target to min(d_in, d_out)
+BOUNDS = {}  # (min, max) of each hyperparameter; None = unbounded
+
+
+@dataclass(frozen=True)
+class Config(AdapterConfig):
+    """IA3-FF hyperparameters (defaults from specs/ia3_ff.yaml)."""
+
+
+# Adapter tensors registered on each target: name -> (shape, init, trainable)
+PARAMS = {
+    "lora_ia3": (("d_in",), "ones", True),  # input gain (PEFT ia3_l)
+}
+
+
+def shapes(cfg: Config, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
+    """Shape of each adapter tensor for a target whose weight is (d_out, d_in)."""
+    return {
+        "lora_ia3": (d_in,),
+    }
+
+
+# i: d_in, o: d_out, r: rank, ...: leading (batch, token) dims
+def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]:
+    """Initial adapter tensors (fp32) for one target. W: (o, i) base weight, fp32, dequantized.
+
+    `stats` holds statistics of this layer's input, gathered on the intact model, when
+    calibration data was given: "second_moment" (i, i) = mean of x x^T over non-padding
+    tokens, and "tokens", their count. Otherwise it is None.
+    """
+    d_out, d_in = W.shape
+    t = {}
+    t["lora_ia3"] = torch.ones(d_in)  # (i,)
+    return t
+
+
+def forward(m: nn.Module, x: Tensor, cfg: Config) -> Tensor:
+    """New input of target `m`. x: (..., i) input in the adapter dtype; the hook casts back."""
+    return x * m.lora_ia3  # (..., i)

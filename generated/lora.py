@@ -1,0 +1,81 @@
+# Code generated from specs/lora.yaml by lora_lite.codegen. DO NOT EDIT.
+# Regenerate: just gen    Check: just gen-check
+"""LoRA: a trainable low-rank update B A added to a frozen linear layer.
+
+Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models, arXiv 2106.09685.
+Reference implementation: PEFT peft/tuners/lora/layer.py, class Linear.
+
+    y = W x + s B A x,    s = alpha / r
+
+Identity at init: B = 0, so the update s B A x is zero.
+
+Spec: basis=random, core=lowrank, residual=none, hook=output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lora_lite.config import AdapterConfig
+
+NAME = "lora"
+TITLE = "LoRA"
+HOOK = "output"  # forward hook: forward() returns the layer's new output
+RESIDUAL = "none"  # the base weight is never modified
+CALIBRATION = "none"  # calibration data is accepted and ignored
+TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
+LR = 0.0001  # recommended AdamW learning rate
+QUANTIZED_BASE = True  # whether bitsandbytes 4/8-bit targets are supported
+RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
+RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
+BOUNDS = {"r": (1, None), "alpha": (None, None)}  # (min, max) of each hyperparameter; None = unbounded
+
+
+@dataclass(frozen=True)
+class Config(AdapterConfig):
+    """LoRA hyperparameters (defaults from specs/lora.yaml)."""
+
+    r: int = 8  # rank of the update
+    alpha: float = 16.0  # scale numerator, s = alpha / r
+
+
+# Adapter tensors registered on each target: name -> (shape, init, trainable)
+PARAMS = {
+    "lora_A": (("r", "d_in"), "kaiming_uniform", True),  # down-projection
+    "lora_B": (("d_out", "r"), "zeros", True),  # up-projection
+}
+
+
+def shapes(cfg: Config, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
+    """Shape of each adapter tensor for a target whose weight is (d_out, d_in)."""
+    return {
+        "lora_A": (cfg.r, d_in),
+        "lora_B": (d_out, cfg.r),
+    }
+
+
+# i: d_in, o: d_out, r: rank, ...: leading (batch, token) dims
+def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]:
+    """Initial adapter tensors (fp32) for one target. W: (o, i) base weight, fp32, dequantized.
+
+    `stats` holds statistics of this layer's input, gathered on the intact model, when
+    calibration data was given: "second_moment" (i, i) = mean of x x^T over non-padding
+    tokens, and "tokens", their count. Otherwise it is None.
+    """
+    d_out, d_in = W.shape
+    t = {}
+    t["lora_A"] = torch.empty(cfg.r, d_in)  # (r, i)
+    nn.init.kaiming_uniform_(t["lora_A"], a=math.sqrt(5))  # PEFT's default for lora_A
+    t["lora_B"] = torch.zeros(d_out, cfg.r)  # (o, r)
+    return t
+
+
+def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
+    """New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output."""
+    s = cfg.alpha / cfg.r
+    h = x @ m.lora_A.T  # (..., r)
+    return y + (s * (h @ m.lora_B.T)).to(y.dtype)  # (..., o)

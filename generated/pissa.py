@@ -1,0 +1,105 @@
+# Code generated from specs/pissa.yaml by lora_lite.codegen. DO NOT EDIT.
+# Regenerate: just gen    Check: just gen-check
+"""PiSSA: LoRA initialised on the top-r singular directions of W, with W cropped to the rest.
+
+Meng et al. 2024, PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large
+Language Models, arXiv 2404.02948.
+Reference implementation: PEFT peft/tuners/lora/layer.py, LoraLayer.pissa_init.
+
+    W = U_r diag(S_r) Vh_r + W_res                  (top-r SVD of W, fp32)
+    A = sqrt(S_r / s) Vh_r,   B = U_r sqrt(S_r / s),  s = alpha / r
+    y = W_res x + s B A x
+
+Identity at init: W_res + s B A = W, with W_res formed from the stored (rounded) copies A0 and B0.
+
+Spec: basis=svd, core=lowrank, residual=crop, hook=output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lora_lite.config import AdapterConfig
+
+NAME = "pissa"
+TITLE = "PiSSA"
+HOOK = "output"  # forward hook: forward() returns the layer's new output
+RESIDUAL = "crop"  # while attached the base weight holds W_res = W - frozen_weight()
+CALIBRATION = "none"  # calibration data is accepted and ignored
+TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
+LR = 0.0001  # recommended AdamW learning rate
+QUANTIZED_BASE = False  # whether bitsandbytes 4/8-bit targets are supported
+RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
+RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
+BOUNDS = {"r": (1, None), "alpha": (None, None)}  # (min, max) of each hyperparameter; None = unbounded
+
+
+@dataclass(frozen=True)
+class Config(AdapterConfig):
+    """PiSSA hyperparameters (defaults from specs/pissa.yaml)."""
+
+    r: int = 8  # rank of the update
+    alpha: float = 16.0  # scale numerator, s = alpha / r
+
+
+# Adapter tensors registered on each target: name -> (shape, init, trainable)
+PARAMS = {
+    "lora_A": (("r", "d_in"), "basis", True),  # sqrt(S / s) Vh, trained
+    "lora_B": (("d_out", "r"), "basis", True),  # U sqrt(S / s), trained
+    "lora_A0": (("r", "d_in"), "basis", False),  # frozen copy of A at init
+    "lora_B0": (("d_out", "r"), "basis", False),  # frozen copy of B at init
+}
+
+
+def shapes(cfg: Config, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
+    """Shape of each adapter tensor for a target whose weight is (d_out, d_in)."""
+    return {
+        "lora_A": (cfg.r, d_in),
+        "lora_B": (d_out, cfg.r),
+        "lora_A0": (cfg.r, d_in),
+        "lora_B0": (d_out, cfg.r),
+    }
+
+
+# i: d_in, o: d_out, r: rank, ...: leading (batch, token) dims
+def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]:
+    """Initial adapter tensors (fp32) for one target. W: (o, i) base weight, fp32, dequantized.
+
+    `stats` holds statistics of this layer's input, gathered on the intact model, when
+    calibration data was given: "second_moment" (i, i) = mean of x x^T over non-padding
+    tokens, and "tokens", their count. Otherwise it is None.
+    """
+    d_out, d_in = W.shape
+    t = {}
+    # basis: top-r SVD of W in fp32; signs made canonical (largest |entry| of each U column > 0)
+    # so the result does not depend on the LAPACK build
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # (o, k), (k,), (k, i); k = min(o, i)
+    sign = torch.where(U.gather(0, U.abs().argmax(0, keepdim=True)) < 0, -1.0, 1.0)  # (1, k)
+    U, Vh = U * sign, Vh * sign.T
+    U, S, Vh = U[:, : cfg.r], S[: cfg.r], Vh[: cfg.r]  # (o, r), (r,), (r, i)
+    # split S between A and B so that s B A = U diag(S) Vh (PEFT's PiSSA init)
+    s = cfg.alpha / cfg.r
+    t["lora_A"] = torch.sqrt(S / s)[:, None] * Vh  # (r, i)
+    t["lora_B"] = U * torch.sqrt(S / s)  # (o, r)
+    t["lora_A0"] = t["lora_A"].clone()  # frozen copies: the part of W that crop removes
+    t["lora_B0"] = t["lora_B"].clone()
+    return t
+
+
+def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
+    """New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output."""
+    s = cfg.alpha / cfg.r
+    h = x @ m.lora_A.T  # (..., r)
+    return y + (s * (h @ m.lora_B.T)).to(y.dtype)  # (..., o)
+
+
+def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
+    """The part of W this adapter takes over, (o, i) fp32, from the stored (rounded) buffers.
+
+    Attach and load crop the base weight to W_res = W - frozen_weight(); detach adds it back.
+    """
+    s = cfg.alpha / cfg.r
+    return s * (m.lora_B0.float() @ m.lora_A0.float())  # (o, i)

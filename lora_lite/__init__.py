@@ -1,0 +1,59 @@
+"""lora-lite: LoRA-family adapters as YAML specs compiled to readable hook modules.
+
+import lora_lite as ll
+cfg = ll.from_spec("lora", r=8)          # or ll.LoRAConfig(r=8, alpha=16)
+ll.attach(model, cfg)                    # forward hooks; base frozen
+ll.save(model, "adapter.safetensors")
+ll.detach(model)                         # base model back, bit for bit (within rounding)
+ll.load(model, "adapter.safetensors")
+"""
+
+__version__ = "0.1.0"
+
+from .checkpoint import CheckpointError, load, read_metadata, save  # noqa: E402
+from .codegen import SpecError  # noqa: E402
+from .config import AdapterConfig  # noqa: E402
+from .registry import from_spec, shipped_names, variant_module  # noqa: E402
+from .runtime import AttachError, attach, detach, set_coeff, state, trainable_parameters  # noqa: E402
+
+# Typed configs, as in upstream's Quickstart: ll.LoRAConfig(r=8, alpha=16, dtype=torch.bfloat16)
+CONFIG_NAMES = {
+    "LoRAConfig": "lora",
+    "PiSSAConfig": "pissa",
+    "DoRAConfig": "dora",
+    "DeLoRAConfig": "delora",
+    "IA3Config": "ia3",
+    "IA3FFConfig": "ia3_ff",
+    "HRAConfig": "hra",
+    "EVAConfig": "eva",
+    "AntiPaSTOConfig": "antipasto",
+    "AntiPaSTOCorDAConfig": "antipasto_corda",
+    "AntiPaSTOAblateConfig": "antipasto_ablate",
+    "AntiPaSTOArrowConfig": "antipasto_arrow",
+}
+
+
+def __getattr__(name):
+    if name in CONFIG_NAMES:
+        return variant_module(CONFIG_NAMES[name]).Config
+    raise AttributeError(f"module 'lora_lite' has no attribute {name!r}")
+
+
+__all__ = [
+    "AdapterConfig",
+    "AttachError",
+    "CheckpointError",
+    "SpecError",
+    "attach",
+    "detach",
+    "from_spec",
+    "load",
+    "read_metadata",
+    "save",
+    "set_coeff",
+    "shipped_names",
+    "state",
+    "trainable_parameters",
+    "variant_module",
+    *CONFIG_NAMES,
+]

@@ -1,0 +1,167 @@
+"""Self-describing adapter checkpoints: safetensors tensors + JSON metadata.
+
+File layout (one safetensors file):
+    tensors   "<target module name>.<tensor name>" -> adapter tensor (trainable and frozen)
+    metadata  {"lora_lite": JSON} with format_version, spec name and YAML text (so a custom
+              spec reloads anywhere), config (hyperparameters, targets, dtype), and per target:
+              its own hyperparameters (clamped rank), base weight shape/dtype/quantization and a
+              fingerprint of the original (pre-crop, dequantized) weight.
+
+load() needs no calibration data: cropped variants rebuild W_res from the saved basis.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import __version__
+from .registry import spec_text, variant_from_text
+from .runtime import (
+    AttachError,
+    base_weight,
+    fingerprint_distance,
+    install,
+    is_linear_like,
+    is_quantized,
+    state,
+    weight_fingerprint,
+)
+
+FORMAT_VERSION = 1
+FINGERPRINT_TOL = 0.05  # relative; rounding to bf16/fp16 moves it by well under 1%
+FINGERPRINT_TOL_QUANT = 0.25  # nf4/int8 quantization error of a weight is ~5-15% of its norm
+STRICT_RESIDUALS = ("crop", "subtract")  # math depends on W: a mismatch is an error, not a warning
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable or does not fit the model; the model was left unchanged."""
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the attached adapter to `path` (safetensors), atomically (temp file + rename).
+
+    Raises AttachError when nothing is attached. Returns the path.
+    """
+    st = state(model)
+    if st is None:
+        raise AttachError("save: no lora-lite adapter is attached to this model (nothing to save)")
+    tensors, targets = {}, {}
+    for name, t in st.targets.items():
+        for k in t.tensors:
+            tensors[f"{name}.{k}"] = getattr(t.module, k).detach().to("cpu").contiguous()
+        targets[name] = {"hyperparameters": t.cfg.hyperparameters(), **t.info}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "lora_lite_version": __version__,
+        "spec_name": st.variant.NAME,
+        "spec": spec_text(st.variant),
+        "config": st.cfg.to_dict(),
+        "targets": targets,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"lora_lite": json.dumps(meta, sort_keys=True)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The checkpoint's lora_lite metadata. Raises CheckpointError if absent or unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("lora_lite")
+    except Exception as e:  # safetensors raises several types for a bad file
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if raw is None:
+        raise CheckpointError(f"{path}: no lora_lite metadata (not saved by ll.save?)")
+    meta = json.loads(raw)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {meta.get('format_version')!r}; this lora-lite reads {FORMAT_VERSION}"
+        )
+    return meta
+
+
+def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Attach the adapter saved at `path` to `model` (no calibration data needed); returns `model`.
+
+    Checks, before changing anything: nothing attached yet; every saved target exists, is
+    linear-like and has the saved weight shape; saved tensors have the spec's shapes; the base
+    weight's fingerprint matches (an error for variants whose math depends on W, else a warning).
+    Raises CheckpointError / AttachError naming the layer.
+    """
+    if state(model) is not None:
+        raise AttachError(f"load: model already has a {state(model).variant.NAME} adapter; call ll.detach(model) first")
+    meta = read_metadata(path)
+    gen = variant_from_text(meta["spec"], meta["spec_name"])
+    cfg = gen.Config(**meta["config"])
+    strict = gen.RESIDUAL in STRICT_RESIDUALS or getattr(gen, "USES_BASE_WEIGHT", False)
+    modules = dict(model.named_modules())
+    per_target = {}
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        for name, tmeta in meta["targets"].items():
+            m = modules.get(name)
+            if m is None or not is_linear_like(m):
+                raise CheckpointError(
+                    f"{path}: target {name!r} is {'missing from' if m is None else 'not linear-like in'} this model"
+                )
+            shape = [m.out_features, m.in_features]
+            if shape != [tmeta["d_out"], tmeta["d_in"]]:
+                raise CheckpointError(
+                    f"{path}: {name}: model layer is (d_out, d_in) = {tuple(shape)}, "
+                    f"checkpoint expects {(tmeta['d_out'], tmeta['d_in'])}"
+                )
+            if gen.RESIDUAL == "crop" and is_quantized(m):
+                raise AttachError(
+                    f"{gen.NAME}: {name} is quantized ({type(m.weight).__name__}); crop would rewrite "
+                    f"its weight. Use residual='subtract' or a float base"
+                )
+            cfg_t = gen.Config(**{**meta["config"], **tmeta["hyperparameters"]})
+            want = gen.shapes(cfg_t, m.in_features, m.out_features)
+            tensors = {}
+            for k, shape_k in want.items():
+                key = f"{name}.{k}"
+                if key not in keys:
+                    raise CheckpointError(f"{path}: tensor {key!r} is missing")
+                t = f.get_tensor(key)
+                if tuple(t.shape) != tuple(shape_k):
+                    raise CheckpointError(f"{path}: {key} has shape {tuple(t.shape)}, spec expects {tuple(shape_k)}")
+                tensors[k] = t
+            W = base_weight(m)
+            fp = weight_fingerprint(W)
+            dist = fingerprint_distance(fp, tmeta["fingerprint"])
+            tol = FINGERPRINT_TOL_QUANT if (is_quantized(m) or tmeta.get("quantization")) else FINGERPRINT_TOL
+            if dist > tol:
+                msg = (
+                    f"{path}: {name}: base weight differs from the one the adapter was trained on "
+                    f"(fingerprint distance {dist:.2f} > {tol})"
+                )
+                if strict:
+                    raise CheckpointError(msg + f"; {gen.NAME}'s math depends on W, refusing to load")
+                warnings.warn(msg, stacklevel=2)
+            info = dict(
+                tmeta,
+                fingerprint=fp,
+                weight_dtype=str(m.weight.dtype).removeprefix("torch."),
+                quantization=type(m.weight).__name__ if is_quantized(m) else None,
+                loaded_from_quantization=tmeta.get("quantization"),
+            )
+            info.pop("hyperparameters")
+            per_target[name] = (m, cfg_t, tensors, info)
+    install(model, cfg, per_target)
+    return model

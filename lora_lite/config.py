@@ -1,0 +1,111 @@
+"""The fields every adapter config has; each generated module subclasses it with its spec's
+hyperparameters (`lora_lite.generated.lora.Config` is `ll.LoRAConfig`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float64": torch.float64,
+}
+
+
+def as_dtype(value: torch.dtype | str, what: str = "dtype") -> torch.dtype:
+    """torch dtype from a dtype or its name ('bfloat16', 'torch.bfloat16', 'bf16'); ValueError otherwise."""
+    if isinstance(value, torch.dtype):
+        if not value.is_floating_point:
+            raise ValueError(f"{what}: {value} is not a floating-point dtype")
+        return value
+    key = str(value).removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(f"{what}: unknown dtype {value!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Fields shared by every variant's config.
+
+    target_names: regexes, `re.search` on module names; None = the spec's default targets.
+    layers: block indices to adapt, read from names like `.layers.3.`; None = all blocks.
+    dtype: dtype of the adapter tensors; the hook casts the input to it and the result back.
+    """
+
+    target_names: tuple[str, ...] | None = None
+    layers: tuple[int, ...] | None = None
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        cls = type(self).__name__
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        set_("dtype", as_dtype(self.dtype, f"{cls}.dtype"))
+        if self.target_names is not None:
+            names = (self.target_names,) if isinstance(self.target_names, str) else tuple(self.target_names)
+            if not names or not all(isinstance(n, str) and n for n in names):
+                raise ValueError(f"{cls}.target_names: expected non-empty regex strings, got {self.target_names!r}")
+            set_("target_names", names)
+        if self.layers is not None:
+            layers = (self.layers,) if isinstance(self.layers, int) else tuple(self.layers)
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+                raise ValueError(f"{cls}.layers: expected integers, got {self.layers!r}")
+            set_("layers", layers)
+        gen = self.variant()
+        for f in dataclasses.fields(self):
+            if f.name not in gen.BOUNDS:
+                continue
+            v = getattr(self, f.name)
+            want = f.type if isinstance(f.type, str) else f.type.__name__
+            if want == "float" and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+                set_(f.name, v)
+            ok = {
+                "int": isinstance(v, int) and not isinstance(v, bool),
+                "float": isinstance(v, float),
+                "bool": isinstance(v, bool),
+            }[want]
+            if not ok:
+                raise ValueError(f"{cls}.{f.name}: expected {want}, got {v!r}")
+            lo, hi = gen.BOUNDS[f.name]
+            if lo is not None and v < lo:
+                raise ValueError(f"{cls}.{f.name}={v!r} is below its minimum {lo}")
+            if hi is not None and v > hi:
+                raise ValueError(f"{cls}.{f.name}={v!r} is above its maximum {hi}")
+
+    @classmethod
+    def variant(cls) -> ModuleType:
+        """The generated module that defines this config (its math: init, forward, ...)."""
+        return sys.modules[cls.__module__]
+
+    def hyperparameters(self) -> dict:
+        """The spec's hyperparameters with their values (no target_names/layers/dtype)."""
+        return {k: getattr(self, k) for k in self.variant().BOUNDS}
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict of every field (dtype as its name, tuples as lists)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.dtype):
+                v = dtype_name(v)
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        return out

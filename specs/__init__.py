@@ -1,0 +1,1 @@
+"""Shipped adapter specs (package data): one YAML file per variant and schema.json."""
