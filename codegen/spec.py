@@ -193,11 +193,19 @@ def _schema_problems(data: Any, lines: dict, where: str) -> list[str]:
         if err.validator == "additionalProperties":
             extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
             msg = "unexpected key " + ", ".join(repr(k) for k in extra)
+            if extra:
+                out.append(f"{where}{_line(lines, path + (extra[0],))}: {_fmt(path)}: {msg}")
+                continue
         elif err.validator == "pattern" and "\\\\" in err.validator_value:
-            msg = "text may not contain backslashes or triple quotes (it is copied into a docstring)"
+            msg = (
+                "text may not contain backslashes, triple quotes or, in one-line fields, "
+                "line breaks (it is copied into a docstring)"
+            )
         elif err.validator == "not":
             msg = "text may not contain triple quotes (it is copied into a docstring)"
-        out.append(f"{where}{_line(lines, path)}: {_fmt(path)}: {msg}")
+        line = f"{where}{_line(lines, path)}: {_fmt(path)}: {msg}"
+        if line not in out:
+            out.append(line)
     return out
 
 
@@ -211,6 +219,8 @@ def _semantic_problems(data: dict, lines: dict, where: str, stem: str | None) ->
 
     if stem is not None and data["name"] != stem:
         bad(("name",), f"{data['name']!r} must equal the file name {stem!r}")
+    if data["residual"] == "crop" and data["basis"]["source"] not in CROPPABLE_BASES:
+        bad(("residual",), f"crop needs a basis to crop ({sorted(CROPPABLE_BASES)}), not {data['basis']['source']!r}")
     hypers = data["hyperparameters"]
     for name, h in hypers.items():
         p = ("hyperparameters", name)
@@ -264,8 +274,6 @@ def _semantic_problems(data: dict, lines: dict, where: str, stem: str | None) ->
                 ("params", name, "trainable"),
                 f"core {data['core']['kind']!r} needs it {'trainable' if trainable else 'frozen'}",
             )
-    if data["residual"] == "crop" and data["basis"]["source"] not in CROPPABLE_BASES:
-        bad(("residual",), f"crop needs a basis to crop ({sorted(CROPPABLE_BASES)}), not {data['basis']['source']!r}")
     if data["basis"].get("select") and data["basis"]["source"] != "svd":
         bad(("basis", "select"), "select: wanda re-selects SVD directions; it needs source: svd")
     for i, rx in enumerate(data["target"]["names"]):

@@ -57,10 +57,22 @@ def run(variant: str = "lora", steps: int = 20, out: str = "example-out", lr: fl
     ll.load(model, path)
     with torch.no_grad():
         reload_diff = (model(probe) - trained_logits).abs().max().item()
-    result = dict(variant=cfg.variant().NAME, trainable_params=n_params, lr=lr, steps=steps, loss_before=before,
-                  loss_after=after, detach_max_abs_diff=detach_diff, reload_max_abs_diff=reload_diff, path=str(path))
-    print(f"{result['variant']}: {n_params} trainable params, lr {lr:g}, {steps} steps: "
-          f"loss {before:.3f} -> {after:.3f}")
-    print(f"saved {path}; detach -> base logits max |diff| {detach_diff:.2e}; "
-          f"load -> trained logits max |diff| {reload_diff:.2e}")
+    result = dict(
+        variant=cfg.variant().NAME,
+        trainable_params=n_params,
+        lr=lr,
+        steps=steps,
+        loss_before=before,
+        loss_after=after,
+        detach_max_abs_diff=detach_diff,
+        reload_max_abs_diff=reload_diff,
+        path=str(path),
+    )
+    print(
+        f"{result['variant']}: {n_params} trainable params, lr {lr:g}, {steps} steps: loss {before:.3f} -> {after:.3f}"
+    )
+    print(
+        f"saved {path}; detach -> base logits max |diff| {detach_diff:.2e}; "
+        f"load -> trained logits max |diff| {reload_diff:.2e}"
+    )
     return result

@@ -1,0 +1,87 @@
+"""Golden source text: generated/ is exactly what the compiler renders from specs/.
+
+A mismatch prints a unified diff and the command that updates the goldens (`just gen`).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lora_lite.cli import main
+from lora_lite.codegen import check, generate, load_spec, render
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = sorted((ROOT / "specs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
+def test_generated_module_matches_golden(path):
+    spec = load_spec(path, display=f"specs/{path.name}")
+    text = render(spec)
+    golden = ROOT / "generated" / f"{spec.name}.py"
+    assert golden.exists(), f"missing golden {golden}; run: just gen"
+    old = golden.read_text()
+    if old != text:
+        diff = "".join(difflib.unified_diff(old.splitlines(True), text.splitlines(True), str(golden), "rendered"))
+        pytest.fail(f"{golden} is stale; run: just gen\n{diff}")
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
+def test_render_is_deterministic_and_parses(path):
+    spec = load_spec(path, display=f"specs/{path.name}")
+    a, b = render(spec), render(load_spec(path, display=f"specs/{path.name}"))
+    assert a == b
+    tree = ast.parse(a)
+    assert a.startswith(f"# Code generated from specs/{path.name} by lora_lite.codegen. DO NOT EDIT.\n")
+    doc = ast.get_docstring(tree)
+    assert spec.title in doc and "Identity at init" in doc
+    names = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    assert {"Config", "init", "forward", "shapes"} <= names
+    assert ("frozen_weight" in names) == (spec.residual == "crop")
+
+
+def test_generate_into_tmp_matches_checkout_byte_for_byte(tmp_path):
+    out = tmp_path / "generated"
+    written = generate(ROOT / "specs", out)
+    assert written, "generate wrote nothing into an empty folder"
+    for p in sorted(out.glob("*.py")):
+        assert p.read_bytes() == (ROOT / "generated" / p.name).read_bytes(), p.name
+    assert sorted(p.name for p in out.glob("*.py")) == sorted(p.name for p in (ROOT / "generated").glob("*.py"))
+    assert generate(ROOT / "specs", out) == []  # second run: nothing changes
+
+
+def test_check_lists_stale_missing_and_orphaned(tmp_path, capsys):
+    out = tmp_path / "gen"
+    shutil.copytree(ROOT / "generated", out)
+    assert check(ROOT / "specs", out) == []
+    (out / "lora.py").write_text((out / "lora.py").read_text() + "# edited by hand\n")
+    (out / "pissa.py").unlink()
+    (out / "old_variant.py").write_text("")
+    problems = check(ROOT / "specs", out)
+    assert problems == [
+        f"stale: {out / 'lora.py'}",
+        f"missing: {out / 'pissa.py'}",
+        f"orphaned: {out / 'old_variant.py'}",
+    ]
+    assert main(["gen", "--check", "--specs", str(ROOT / "specs"), "--out", str(out)]) == 1
+    assert "run: just gen" in capsys.readouterr().err
+    assert (out / "old_variant.py").exists()  # --check writes nothing
+    assert main(["gen", "--specs", str(ROOT / "specs"), "--out", str(out)]) == 0
+    assert check(ROOT / "specs", out) == []
+    assert not (out / "old_variant.py").exists()
+
+
+def test_gen_refuses_bad_spec_and_writes_nothing(tmp_path, capsys):
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    shutil.copy(ROOT / "specs" / "lora.yaml", specs)
+    shutil.copy(ROOT / "tests" / "bad_specs" / "bad_enum.yaml", specs)
+    out = tmp_path / "out"
+    assert main(["gen", "--specs", str(specs), "--out", str(out)]) == 1
+    assert "$.core.kind: 'magnitde' is not one of" in capsys.readouterr().err
+    assert not out.exists()

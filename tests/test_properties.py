@@ -1,0 +1,104 @@
+"""Properties every shipped spec must have, on a tiny Llama-shaped model in fp32:
+identity at init, only adapter tensors trainable, live gradients, save -> fresh model -> load,
+load -> save lossless, detach gives the base model back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lora_lite as ll
+from conftest import NOT_IDENTITY_AT_INIT, SPECS, attach_small, logits, make_model, perturb, token_batch
+
+
+def lm_loss(model, batch):
+    out = model(**batch)
+    return torch.nn.functional.cross_entropy(
+        out[:, :-1].reshape(-1, out.shape[-1]), batch["input_ids"][:, 1:].reshape(-1)
+    )
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_identity_at_init(name):
+    model = make_model()
+    base = logits(model)
+    attach_small(model, name)
+    if name in NOT_IDENTITY_AT_INIT:
+        assert not torch.allclose(logits(model), base), NOT_IDENTITY_AT_INIT[name]
+        torch.testing.assert_close(logits(model), base, atol=0.5, rtol=0.1)
+    else:
+        torch.testing.assert_close(logits(model), base, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_only_adapter_tensors_trainable_and_gradients_reach_them(name):
+    model = make_model()
+    attach_small(model, name)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable, "no trainable tensors"
+    gen = ll.state(model).variant
+    want = {k for k, (_, _, tr) in gen.PARAMS.items() if tr}
+    assert {n.rsplit(".", 1)[1] for n in trainable} == want
+    assert all(n.rsplit(".", 1)[1].startswith("lora_") for n in trainable)
+    opt = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    for _ in range(2):  # after one step even a zero-initialised B lets A receive gradient
+        opt.zero_grad()
+        lm_loss(model, token_batch(seed=3)).backward()
+        opt.step()
+    for n, p in trainable.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {n}"
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_save_fresh_model_load_same_outputs_and_lossless_resave(name, tmp_path):
+    model = make_model()
+    attach_small(model, name)
+    perturb(model)
+    expected = logits(model)
+    path = ll.save(model, tmp_path / "a.safetensors")
+    fresh = make_model()
+    ll.load(fresh, path)  # no calibration data needed
+    torch.testing.assert_close(logits(fresh), expected, atol=1e-5, rtol=1e-5)
+    ll.save(fresh, tmp_path / "b.safetensors")
+    a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert (
+        ll.read_metadata(tmp_path / "a.safetensors")["targets"].keys()
+        == ll.read_metadata(tmp_path / "b.safetensors")["targets"].keys()
+    )
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_detach_restores_state_dict_flags_and_outputs(name):
+    model = make_model()
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)  # a flag attach must restore
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    base = logits(model)
+    attach_small(model, name)
+    perturb(model)
+    ll.detach(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], atol=1e-6, rtol=1e-6, msg=k)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    torch.testing.assert_close(logits(model), base, atol=1e-5, rtol=1e-5)
+    assert not any("lora_" in n for n, _ in model.named_buffers())
+    assert ll.state(model) is None
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_bf16_adapter_dtype_identity_and_output_dtype(name):
+    model = make_model()
+    base = logits(model)
+    attach_small(model, name, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in ll.trainable_parameters(model))
+    out = logits(model)
+    assert out.dtype == torch.float32
+    if name not in NOT_IDENTITY_AT_INIT:
+        torch.testing.assert_close(out, base, atol=2e-2, rtol=2e-2)
