@@ -162,7 +162,10 @@ def context(spec, display: str) -> dict:
 def render(spec, display: str | None = None) -> str:
     """Module source for `spec`. Raises SyntaxError (with the spec named) if it does not parse."""
     display = display or spec.source
-    text = _env.get_template("module.py.j2").render(**context(spec, display))
+    ctx = context(spec, display)
+    text = _env.get_template("module.py.j2").render(**ctx, import_math=True)
+    if "math." not in text.split("from lora_lite.config import AdapterConfig", 1)[1]:
+        text = _env.get_template("module.py.j2").render(**ctx, import_math=False)  # no unused import
     try:
         ast.parse(text)
     except SyntaxError as e:
