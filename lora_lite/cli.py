@@ -64,6 +64,11 @@ def _example(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # the bench has its own parser (lora_lite/bench.py)
+        from lora_lite.bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="lora-lite", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("gen", help="compile specs into generated hook modules")
@@ -79,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--steps", type=int, default=20)
     e.add_argument("--out", default="example-out", help="folder for the adapter checkpoint")
     e.set_defaults(fn=_example)
+    sub.add_parser("bench", help="train and evaluate variants on a causal LM and GSM8K (lora-lite bench --help)")
     args = parser.parse_args(argv)
     return args.fn(args)
 
