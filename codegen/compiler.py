@@ -6,8 +6,10 @@
 
 All choices are made here in Python (which fragment, which lines); the templates only place
 finished values. Fragments live in templates/: basis/<source>.j2 computes the basis,
-core/<kind>_init_<family>.j2 turns it into adapter tensors, core/<kind>_forward_<hook>.j2 is the
-hook math, core/<kind>_frozen.j2 is the part of W a cropping variant takes over.
+core/<kind>_init_<family>.j2 turns it into adapter tensors, core/<kind>_init.j2 fills the
+tensors a spec marks `init: core` (DoRA's magnitude, HRA's paired vectors),
+core/<kind>_forward_<hook>.j2 is the hook math, core/<kind>_frozen.j2 is the part of W a
+cropping variant takes over.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from pathlib import Path
 import jinja2
 
 from .shapes import parse_shape_expr, to_python
+from .spec import CORES
 
 TEMPLATES = Path(__file__).parent / "templates"
 HEADER_CMD = "just gen"  # printed in every header
 
 # Bases that produce U (o, r), S (r,), Vh (r, i) share the "svd" core-init fragments.
-BASIS_FAMILY = {"svd": "svd"}
+# "pca" produces P (r, i), the top-r principal directions of the layer's inputs.
+BASIS_FAMILY = {"svd": "svd", "pca": "pca"}
 
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(TEMPLATES)),
@@ -41,10 +45,14 @@ def _fragment(path: str) -> bool:
     return (TEMPLATES / path).is_file()
 
 
-def fragment_names(core: str, hook: str, basis: str, residual: str) -> dict[str, str | None]:
-    """Which template fragments a (core, hook, basis, residual) combination uses."""
+def fragment_names(core: str, hook: str, basis: str, residual: str, own_init: bool = False) -> dict[str, str | None]:
+    """Which template fragments a (core, hook, basis, residual) combination uses.
+
+    own_init: the spec has tensors with `init: core` (filled by core/<kind>_init.j2).
+    """
     family = BASIS_FAMILY.get(basis)
     return {
+        "core_own_init": f"core/{core}_init.j2" if own_init else None,
         "basis": f"basis/{basis}.j2" if family else None,
         "core_init": f"core/{core}_init_{family}.j2" if family else None,
         "forward": f"core/{core}_forward_{hook}.j2",
@@ -52,9 +60,10 @@ def fragment_names(core: str, hook: str, basis: str, residual: str) -> dict[str,
     }
 
 
-def has_fragments(core: str, hook: str, basis: str, residual: str) -> list[str]:
+def has_fragments(core: str, hook: str, basis: str, residual: str, own_init: bool = False) -> list[str]:
     """Messages for each fragment the combination needs but the compiler lacks (empty = ok)."""
     what = {
+        "core_own_init": f"init 'core' for core {core!r}",
         "basis": f"basis {basis!r}",
         "core_init": f"core {core!r} on basis {basis!r}",
         "forward": f"core {core!r} with hook {hook!r}",
@@ -62,7 +71,7 @@ def has_fragments(core: str, hook: str, basis: str, residual: str) -> list[str]:
     }
     return [
         f"{what[k]} is not supported (no template {p})"
-        for k, p in fragment_names(core, hook, basis, residual).items()
+        for k, p in fragment_names(core, hook, basis, residual, own_init).items()
         if p and not _fragment(p)
     ]
 
@@ -133,8 +142,10 @@ def context(spec, display: str) -> dict:
         (p.name, ", ".join(to_python(parse_shape_expr(s), "cfg") for s in p.shape) + ("," if len(p.shape) == 1 else ""))
         for p in spec.params
     ]
-    simple = [line for p in spec.params if p.init != "basis" for line in _simple_init(p)]
-    frags = fragment_names(spec.core, spec.hook, spec.basis, spec.residual)
+    simple = [line for p in spec.params if p.init not in ("basis", "core") for line in _simple_init(p)]
+    own_init = any(p.init == "core" for p in spec.params)
+    frags = fragment_names(spec.core, spec.hook, spec.basis, spec.residual, own_init)
+    base_weight = CORES[spec.core].get("base_weight")  # None | "init" | "forward"
     return dict(
         source=display,
         regen=HEADER_CMD,
@@ -152,6 +163,8 @@ def context(spec, display: str) -> dict:
         shape_lines=shape_lines,
         simple_init=simple,
         frags=frags,
+        uses_base_weight=base_weight is not None,
+        weight_in_forward=base_weight == "forward",
         select=spec.select,
         runtime_knobs=py(tuple(h.name for h in spec.hyperparameters if h.runtime)),
         ranks=py(tuple(h.name for h in spec.hyperparameters if h.rank)),

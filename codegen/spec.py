@@ -29,6 +29,9 @@ from .shapes import eval_shape_expr, names_in, parse_shape_expr
 RESERVED = {"target_names", "layers", "dtype", "residual"}
 
 # What each core kind needs from the spec: tensors (name -> trainable) and hyperparameters.
+# "base_weight": where the math reads the base weight W ("init": a frozen statistic of W;
+# "forward": every call). Either makes the module say USES_BASE_WEIGHT = True, so a checkpoint
+# refuses a base whose weights differ.
 CORES: dict[str, dict[str, Any]] = {
     "lowrank": {
         "tensors": {"lora_A": True, "lora_B": True},
@@ -36,11 +39,22 @@ CORES: dict[str, dict[str, Any]] = {
         "crop_tensors": {"lora_A0": False, "lora_B0": False},
     },
     "ia3": {"tensors": {"lora_ia3": True}, "hyper": ()},
+    "dora": {
+        "tensors": {"lora_A": True, "lora_B": True, "lora_magnitude_vector": True},
+        "hyper": ("r", "alpha"),
+        "base_weight": "forward",
+    },
+    "delora": {
+        "tensors": {"lora_A": True, "lora_B": True, "lora_lambda": True, "lora_w_norm": False},
+        "hyper": ("r", "lambda0"),
+        "base_weight": "init",
+    },
+    "hra": {"tensors": {"lora_hra_u": True}, "hyper": ("r",)},
 }
 
 # Bases that leave a frozen part of W to crop, and the ones that need calibration data.
 CROPPABLE_BASES = {"svd"}
-CALIBRATION = {"none": "none", "random": "none", "svd": "none"}
+CALIBRATION = {"none": "none", "random": "none", "svd": "none", "pca": "required"}
 
 
 class SpecError(ValueError):
@@ -67,7 +81,7 @@ class Hyperparameter:
 class Param:
     name: str
     shape: tuple[str, ...]  # shape expressions as written
-    init: str  # zeros | ones | constant | kaiming_uniform | basis
+    init: str  # zeros | ones | constant | kaiming_uniform | basis | core
     trainable: bool = True
     value: float | None = None
     doc: str = ""
@@ -281,7 +295,10 @@ def _semantic_problems(data: dict, lines: dict, where: str, stem: str | None) ->
             re.compile(rx)
         except re.error as e:
             bad(("target", "names", i), f"bad regex {rx!r}: {e}")
-    missing = has_fragments(data["core"]["kind"], data["hook"], data["basis"]["source"], data["residual"])
+    own_init = any(p["init"] == "core" for p in data["params"].values())
+    missing = has_fragments(
+        data["core"]["kind"], data["hook"], data["basis"]["source"], data["residual"], own_init=own_init
+    )
     for what in missing:
         bad(("core", "kind"), what)
     return problems

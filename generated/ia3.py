@@ -58,8 +58,9 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
     """Initial adapter tensors (fp32) for one target. W: (o, i) base weight, fp32, dequantized.
 
     `stats` holds statistics of this layer's input, gathered on the intact model, when
-    calibration data was given: "second_moment" (i, i) = mean of x x^T over non-padding
-    tokens, and "tokens", their count. Otherwise it is None.
+    calibration data was given: "second_moment" (i, i) = mean of x x^T and "mean" (i,) = mean
+    of x over the counted tokens (padding and labels == -100 excluded), and "tokens", their
+    count. Otherwise it is None.
     """
     d_out, d_in = W.shape
     t = {}

@@ -1,10 +1,13 @@
 """Input statistics of target layers, gathered on the intact model before anything changes.
 
-    collect_input_stats(model, targets, batches) -> {name: {"second_moment": (i, i), "tokens": n}}
+    collect_input_stats(model, targets, batches)
+        -> {name: {"second_moment": (i, i), "mean": (i,), "tokens": n}}
 
-second_moment = mean over non-padding tokens of x x^T (fp32), the one statistic the
-data-driven bases need: CorDA's covariance C, Wanda's per-direction rms (v^T C v), and the
-PCA directions of EVA.
+second_moment = mean over counted tokens of x x^T (fp32), the statistic the data-driven bases
+need: CorDA's covariance C, Wanda's per-direction rms (v^T C v); with `mean` it gives the
+centred covariance whose top eigenvectors are EVA's PCA directions. Counted tokens: those with
+attention_mask 1 and, when the batch has `labels` of the same shape, labels != -100 (the
+positions a loss ignores, as PEFT's EVA `use_label_mask`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,21 @@ def _call(model: nn.Module, batch, device) -> Tensor | None:
     )
 
 
+IGNORE_INDEX = -100  # the label value losses skip (PyTorch cross_entropy's default ignore_index)
+
+
+def _token_mask(batch, device) -> Tensor | None:
+    """(B, T) mask of the tokens to count: attention_mask, and labels != -100 when given."""
+    if not isinstance(batch, Mapping):
+        return None
+    mask = batch.get("attention_mask")
+    labels = batch.get("labels")
+    if isinstance(labels, Tensor) and "input_ids" in batch and labels.shape == batch["input_ids"].shape:
+        keep = labels != IGNORE_INDEX
+        mask = keep if mask is None else mask.bool() & keep
+    return None if mask is None else mask.to(device)
+
+
 def collect_input_stats(
     model: nn.Module, targets: dict[str, nn.Module], batches: Iterable, progress: bool = True
 ) -> dict[str, dict]:
@@ -46,6 +64,7 @@ def collect_input_stats(
     if isinstance(batches, (Tensor, Mapping)):
         batches = [batches]
     sums = {name: None for name in targets}
+    firsts = {name: None for name in targets}  # sum of x, for the mean
     counts = {name: 0 for name in targets}
     current_mask: list[Tensor | None] = [None]
 
@@ -60,6 +79,8 @@ def collect_input_stats(
                 raise ValueError(f"calibration: non-finite activations at the input of {name}")
             s = x.T @ x  # (i, i)
             sums[name] = s if sums[name] is None else sums[name] + s
+            f = x.sum(0)  # (i,)
+            firsts[name] = f if firsts[name] is None else firsts[name] + f
             counts[name] += x.shape[0]
 
         return hook
@@ -72,10 +93,7 @@ def collect_input_stats(
         model.eval()
         with torch.no_grad():
             for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
-                if isinstance(batch, Mapping) and "attention_mask" in batch:
-                    current_mask[0] = batch["attention_mask"].to(device)
-                else:
-                    current_mask[0] = None
+                current_mask[0] = _token_mask(batch, device)
                 _call(model, batch, device)
                 n_batches += 1
     finally:
@@ -88,5 +106,9 @@ def collect_input_stats(
     for name in targets:
         if counts[name] == 0:
             raise ValueError(f"calibration: {name} saw no (non-padding) tokens")
-        out[name] = {"second_moment": sums[name] / counts[name], "tokens": counts[name]}
+        out[name] = {
+            "second_moment": sums[name] / counts[name],
+            "mean": firsts[name] / counts[name],
+            "tokens": counts[name],
+        }
     return out

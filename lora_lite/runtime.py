@@ -167,7 +167,10 @@ def target_config(cfg: AdapterConfig, name: str, m: nn.Module, warn: bool = True
 
 def _build(gen: ModuleType, name: str, m: nn.Module, cfg_t: AdapterConfig, stats: dict | None) -> dict:
     W = base_weight(m)
-    tensors = gen.init(W, cfg_t, stats)
+    try:
+        tensors = gen.init(W, cfg_t, stats)
+    except ValueError as e:  # a variant's init refuses this layer (odd HRA rank, too little data)
+        raise ValueError(f"{gen.NAME}: {name}: {e}") from None
     want = gen.shapes(cfg_t, m.in_features, m.out_features)
     if set(tensors) != set(want):
         raise AttachError(f"{gen.NAME}: {name}: init returned {sorted(tensors)}, spec declares {sorted(want)}")

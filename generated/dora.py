@@ -1,0 +1,102 @@
+# Code generated from specs/dora.yaml by lora_lite.codegen. DO NOT EDIT.
+# Regenerate: just gen    Check: just gen-check
+"""DoRA: weight-decomposed low-rank adaptation, a LoRA update with a learned magnitude per output row.
+
+Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation, arXiv 2402.09353.
+Reference implementation: PEFT peft/tuners/lora/dora.py, class DoraLinearLayer.
+
+    y = m / ||W + s B A||_row * (W x + s B A x) + b,    s = alpha / r,    m in R^{d_out}
+
+    ||.||_row is the norm of each output row of W + s B A (the paper's column norm, as it writes
+    W as (d_in, d_out)); it is recomputed from W every call and detached from the graph
+    (paper sec. 4.3, as PEFT): m gets its gradient through the scale, A and B through the update.
+
+Identity at init: B = 0 and m = ||W||_row, so the scale is 1 and the update zero.
+
+The forward reads the base weight W (to form the norm), so a checkpoint refuses a base whose
+weights differ. Nothing is cached: the norm always follows the current W, A and B.
+
+Spec: basis=random, core=dora, residual=none, hook=output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lora_lite.config import AdapterConfig
+from lora_lite.runtime import base_weight  # the one place W is read: (o, i) fp32, dequantized
+
+NAME = "dora"
+TITLE = "DoRA"
+HOOK = "output"  # forward hook: forward() returns the layer's new output
+RESIDUAL = "none"  # the base weight is never modified
+CALIBRATION = "none"  # calibration data is accepted and ignored
+TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
+LR = 0.0001  # recommended AdamW learning rate
+QUANTIZED_BASE = False  # whether bitsandbytes 4/8-bit targets are supported
+USES_BASE_WEIGHT = True  # the math reads W: load refuses a base whose weights differ
+RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
+RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
+BOUNDS = {"r": (1, None), "alpha": (None, None)}  # (min, max) of each hyperparameter; None = unbounded
+
+
+@dataclass(frozen=True)
+class Config(AdapterConfig):
+    """DoRA hyperparameters (defaults from specs/dora.yaml)."""
+
+    r: int = 8  # rank of the update
+    alpha: float = 16.0  # scale numerator, s = alpha / r
+
+
+# Adapter tensors registered on each target: name -> (shape, init, trainable)
+PARAMS = {
+    "lora_A": (("r", "d_in"), "kaiming_uniform", True),  # down-projection
+    "lora_B": (("d_out", "r"), "zeros", True),  # up-projection
+    "lora_magnitude_vector": (("d_out",), "core", True),  # magnitude m, ||W||_row at init (PEFT's name)
+}
+
+
+def shapes(cfg: Config, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
+    """Shape of each adapter tensor for a target whose weight is (d_out, d_in)."""
+    return {
+        "lora_A": (cfg.r, d_in),
+        "lora_B": (d_out, cfg.r),
+        "lora_magnitude_vector": (d_out,),
+    }
+
+
+# i: d_in, o: d_out, r: rank, ...: leading (batch, token) dims
+def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]:
+    """Initial adapter tensors (fp32) for one target. W: (o, i) base weight, fp32, dequantized.
+
+    `stats` holds statistics of this layer's input, gathered on the intact model, when
+    calibration data was given: "second_moment" (i, i) = mean of x x^T and "mean" (i,) = mean
+    of x over the counted tokens (padding and labels == -100 excluded), and "tokens", their
+    count. Otherwise it is None.
+    """
+    d_out, d_in = W.shape
+    t = {}
+    t["lora_A"] = torch.empty(cfg.r, d_in)  # (r, i)
+    nn.init.kaiming_uniform_(t["lora_A"], a=math.sqrt(5))  # PEFT's default for lora_A
+    t["lora_B"] = torch.zeros(d_out, cfg.r)  # (o, r)
+    # magnitude m = ||W + s B A||_row at init (= ||W||_row when B = 0), so the start is exact
+    s = cfg.alpha / cfg.r
+    t["lora_magnitude_vector"] = torch.linalg.vector_norm(W + s * (t["lora_B"] @ t["lora_A"]), dim=1)  # (o,)
+    return t
+
+
+def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
+    """New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output."""
+    s = cfg.alpha / cfg.r
+    lora = s * ((x @ m.lora_A.T) @ m.lora_B.T)  # (..., o)
+    with torch.no_grad():  # the norm is a constant for autograd (DoRA sec. 4.3, as PEFT)
+        V = base_weight(m) + s * (m.lora_B.float() @ m.lora_A.float())  # (o, i) fp32, recomputed each call
+        norm = torch.linalg.vector_norm(V, dim=1)  # (o,)
+    scale = m.lora_magnitude_vector / norm.to(x.dtype)  # (o,)
+    b = m.bias if getattr(m, "bias", None) is not None else 0.0
+    Wx = (y - b).to(x.dtype)  # (..., o) base output without its bias
+    return (scale * (Wx + lora)).to(y.dtype) + b  # (..., o); the bias passes unscaled

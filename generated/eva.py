@@ -1,0 +1,105 @@
+# Code generated from specs/eva.yaml by lora_lite.codegen. DO NOT EDIT.
+# Regenerate: just gen    Check: just gen-check
+"""EVA: explained variance adaptation, LoRA with A initialised on the principal directions of the layer inputs.
+
+Paischer et al. 2024, One Initialization to Rule them All: Fine-tuning via Explained Variance
+Adaptation, arXiv 2410.07170.
+Reference implementation: PEFT peft/tuners/lora/eva.py (rho=1, whiten=False).
+
+    C = E[(x - mu)(x - mu)^T]    over calibration tokens (padding and labels == -100 excluded)
+    A = top-r eigenvectors of C as rows (r, d_in),    B = 0
+    y = W x + s B A x,    s = alpha / r
+
+Identity at init: B = 0, so the update s B A x is zero.
+
+Calibration data is required (attach raises without it) and must hold more than r tokens per
+target. The rank is uniform (PEFT's rho=1); PEFT's redistribution of ranks across layers by
+explained variance (rho > 1) is not implemented. PEFT estimates the directions with an
+incremental randomized PCA; here they are the exact eigenvectors of the pooled covariance.
+
+Spec: basis=pca, core=lowrank, residual=none, hook=output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lora_lite.config import AdapterConfig
+
+NAME = "eva"
+TITLE = "EVA"
+HOOK = "output"  # forward hook: forward() returns the layer's new output
+RESIDUAL = "none"  # the base weight is never modified
+CALIBRATION = "required"  # attach raises without calibration data
+TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
+LR = 0.0001  # recommended AdamW learning rate
+QUANTIZED_BASE = False  # whether bitsandbytes 4/8-bit targets are supported
+RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
+RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
+BOUNDS = {"r": (1, None), "alpha": (None, None)}  # (min, max) of each hyperparameter; None = unbounded
+
+
+@dataclass(frozen=True)
+class Config(AdapterConfig):
+    """EVA hyperparameters (defaults from specs/eva.yaml)."""
+
+    r: int = 8  # rank of the update
+    alpha: float = 16.0  # scale numerator, s = alpha / r
+
+
+# Adapter tensors registered on each target: name -> (shape, init, trainable)
+PARAMS = {
+    "lora_A": (("r", "d_in"), "basis", True),  # top-r principal directions of the inputs
+    "lora_B": (("d_out", "r"), "zeros", True),  # up-projection
+}
+
+
+def shapes(cfg: Config, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
+    """Shape of each adapter tensor for a target whose weight is (d_out, d_in)."""
+    return {
+        "lora_A": (cfg.r, d_in),
+        "lora_B": (d_out, cfg.r),
+    }
+
+
+# i: d_in, o: d_out, r: rank, ...: leading (batch, token) dims
+def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]:
+    """Initial adapter tensors (fp32) for one target. W: (o, i) base weight, fp32, dequantized.
+
+    `stats` holds statistics of this layer's input, gathered on the intact model, when
+    calibration data was given: "second_moment" (i, i) = mean of x x^T and "mean" (i,) = mean
+    of x over the counted tokens (padding and labels == -100 excluded), and "tokens", their
+    count. Otherwise it is None.
+    """
+    d_out, d_in = W.shape
+    t = {}
+    t["lora_B"] = torch.zeros(d_out, cfg.r)  # (o, r)
+    # basis: top-r principal directions of this layer's inputs, as PEFT's EVA (its incremental
+    # PCA centres the data): eigenvectors of the covariance C = E[x x^T] - mu mu^T, in fp64,
+    # largest variance first; signs canonical (largest |entry| of each direction > 0, as PEFT)
+    if stats is None:
+        raise ValueError("basis 'pca' needs calibration data: pass ll.attach(model, cfg, calibration_data=batches)")
+    if stats["tokens"] <= cfg.r:
+        raise ValueError(
+            f"basis 'pca' needs more than r={cfg.r} calibration tokens (centring uses one), "
+            f"got {stats['tokens']}; pass more or longer batches"
+        )
+    mu = stats["mean"].double()  # (i,)
+    C = stats["second_moment"].double() - torch.outer(mu, mu)  # (i, i)
+    _, evecs = torch.linalg.eigh(C)  # (i, i), columns by ascending eigenvalue
+    P = evecs.flip(1)[:, : cfg.r].T  # (r, i)
+    sign = torch.where(P.gather(1, P.abs().argmax(1, keepdim=True)) < 0, -1.0, 1.0)  # (r, 1)
+    P = (P * sign).float()  # (r, i)
+    # A = the principal directions (PEFT's EVA with whiten=False); B = 0 keeps the start exact
+    t["lora_A"] = P  # (r, i)
+    return t
+
+
+def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
+    """New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output."""
+    s = cfg.alpha / cfg.r
+    h = x @ m.lora_A.T  # (..., r)
+    return y + (s * (h @ m.lora_B.T)).to(y.dtype)  # (..., o)

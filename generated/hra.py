@@ -1,0 +1,98 @@
+# Code generated from specs/hra.yaml by lora_lite.codegen. DO NOT EDIT.
+# Regenerate: just gen    Check: just gen-check
+"""HRA: Householder reflection adaptation, r learned reflections applied to the layer input.
+
+Yuan et al. 2024, Bridging The Gap between Low-rank and Orthogonal Adaptation via Householder
+Reflection Adaptation, arXiv 2405.17484.
+Joffrain et al. 2006, Accumulating Householder transformations, revisited (the compact WY form
+used here).
+Reference implementation: PEFT peft/tuners/hra/layer.py, class HRALinear (apply_GS=False).
+
+    y = W H_1 H_2 ... H_r x + b,    H_k = I - 2 v_k v_k^T,    v_k = u_k / |u_k|
+
+    W H_1 ... H_r is an orthogonal transform of W's input side (PEFT's side). It is applied to x
+    in compact WY form, H_1 ... H_r = I - V T V^T with V = [v_1 ... v_r] (d_in, r) and T (r, r)
+    upper triangular, T^-1 = I/2 + the strictly upper part of V^T V, formed each call from the r
+    vectors: the cost is O(tokens d_in r) like LoRA, never a (d_in, d_in) matrix.
+
+Identity at init: the vectors come in equal pairs (u1, u1, u2, u2, ...); a reflection applied twice is I.
+
+r must be even for that init: an odd r is refused (PEFT warns and starts from a random
+orthogonal transform instead). No Gram-Schmidt option (PEFT's apply_GS).
+
+Spec: basis=none, core=hra, residual=none, hook=input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lora_lite.config import AdapterConfig
+
+NAME = "hra"
+TITLE = "HRA"
+HOOK = "input"  # forward pre-hook: forward() returns the layer's new input
+RESIDUAL = "none"  # the base weight is never modified
+CALIBRATION = "none"  # calibration data is accepted and ignored
+TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
+LR = 0.001  # recommended AdamW learning rate
+QUANTIZED_BASE = False  # whether bitsandbytes 4/8-bit targets are supported
+RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
+RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
+BOUNDS = {"r": (2, None)}  # (min, max) of each hyperparameter; None = unbounded
+
+
+@dataclass(frozen=True)
+class Config(AdapterConfig):
+    """HRA hyperparameters (defaults from specs/hra.yaml)."""
+
+    r: int = 8  # number of reflections, even
+
+
+# Adapter tensors registered on each target: name -> (shape, init, trainable)
+PARAMS = {
+    "lora_hra_u": (("d_in", "r"), "core", True),  # Householder vectors u_k as columns (PEFT hra_u)
+}
+
+
+def shapes(cfg: Config, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
+    """Shape of each adapter tensor for a target whose weight is (d_out, d_in)."""
+    return {
+        "lora_hra_u": (d_in, cfg.r),
+    }
+
+
+# i: d_in, o: d_out, r: rank, ...: leading (batch, token) dims
+def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]:
+    """Initial adapter tensors (fp32) for one target. W: (o, i) base weight, fp32, dequantized.
+
+    `stats` holds statistics of this layer's input, gathered on the intact model, when
+    calibration data was given: "second_moment" (i, i) = mean of x x^T and "mean" (i,) = mean
+    of x over the counted tokens (padding and labels == -100 excluded), and "tokens", their
+    count. Otherwise it is None.
+    """
+    d_out, d_in = W.shape
+    t = {}
+    # pairs of equal vectors (u1, u1, u2, u2, ...): a reflection applied twice is the identity
+    if cfg.r % 2:
+        raise ValueError(f"r={cfg.r} is odd: the identity init pairs equal reflections, so use an even r")
+    half = torch.empty(d_in, cfg.r // 2)  # (i, r/2)
+    nn.init.kaiming_uniform_(half, a=math.sqrt(5))  # PEFT's init of the distinct vectors
+    t["lora_hra_u"] = half.repeat_interleave(2, dim=1)  # (i, r)
+    return t
+
+
+def forward(m: nn.Module, x: Tensor, cfg: Config) -> Tensor:
+    """New input of target `m`. x: (..., i) input in the adapter dtype; the hook casts back."""
+    # x -> H_1 H_2 ... H_r x, H_k = I - 2 v_k v_k^T, v_k = u_k / |u_k| (PEFT: W' = W H_1 ... H_r).
+    # Compact WY form: H_1 ... H_r = I - V T V^T, T upper triangular with T^-1 = I/2 + the strictly
+    # upper part of V^T V (Joffrain et al. 2006); no (i, i) matrix, O(tokens * i * r) like LoRA
+    V = m.lora_hra_u / torch.linalg.vector_norm(m.lora_hra_u, dim=0)  # (i, r) unit columns
+    eye = torch.eye(cfg.r, device=V.device)  # (r, r)
+    T_inv = torch.triu(V.float().T @ V.float(), diagonal=1) + 0.5 * eye  # (r, r), fp32
+    T = torch.linalg.solve_triangular(T_inv, eye, upper=True).to(V.dtype)  # (r, r)
+    return x - ((x @ V) @ T.T) @ V.T  # (..., i)
