@@ -200,6 +200,11 @@ def _gguf_cached(gguf: Path) -> Path:
     print(f"converting {gguf.name} to safetensors in {folder} (once; about 30 s)", file=sys.stderr)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The weights are already dequantized to fp32; transformers still marks the model as "gguf
+    # quantized" and refuses to save it, so drop that mark (checked: reloaded logits are identical).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent if folder.parent.exists() else None))
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
@@ -458,7 +463,7 @@ def markdown_table(records: list[dict]) -> str:
             f"| {r['eval_nll_after'] - r['eval_nll_before']:+.3f} | {r['accuracy']:.1%} | {r['trainable_params']:,} "
             f"| {r['step_ms']:.0f} | {r['peak_mem_gb']:.2f} | {r['attach_s']:.1f} | {r['reload_max_abs_diff']:.1e} |"
         )
-    return head + "\n".join(rows) + "\n"
+    return head + "".join(row + "\n" for row in rows)
 
 
 def settings_line(r: dict) -> str:
