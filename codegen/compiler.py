@@ -22,14 +22,18 @@ from pathlib import Path
 import jinja2
 
 from .shapes import parse_shape_expr, to_python
-from .spec import CORES
+from .spec import CORES, SPECTRAL_INPUT
 
 TEMPLATES = Path(__file__).parent / "templates"
 HEADER_CMD = "just gen"  # printed in every header
 
 # Bases that produce U (o, r), S (r,), Vh (r, i) share the "svd" core-init fragments.
 # "pca" produces P (r, i), the top-r principal directions of the layer's inputs.
-BASIS_FAMILY = {"svd": "svd", "pca": "pca"}
+# "corda" produces U (o, r), S (r,) and an oblique P (r, i) in place of Vh: its own family.
+BASIS_FAMILY = {"svd": "svd", "pca": "pca", "corda": "corda"}
+# Cores that share init and frozen fragments under another name: the spectral cores all store
+# the same frozen basis (core/spectral_init_<family>.j2, core/spectral_frozen.j2).
+SHARED_FRAGMENTS = {"gain": "spectral", "ablate": "spectral", "arrow": "spectral"}
 
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(TEMPLATES)),
@@ -45,33 +49,44 @@ def _fragment(path: str) -> bool:
     return (TEMPLATES / path).is_file()
 
 
-def fragment_names(core: str, hook: str, basis: str, residual: str, own_init: bool = False) -> dict[str, str | None]:
+def fragment_names(
+    core: str, hook: str, basis: str, residual: str, own_init: bool = False, select: str | None = None
+) -> dict[str, str | None]:
     """Which template fragments a (core, hook, basis, residual) combination uses.
 
     own_init: the spec has tensors with `init: core` (filled by core/<kind>_init.j2).
+    select: a re-selection of the basis directions (basis/<source>_<select>.j2, e.g. svd_wanda).
+    check: core/<kind>_check.j2, when it exists, raises before any work for a config the core
+    cannot use on this layer (arrow's block >= r).
     """
     family = BASIS_FAMILY.get(basis)
+    shared = SHARED_FRAGMENTS.get(core, core)
+    check = f"core/{core}_check.j2"
     return {
+        "check": check if _fragment(check) else None,
         "core_own_init": f"core/{core}_init.j2" if own_init else None,
-        "basis": f"basis/{basis}.j2" if family else None,
-        "core_init": f"core/{core}_init_{family}.j2" if family else None,
+        "basis": (f"basis/{basis}_{select}.j2" if select else f"basis/{basis}.j2") if family else None,
+        "core_init": f"core/{shared}_init_{family}.j2" if family else None,
         "forward": f"core/{core}_forward_{hook}.j2",
-        "frozen": f"core/{core}_frozen.j2" if residual == "crop" else None,
+        "frozen": f"core/{shared}_frozen.j2" if residual == "crop" else None,
     }
 
 
-def has_fragments(core: str, hook: str, basis: str, residual: str, own_init: bool = False) -> list[str]:
+def has_fragments(
+    core: str, hook: str, basis: str, residual: str, own_init: bool = False, select: str | None = None
+) -> list[str]:
     """Messages for each fragment the combination needs but the compiler lacks (empty = ok)."""
     what = {
         "core_own_init": f"init 'core' for core {core!r}",
-        "basis": f"basis {basis!r}",
+        "check": "",
+        "basis": f"basis {basis!r}" + (f" with select {select!r}" if select else ""),
         "core_init": f"core {core!r} on basis {basis!r}",
         "forward": f"core {core!r} with hook {hook!r}",
         "frozen": f"core {core!r} with residual 'crop'",
     }
     return [
         f"{what[k]} is not supported (no template {p})"
-        for k, p in fragment_names(core, hook, basis, residual, own_init).items()
+        for k, p in fragment_names(core, hook, basis, residual, own_init, select).items()
         if p and not _fragment(p)
     ]
 
@@ -86,6 +101,14 @@ def py(value) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{py(k)}: {py(v)}" for k, v in value.items()) + "}"
     return repr(value)
+
+
+def _dict_literal(d: dict, room: int) -> str:
+    """py(d) on one line if it fits in `room` characters, else one item per line (as ruff formats it)."""
+    one = py(d)
+    if len(one) <= room:
+        return one
+    return "{\n" + "".join(f"    {py(k)}: {py(v)},\n" for k, v in d.items()) + "}"
 
 
 def _dims_comment(shape: tuple[str, ...]) -> str:
@@ -144,7 +167,7 @@ def context(spec, display: str) -> dict:
     ]
     simple = [line for p in spec.params if p.init not in ("basis", "core") for line in _simple_init(p)]
     own_init = any(p.init == "core" for p in spec.params)
-    frags = fragment_names(spec.core, spec.hook, spec.basis, spec.residual, own_init)
+    frags = fragment_names(spec.core, spec.hook, spec.basis, spec.residual, own_init, spec.select)
     base_weight = CORES[spec.core].get("base_weight")  # None | "init" | "forward"
     return dict(
         source=display,
@@ -166,9 +189,11 @@ def context(spec, display: str) -> dict:
         uses_base_weight=base_weight is not None,
         weight_in_forward=base_weight == "forward",
         select=spec.select,
+        input_tensor=SPECTRAL_INPUT.get(spec.basis),  # spectral cores: lora_Vh, or CorDA's lora_P
         runtime_knobs=py(tuple(h.name for h in spec.hyperparameters if h.runtime)),
         ranks=py(tuple(h.name for h in spec.hyperparameters if h.rank)),
-        bounds=py({h.name: (h.min, h.max) for h in spec.hyperparameters}),
+        # 120 columns less 64 for "BOUNDS = " and the comment after it in module.py.j2
+        bounds=_dict_literal({h.name: (h.min, h.max) for h in spec.hyperparameters}, room=120 - 64),
     )
 
 

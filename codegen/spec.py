@@ -50,11 +50,29 @@ CORES: dict[str, dict[str, Any]] = {
         "base_weight": "init",
     },
     "hra": {"tensors": {"lora_hra_u": True}, "hyper": ("r",)},
+    # The AntiPaSTO family: "spectral" cores keep the basis frozen as lora_U (o, r), lora_S (r,)
+    # and the basis's input side (SPECTRAL_INPUT) and learn a small core between them; they
+    # hold only the top-r part of W, so they need residual crop.
+    "gain": {"tensors": {"lora_g": True}, "hyper": ("r", "coeff", "suppress_only"), "spectral": True},
+    "ablate": {
+        "tensors": {"lora_c": True, "lora_strength_logit": True},
+        "hyper": ("r", "k", "coeff"),
+        "spectral": True,
+    },
+    "arrow": {
+        "tensors": {"lora_M": True, "lora_g": True},
+        "hyper": ("r", "block", "coeff", "suppress_only"),
+        "spectral": True,
+    },
 }
 
 # Bases that leave a frozen part of W to crop, and the ones that need calibration data.
-CROPPABLE_BASES = {"svd"}
-CALIBRATION = {"none": "none", "random": "none", "svd": "none", "pca": "required"}
+CROPPABLE_BASES = {"svd", "corda"}
+CALIBRATION = {"none": "none", "random": "none", "svd": "none", "pca": "required", "corda": "required"}
+# Hyperparameters a basis needs beyond the core's.
+BASIS_HYPER = {"corda": ("r", "cov_eps")}
+# The (r, i) input-side tensor a spectral core stores for each basis: Vh, or CorDA's oblique P.
+SPECTRAL_INPUT = {"svd": "lora_Vh", "corda": "lora_P"}
 
 
 class SpecError(ValueError):
@@ -255,6 +273,10 @@ def _semantic_problems(data: dict, lines: dict, where: str, stem: str | None) ->
     for name in core["hyper"]:
         if name not in hypers:
             bad(("hyperparameters",), f"core {data['core']['kind']!r} needs hyperparameter {name!r}")
+    basis = data["basis"]["source"]
+    for name in BASIS_HYPER.get(basis, ()) + (("r",) if data["basis"].get("select") else ()):
+        if name not in hypers and name not in core["hyper"]:
+            bad(("hyperparameters",), f"basis {basis!r} needs hyperparameter {name!r}")
     env = {n: h["default"] for n, h in hypers.items() if h["type"] == "int"}
     env.update(d_in=64, d_out=48)
     for name, p in data["params"].items():
@@ -280,6 +302,12 @@ def _semantic_problems(data: dict, lines: dict, where: str, stem: str | None) ->
     needed = dict(core["tensors"])
     if data["residual"] == "crop":
         needed.update(core.get("crop_tensors", {}))
+    if core.get("spectral"):
+        needed.update({"lora_U": False, "lora_S": False, SPECTRAL_INPUT.get(basis, "lora_Vh"): False})
+        if basis not in SPECTRAL_INPUT:
+            bad(("basis", "source"), f"core {data['core']['kind']!r} needs an SVD-like basis {sorted(SPECTRAL_INPUT)}")
+        if data["residual"] != "crop":
+            bad(("residual",), f"core {data['core']['kind']!r} holds only the top-r part of W; it needs residual: crop")
     for name, trainable in needed.items():
         if name not in data["params"]:
             bad(("params",), f"core {data['core']['kind']!r} needs tensor {name!r}")
@@ -297,7 +325,12 @@ def _semantic_problems(data: dict, lines: dict, where: str, stem: str | None) ->
             bad(("target", "names", i), f"bad regex {rx!r}: {e}")
     own_init = any(p["init"] == "core" for p in data["params"].values())
     missing = has_fragments(
-        data["core"]["kind"], data["hook"], data["basis"]["source"], data["residual"], own_init=own_init
+        data["core"]["kind"],
+        data["hook"],
+        data["basis"]["source"],
+        data["residual"],
+        own_init=own_init,
+        select=data["basis"].get("select"),
     )
     for what in missing:
         bad(("core", "kind"), what)

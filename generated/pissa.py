@@ -77,8 +77,8 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
     t = {}
     # basis: top-r SVD of W in fp32; signs made canonical (largest |entry| of each U column > 0)
     # so the result does not depend on the LAPACK build
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # (o, k), (k,), (k, i); k = min(o, i)
-    sign = torch.where(U.gather(0, U.abs().argmax(0, keepdim=True)) < 0, -1.0, 1.0)  # (1, k)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # (o, n), (n,), (n, i); n = min(o, i)
+    sign = torch.where(U.gather(0, U.abs().argmax(0, keepdim=True)) < 0, -1.0, 1.0)  # (1, n)
     U, Vh = U * sign, Vh * sign.T
     U, S, Vh = U[:, : cfg.r], S[: cfg.r], Vh[: cfg.r]  # (o, r), (r,), (r, i)
     # split S between A and B so that s B A = U diag(S) Vh (PEFT's PiSSA init)
