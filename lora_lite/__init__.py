@@ -30,6 +30,7 @@ CONFIG_NAMES = {
     "AntiPaSTOCorDAConfig": "antipasto_corda",
     "AntiPaSTOAblateConfig": "antipasto_ablate",
     "AntiPaSTOArrowConfig": "antipasto_arrow",
+    "CorDAArrowConfig": "corda_arrow",
 }
 
 

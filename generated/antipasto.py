@@ -1,0 +1,127 @@
+# Code generated from specs/antipasto.yaml by lora_lite.codegen. DO NOT EDIT.
+# Regenerate: just gen    Check: just gen-check
+"""AntiPaSTO: W's own top-r singular directions, frozen; only a bounded positive gain on each is learned.
+
+wassname 2026, AntiPaSTO (upstream lora-lite, src/lora_lite/variants/antipasto.py).
+Sun et al. 2023, A Simple and Effective Pruning Approach for Large Language Models (Wanda),
+arXiv 2306.11695.
+Reference implementation: wassname/lora-lite src/lora_lite/variants/antipasto.py (no PEFT equivalent).
+
+    W = U diag(S) Vh + W_res                     (top-r SVD of W in fp32; W_res stays in the layer)
+    S_eff = S * (1 + ELU(coeff * g))             (g <= 0 when suppress_only)
+    y = x W_res^T + ((x Vh^T) * S_eff) U^T
+    With calibration data the r directions are re-selected among all min(d_in, d_out) by the
+    Wanda-style score S_k * rms(X Vh_k^T) = S_k * sqrt(Vh_k C Vh_k^T), C = E[x x^T], and kept in
+    S order.
+
+Identity at init: g = 0 (or coeff = 0) gives S_eff = S, and W_res is formed from
+the stored (rounded) U, S, Vh, so W_res + U diag(S) Vh = W in any adapter dtype.
+
+1 + ELU(t) is positive and sign-preserving: attenuation saturates towards 0 (t -> -inf),
+amplification grows linearly (t > 0). The basis never moves, so each learned g_k reads as
+the gain on one singular direction of W. coeff is a runtime knob (ll.set_coeff): 0 turns the
+adapter off, -1 inverts a learned steer. With suppress_only a g pushed above 0 gets no
+gradient (it acts as 0, as a projected step would leave it).
+
+Spec: basis=svd+wanda, core=gain, residual=crop, hook=output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lora_lite.config import AdapterConfig
+
+NAME = "antipasto"
+TITLE = "AntiPaSTO"
+HOOK = "output"  # forward hook: forward() returns the layer's new output
+RESIDUAL = "crop"  # while attached the base weight holds W_res = W - frozen_weight()
+CALIBRATION = "optional"  # calibration data refines the basis when given
+TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
+LR = 0.005  # recommended AdamW learning rate
+QUANTIZED_BASE = False  # whether bitsandbytes 4/8-bit targets are supported
+RUNTIME_KNOBS = ("coeff",)  # hyperparameters that may change after attach
+RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
+BOUNDS = {
+    "r": (1, None),
+    "coeff": (None, None),
+    "suppress_only": (None, None),
+}  # (min, max) of each hyperparameter; None = unbounded
+
+
+@dataclass(frozen=True)
+class Config(AdapterConfig):
+    """AntiPaSTO hyperparameters (defaults from specs/antipasto.yaml)."""
+
+    r: int = 256  # number of frozen singular directions
+    coeff: float = 1.0  # runtime scale of the learned gain, 0 = identity
+    suppress_only: bool = False  # clamp g <= 0, so directions can only be attenuated
+
+
+# Adapter tensors registered on each target: name -> (shape, init, trainable)
+PARAMS = {
+    "lora_g": (("r",), "zeros", True),  # gain logits, S_eff = S * (1 + ELU(coeff * g))
+    "lora_U": (("d_out", "r"), "basis", False),  # frozen output singular vectors
+    "lora_S": (("r",), "basis", False),  # frozen singular values
+    "lora_Vh": (("r", "d_in"), "basis", False),  # frozen input singular vectors
+}
+
+
+def shapes(cfg: Config, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
+    """Shape of each adapter tensor for a target whose weight is (d_out, d_in)."""
+    return {
+        "lora_g": (cfg.r,),
+        "lora_U": (d_out, cfg.r),
+        "lora_S": (cfg.r,),
+        "lora_Vh": (cfg.r, d_in),
+    }
+
+
+# i: d_in, o: d_out, r: rank, ...: leading (batch, token) dims
+def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]:
+    """Initial adapter tensors (fp32) for one target. W: (o, i) base weight, fp32, dequantized.
+
+    `stats` holds statistics of this layer's input, gathered on the intact model, when
+    calibration data was given: "second_moment" (i, i) = mean of x x^T and "mean" (i,) = mean
+    of x over the counted tokens (padding and labels == -100 excluded), and "tokens", their
+    count. Otherwise it is None.
+    """
+    d_out, d_in = W.shape
+    t = {}
+    t["lora_g"] = torch.zeros(cfg.r)  # (r,)
+    # basis: full SVD of W in fp32; signs made canonical (largest |entry| of each U column > 0)
+    # so the result does not depend on the LAPACK build
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # (o, n), (n,), (n, i); n = min(o, i)
+    sign = torch.where(U.gather(0, U.abs().argmax(0, keepdim=True)) < 0, -1.0, 1.0)  # (1, n)
+    U, Vh = U * sign, Vh * sign.T
+    if stats is None:
+        keep = torch.arange(cfg.r)  # (r,) no calibration data: the top-r by S
+    else:
+        # Wanda re-selection: score_k = S_k * rms(X Vh_k^T) = S_k * sqrt(Vh_k C Vh_k^T), C = E[x x^T]
+        if stats["tokens"] < cfg.r:
+            raise ValueError(f"Wanda selection needs at least r={cfg.r} calibration tokens, got {stats['tokens']}")
+        rms = ((Vh @ stats["second_moment"]) * Vh).sum(1).clamp_min(0.0).sqrt()  # (n,)
+        keep = (S * rms).topk(cfg.r).indices.sort().values  # (r,) best r by score, kept in S order
+    U, S, Vh = U[:, keep], S[keep], Vh[keep]  # (o, r), (r,), (r, i)
+    # frozen basis; crop removes U diag(S) Vh from W using these values as stored (adapter dtype)
+    t["lora_U"], t["lora_S"], t["lora_Vh"] = U, S, Vh  # (o, r), (r,), (r, i)
+    return t
+
+
+def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
+    """New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output."""
+    g = m.lora_g.clamp(max=0.0) if cfg.suppress_only else m.lora_g  # (r,)
+    S_eff = m.lora_S * (1.0 + nn.functional.elu(cfg.coeff * g))  # (r,) positive, sign-preserving gain
+    h = (x @ m.lora_Vh.T) * S_eff  # (..., r)
+    return y + (h @ m.lora_U.T).to(y.dtype)  # (..., o); y = x W_res^T (+ bias)
+
+
+def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
+    """The part of W this adapter takes over, (o, i) fp32, from the stored (rounded) buffers.
+
+    Attach and load crop the base weight to W_res = W - frozen_weight(); detach adds it back.
+    """
+    return (m.lora_U.float() * m.lora_S.float()) @ m.lora_Vh.float()  # (o, i)

@@ -1,0 +1,136 @@
+# Code generated from specs/antipasto_arrow.yaml by lora_lite.codegen. DO NOT EDIT.
+# Regenerate: just gen    Check: just gen-check
+"""AntiPaSTO-arrow: Frozen top-r SVD basis; a dense block mixes the top-b directions, a bounded gain scales the rest.
+
+wassname 2026, AntiPaSTO (upstream lora-lite, src/lora_lite/variants/antipasto_arrow.py).
+Sun et al. 2023, A Simple and Effective Pruning Approach for Large Language Models (Wanda),
+arXiv 2306.11695.
+Reference implementation: wassname/lora-lite src/lora_lite/variants/antipasto_arrow.py (no PEFT equivalent).
+
+    W = U diag(S) Vh + W_res                     (top-r SVD of W in fp32, Wanda re-selection as AntiPaSTO)
+    h = (x Vh^T) * S                             (..., r) S-scaled coordinates, largest S first
+    h[:b] <- h[:b] (I + coeff * M)^T             (b, b) dense block on the top-b directions
+    h[b:] <- h[b:] * (1 + ELU(coeff * g))        (r - b,) AntiPaSTO's gain on the rest
+    y = x W_res^T + h U^T
+
+Identity at init: M = 0 and g = 0 (or coeff = 0) make the core I, and W_res is
+formed from the stored (rounded) U, S, Vh, so W_res + U diag(S) Vh = W.
+
+A diagonal gain cannot let direction i drive direction j; a dense r x r core can, at r^2
+parameters. The arrow spends b^2 + (r - b) instead: full mixing where S is largest, the cheap
+gain elsewhere (b = 8, r = 256: 312 per layer). The block grows linearly in M, so unlike the
+tail it is not bounded. Needs 1 <= block < r. suppress_only clamps only the tail's g.
+
+Spec: basis=svd+wanda, core=arrow, residual=crop, hook=output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lora_lite.config import AdapterConfig
+
+NAME = "antipasto_arrow"
+TITLE = "AntiPaSTO-arrow"
+HOOK = "output"  # forward hook: forward() returns the layer's new output
+RESIDUAL = "crop"  # while attached the base weight holds W_res = W - frozen_weight()
+CALIBRATION = "optional"  # calibration data refines the basis when given
+TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
+LR = 0.005  # recommended AdamW learning rate
+QUANTIZED_BASE = False  # whether bitsandbytes 4/8-bit targets are supported
+RUNTIME_KNOBS = ("coeff",)  # hyperparameters that may change after attach
+RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
+BOUNDS = {
+    "r": (1, None),
+    "block": (1, None),
+    "coeff": (None, None),
+    "suppress_only": (None, None),
+}  # (min, max) of each hyperparameter; None = unbounded
+
+
+@dataclass(frozen=True)
+class Config(AdapterConfig):
+    """AntiPaSTO-arrow hyperparameters (defaults from specs/antipasto_arrow.yaml)."""
+
+    r: int = 256  # number of frozen singular directions
+    block: int = 8  # size b of the dense block on the top-b directions (b < r)
+    coeff: float = 1.0  # runtime scale of block and gain, 0 = identity
+    suppress_only: bool = False  # clamp the tail's g <= 0 (the block is unaffected)
+
+
+# Adapter tensors registered on each target: name -> (shape, init, trainable)
+PARAMS = {
+    "lora_M": (("block", "block"), "zeros", True),  # block B = I + coeff * M on the top-b directions
+    "lora_g": (("r - block",), "zeros", True),  # gain logits on the other r - b directions
+    "lora_U": (("d_out", "r"), "basis", False),  # frozen output singular vectors
+    "lora_S": (("r",), "basis", False),  # frozen singular values
+    "lora_Vh": (("r", "d_in"), "basis", False),  # frozen input singular vectors
+}
+
+
+def shapes(cfg: Config, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
+    """Shape of each adapter tensor for a target whose weight is (d_out, d_in)."""
+    return {
+        "lora_M": (cfg.block, cfg.block),
+        "lora_g": (cfg.r - cfg.block,),
+        "lora_U": (d_out, cfg.r),
+        "lora_S": (cfg.r,),
+        "lora_Vh": (cfg.r, d_in),
+    }
+
+
+# i: d_in, o: d_out, r: rank, ...: leading (batch, token) dims
+def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]:
+    """Initial adapter tensors (fp32) for one target. W: (o, i) base weight, fp32, dequantized.
+
+    `stats` holds statistics of this layer's input, gathered on the intact model, when
+    calibration data was given: "second_moment" (i, i) = mean of x x^T and "mean" (i,) = mean
+    of x over the counted tokens (padding and labels == -100 excluded), and "tokens", their
+    count. Otherwise it is None.
+    """
+    d_out, d_in = W.shape
+    if not 1 <= cfg.block < cfg.r:
+        raise ValueError(f"arrow needs 1 <= block < r, got block={cfg.block}, r={cfg.r} (lower block)")
+    t = {}
+    t["lora_M"] = torch.zeros(cfg.block, cfg.block)  # (block, block)
+    t["lora_g"] = torch.zeros(cfg.r - cfg.block)  # (r - block,)
+    # basis: full SVD of W in fp32; signs made canonical (largest |entry| of each U column > 0)
+    # so the result does not depend on the LAPACK build
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # (o, n), (n,), (n, i); n = min(o, i)
+    sign = torch.where(U.gather(0, U.abs().argmax(0, keepdim=True)) < 0, -1.0, 1.0)  # (1, n)
+    U, Vh = U * sign, Vh * sign.T
+    if stats is None:
+        keep = torch.arange(cfg.r)  # (r,) no calibration data: the top-r by S
+    else:
+        # Wanda re-selection: score_k = S_k * rms(X Vh_k^T) = S_k * sqrt(Vh_k C Vh_k^T), C = E[x x^T]
+        if stats["tokens"] < cfg.r:
+            raise ValueError(f"Wanda selection needs at least r={cfg.r} calibration tokens, got {stats['tokens']}")
+        rms = ((Vh @ stats["second_moment"]) * Vh).sum(1).clamp_min(0.0).sqrt()  # (n,)
+        keep = (S * rms).topk(cfg.r).indices.sort().values  # (r,) best r by score, kept in S order
+    U, S, Vh = U[:, keep], S[keep], Vh[keep]  # (o, r), (r,), (r, i)
+    # frozen basis; crop removes U diag(S) Vh from W using these values as stored (adapter dtype)
+    t["lora_U"], t["lora_S"], t["lora_Vh"] = U, S, Vh  # (o, r), (r,), (r, i)
+    return t
+
+
+def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
+    """New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output."""
+    b = cfg.block
+    h = (x @ m.lora_Vh.T) * m.lora_S  # (..., r) S-scaled coordinates
+    B = torch.eye(b, dtype=h.dtype, device=h.device) + cfg.coeff * m.lora_M  # (b, b)
+    g = m.lora_g.clamp(max=0.0) if cfg.suppress_only else m.lora_g  # (r - b,)
+    top = h[..., :b] @ B.T  # (..., b) dense block mixes the top-b directions
+    tail = h[..., b:] * (1.0 + nn.functional.elu(cfg.coeff * g))  # (..., r - b) gain on the rest
+    h = torch.cat([top, tail], dim=-1)  # (..., r)
+    return y + (h @ m.lora_U.T).to(y.dtype)  # (..., o); y = x W_res^T (+ bias)
+
+
+def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
+    """The part of W this adapter takes over, (o, i) fp32, from the stored (rounded) buffers.
+
+    Attach and load crop the base weight to W_res = W - frozen_weight(); detach adds it back.
+    """
+    return (m.lora_U.float() * m.lora_S.float()) @ m.lora_Vh.float()  # (o, i)
