@@ -92,7 +92,8 @@ def forward(m: nn.Module, x: Tensor, cfg: Config) -> Tensor:
     # Compact WY form: H_1 ... H_r = I - V T V^T, T upper triangular with T^-1 = I/2 + the strictly
     # upper part of V^T V (Joffrain et al. 2006); no (i, i) matrix, O(tokens * i * r) like LoRA
     V = m.lora_hra_u / torch.linalg.vector_norm(m.lora_hra_u, dim=0)  # (i, r) unit columns
-    eye = torch.eye(cfg.r, device=V.device)  # (r, r)
-    T_inv = torch.triu(V.float().T @ V.float(), diagonal=1) + 0.5 * eye  # (r, r), fp32
+    Vw = V.to(torch.promote_types(V.dtype, torch.float32))  # the small r x r algebra in fp32 or better
+    eye = torch.eye(cfg.r, dtype=Vw.dtype, device=V.device)  # (r, r)
+    T_inv = torch.triu(Vw.T @ Vw, diagonal=1) + 0.5 * eye  # (r, r)
     T = torch.linalg.solve_triangular(T_inv, eye, upper=True).to(V.dtype)  # (r, r)
     return x - ((x @ V) @ T.T) @ V.T  # (..., i)
