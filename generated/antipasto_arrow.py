@@ -1,6 +1,6 @@
 # Code generated from specs/antipasto_arrow.yaml by lora_lite.codegen. DO NOT EDIT.
 # Regenerate: just gen    Check: just gen-check
-"""AntiPaSTO-arrow: Frozen top-r SVD basis; a dense block mixes the top-b directions, a bounded gain scales the rest.
+"""AntiPaSTO-arrow: frozen top-r SVD basis; a dense block mixes the top-b directions, a bounded gain scales the rest.
 
 wassname 2026, AntiPaSTO (upstream lora-lite, src/lora_lite/variants/antipasto_arrow.py).
 Sun et al. 2023, A Simple and Effective Pruning Approach for Large Language Models (Wanda),

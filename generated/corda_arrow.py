@@ -1,6 +1,6 @@
 # Code generated from specs/corda_arrow.yaml by lora_lite.codegen. DO NOT EDIT.
 # Regenerate: just gen    Check: just gen-check
-"""CorDA-arrow: The arrow core (dense top-b block plus gain) on the covariance-oriented CorDA basis.
+"""CorDA-arrow: the arrow core (dense top-b block plus gain) on the covariance-oriented CorDA basis.
 
 wassname 2026, AntiPaSTO (upstream lora-lite, antipasto_arrow.py and antipasto_corda.py).
 Yang et al. 2024, CorDA: Context-Oriented Decomposition Adaptation of Large Language Models,

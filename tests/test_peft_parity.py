@@ -42,6 +42,8 @@ KNOWN_DIVERGENCES: dict[str, str] = {
     "PEFT uses the input's dtype: identical in fp32, more precise in bf16",
     "pissa": "singular vectors get canonical signs (largest entry positive), so A and B may differ "
     "from PEFT's by a sign per direction; B A, W_res and every output agree",
+    "antipasto_corda": "upstream lora-lite's whitened CorDA: SVD of W C^1/2 and P = Vh C^-1/2, where "
+    "CorDA's paper and PEFT decompose W C and keep Vh C^-1; damping cov_eps is absolute (no parity test)",
 }
 
 
