@@ -14,7 +14,7 @@ arrow), r=32 for the other specs with a rank, each spec's default targets. Specs
 calibration data get 4 x 512 random tokens (at least d_in = 1024 per target, as CorDA needs).
 Not part of the test suite: 56 full SVDs take minutes on 2 CPU cores. On a shared machine run
 it with OMP_NUM_THREADS=1: OpenMP threads competing with another process for the same cores
-spin and made the 2-thread timings here swing by 5x (the README's times are 1-thread).
+spin and made the 2-thread timings here swing by 5x.
 """
 
 from __future__ import annotations
