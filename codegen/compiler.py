@@ -129,7 +129,7 @@ def _simple_init(p) -> list[str]:
     if p.init == "kaiming_uniform":
         return [
             f"{key} = torch.empty({dims})  # {c}",
-            f"nn.init.kaiming_uniform_({key}, a=math.sqrt(5))  # PEFT's default for lora_A",
+            f"nn.init.kaiming_uniform_({key}, a=math.sqrt(5))  # as nn.Linear (PEFT's lora_A init)",
         ]
     raise AssertionError(p.init)
 

@@ -94,7 +94,7 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
         raise ValueError(f"ablate needs k <= r directions, got k={cfg.k}, r={cfg.r} (lower k)")
     t = {}
     t["lora_c"] = torch.empty(cfg.r, cfg.k)  # (r, k)
-    nn.init.kaiming_uniform_(t["lora_c"], a=math.sqrt(5))  # PEFT's default for lora_A
+    nn.init.kaiming_uniform_(t["lora_c"], a=math.sqrt(5))  # as nn.Linear (PEFT's lora_A init)
     t["lora_strength_logit"] = torch.full((cfg.k,), -2.944439)  # (k,)
     # basis: top-r SVD of W in fp32; signs made canonical (largest |entry| of each U column > 0)
     # so the result does not depend on the LAPACK build

@@ -81,7 +81,7 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
     d_out, d_in = W.shape
     t = {}
     t["lora_A"] = torch.empty(cfg.r, d_in)  # (r, i)
-    nn.init.kaiming_uniform_(t["lora_A"], a=math.sqrt(5))  # PEFT's default for lora_A
+    nn.init.kaiming_uniform_(t["lora_A"], a=math.sqrt(5))  # as nn.Linear (PEFT's lora_A init)
     t["lora_B"] = torch.zeros(d_out, cfg.r)  # (o, r)
     # magnitude m = ||W + s B A||_row at init (= ||W||_row when B = 0), so the start is exact
     s = cfg.alpha / cfg.r

@@ -43,6 +43,13 @@ IGNORE_INDEX = -100  # the label value losses skip (PyTorch cross_entropy's defa
 
 def _token_mask(batch, device) -> Tensor | None:
     """(B, T) mask of the tokens to count: attention_mask, and labels != -100 when given."""
+    if isinstance(batch, (tuple, list)):
+        # model(*batch): a second item shaped like the first and holding only 0/1 is the
+        # attention mask (HF models take it as their second positional argument)
+        if len(batch) >= 2 and all(isinstance(b, Tensor) for b in batch[:2]) and batch[0].shape == batch[1].shape:
+            if bool(((batch[1] == 0) | (batch[1] == 1)).all()):
+                return batch[1].to(device)
+        return None
     if not isinstance(batch, Mapping):
         return None
     mask = batch.get("attention_mask")
@@ -73,7 +80,12 @@ def collect_input_stats(
             x = args[0].detach()
             x = x.reshape(-1, x.shape[-1]).float()  # (n, i)
             mask = current_mask[0]
-            if mask is not None and mask.numel() == x.shape[0]:
+            if mask is not None:
+                if mask.numel() != x.shape[0]:
+                    raise ValueError(
+                        f"calibration: {name} saw {x.shape[0]} tokens but the batch mask has {mask.numel()}; "
+                        "pass batches whose attention_mask matches the layer's tokens"
+                    )
                 x = x[mask.reshape(-1).bool()]
             if not torch.isfinite(x).all():
                 raise ValueError(f"calibration: non-finite activations at the input of {name}")

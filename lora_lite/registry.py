@@ -19,10 +19,6 @@ from types import ModuleType
 from lora_lite.codegen import load_spec, render
 from lora_lite.codegen.spec import Spec, parse_spec, shipped_specs_dir
 
-SHIPPED = (
-    "lora pissa dora delora ia3 ia3_ff hra eva antipasto antipasto_corda antipasto_ablate antipasto_arrow"
-).split()
-
 
 def cache_dir() -> Path:
     """Where specs without a shipped module are compiled: $LORA_LITE_CACHE or ~/.cache/lora_lite."""

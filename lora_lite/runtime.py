@@ -309,6 +309,8 @@ def set_coeff(model: nn.Module, value: float) -> None:
             f"set_coeff: {st.variant.NAME} has no runtime 'coeff' knob "
             f"(its knobs: {list(st.variant.RUNTIME_KNOBS) or 'none'})"
         )
+    if not math.isfinite(float(value)):
+        raise ValueError(f"set_coeff: coeff must be a finite number, got {value!r}")
     st.cfg = dataclasses.replace(st.cfg, coeff=float(value))
     for t in st.targets.values():
         t.cfg = dataclasses.replace(t.cfg, coeff=float(value))

@@ -229,6 +229,17 @@ def test_calibration_data_errors_leave_model_unchanged():
     # padding is excluded: 3 padded positions in row 0 of each batch
     stats = collect_input_stats(model, targets, calibration(n=2), progress=False)
     assert stats["model.layers.0.self_attn.q_proj"]["tokens"] == 2 * (4 * 16 - 3)
+    # tuples go to model(*batch); a 0/1 second item shaped like the first is the padding mask
+    tuples = [(b["input_ids"], b["attention_mask"]) for b in calibration(n=2)]
+    stats_t = collect_input_stats(model, targets, tuples, progress=False)
+    assert stats_t["model.layers.0.self_attn.q_proj"]["tokens"] == 2 * (4 * 16 - 3)
+    torch.testing.assert_close(
+        stats_t["model.layers.0.self_attn.q_proj"]["second_moment"],
+        stats["model.layers.0.self_attn.q_proj"]["second_moment"],
+    )
+    short = dict(token_batch(), attention_mask=torch.ones(4, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="batch mask has 20"):
+        collect_input_stats(model, targets, [dict(short, input_ids=token_batch()["input_ids"])], progress=False)
 
 
 def test_upstream_quickstart_runs_unchanged(tmp_path, monkeypatch):
