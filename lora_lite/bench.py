@@ -461,7 +461,7 @@ def markdown_table(records: list[dict]) -> str:
         rows.append(
             f"| {title} | {r['eval_nll_before']:.3f} | {r['eval_nll_after']:.3f} "
             f"| {r['eval_nll_after'] - r['eval_nll_before']:+.3f} | {r['accuracy']:.1%} | {r['trainable_params']:,} "
-            f"| {r['step_ms']:.0f} | {r['peak_mem_gb']:.2f} | {r['attach_s']:.1f} | {r['reload_max_abs_diff']:.1e} |"
+            f"| {r['step_ms']:.0f} | {r['peak_mem_gb']:.2f} | {r['attach_s']:.2f} | {r['reload_max_abs_diff']:.1e} |"
         )
     return head + "".join(row + "\n" for row in rows)
 
@@ -471,8 +471,8 @@ def settings_line(r: dict) -> str:
     return (
         f"Model: {r['model']}. Data: {r['data']}. {s['steps']} steps, batch {s['batch_size']}, "
         f"seq {s['seq_len']}, eval {s['eval_samples']} questions, generation {s['gen_samples']}, "
-        f"device {r['device']}, dtype {s['dtype']}, seed {s['seed']}."
-    )
+        f"device {r['device']}, dtype {s['dtype']}, seed {s['seed']}, "
+    ) + (f"lr {s['lr']:g}." if s.get("lr") else f"lr: the spec's, at least {s.get('lr_floor') or 0:g}.")
 
 
 def write_outputs(out: Path, records: list[dict]) -> None:
@@ -511,6 +511,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seq-len", type=int)
     p.add_argument("--lr", type=float, default=None, help="default: the spec's recommended lr")
+    p.add_argument("--lr-floor", type=float, help="use max(spec lr, this) when --lr is not given (--quick: 1e-3)")
     p.add_argument("--eval-samples", type=int)
     p.add_argument("--gen-samples", type=int)
     p.add_argument("--max-new-tokens", type=int)
@@ -569,6 +570,8 @@ def main(argv=None) -> int:
             "seed",
             "dtype",
             "quick",
+            "lr",
+            "lr_floor",
         )
     }
     settings["autocast"] = use_autocast
