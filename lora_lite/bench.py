@@ -47,8 +47,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # --quick: a CPU preset that runs three variants in a few minutes on 2 cores. The lr floor is a
 # compromise for so few steps (measured: LoRA at its spec lr 1e-4 moves answer NLL by < 0.01 in
 # 20 steps); explicit flags override every entry.
-QUICK = dict(steps=20, batch_size=4, seq_len=96, eval_samples=16, gen_samples=4, max_new_tokens=24, lr_floor=1e-3)
-DEFAULTS = dict(steps=300, batch_size=8, seq_len=384, eval_samples=200, gen_samples=50, max_new_tokens=256, lr_floor=0)
+QUICK = dict(variants="lora,ia3,antipasto_corda", steps=20, batch_size=4, seq_len=96, eval_samples=16, gen_samples=4, max_new_tokens=24, lr_floor=1e-3)
+DEFAULTS = dict(variants="all", steps=300, batch_size=8, seq_len=384, eval_samples=200, gen_samples=50, max_new_tokens=256, lr_floor=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,7 +506,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lora-lite bench", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=SMOLLM2, help=f"{SMOLLM2} (default), a hub id, a folder, a .gguf, or tiny")
     p.add_argument("--data-dir", default=None, help="folder with GSM8K-format train.jsonl and test.jsonl")
-    p.add_argument("--variants", default="all", help="comma list of spec names or paths, or 'all'")
+    p.add_argument("--variants", help="comma list of spec names or paths, or 'all' (default; --quick: 3 variants)")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seq-len", type=int)
