@@ -47,8 +47,26 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # --quick: a CPU preset that runs three variants in a few minutes on 2 cores. The lr floor is a
 # compromise for so few steps (measured: LoRA at its spec lr 1e-4 moves answer NLL by < 0.01 in
 # 20 steps); explicit flags override every entry.
-QUICK = dict(variants="lora,ia3,antipasto_corda", steps=20, batch_size=4, seq_len=96, eval_samples=16, gen_samples=4, max_new_tokens=24, lr_floor=1e-3)
-DEFAULTS = dict(variants="all", steps=300, batch_size=8, seq_len=384, eval_samples=200, gen_samples=50, max_new_tokens=256, lr_floor=0)
+QUICK = dict(
+    variants="lora,ia3,antipasto_corda",
+    steps=20,
+    batch_size=4,
+    seq_len=96,
+    eval_samples=16,
+    gen_samples=4,
+    max_new_tokens=24,
+    lr_floor=1e-3,
+)
+DEFAULTS = dict(
+    variants="all",
+    steps=300,
+    batch_size=8,
+    seq_len=384,
+    eval_samples=200,
+    gen_samples=50,
+    max_new_tokens=256,
+    lr_floor=0,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +367,7 @@ def peak_mem_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB (Linux)
 
 
-def run_variant(name: str, model, tok, train, test, a, device, autocast, log) -> dict:
+def run_variant(name: str, model, tok, train, test, a, device, autocast, log, nll_before: float) -> dict:
     """Attach, train, evaluate, reload-check one variant; the model is detached afterwards."""
     gen = ll.variant_module(name)
     cfg = ll.from_spec(name)
@@ -370,7 +388,6 @@ def run_variant(name: str, model, tok, train, test, a, device, autocast, log) ->
             for i in range(0, len(picks), a.batch_size)
         ]
     base_w = {n: m.weight.detach().clone() for n, m in ll.runtime.find_targets(model, cfg).items()}
-    nll_before = eval_nll(model, tok, eval_set, a.seq_len, a.batch_size, device, autocast)
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(a.seed)
@@ -578,8 +595,12 @@ def main(argv=None) -> int:
     records = []
     log = lambda s: tqdm.write(s)  # noqa: E731
     log(f"model: {model_desc}; data: {data_source} ({len(train)} train, {len(test)} test); device {device}")
+    # The base model is the same before every variant (detach gives it back; each record checks
+    # detach_weight_max_abs_diff), so its answer NLL is measured once.
+    nll_before = eval_nll(model, tok, test[: a.eval_samples], a.seq_len, a.batch_size, device, autocast)
+    log(f"base model answer NLL: {nll_before:.3f} on {min(a.eval_samples, len(test))} test questions")
     for name in names:
-        rec = run_variant(name, model, tok, train, test, a, device, autocast, log)
+        rec = run_variant(name, model, tok, train, test, a, device, autocast, log, nll_before)
         rec.update(model=model_desc, data=data_source, device=str(device), settings=settings)
         records.append(rec)
         write_outputs(out, records)
