@@ -9,7 +9,9 @@ finished values. Fragments live in templates/: basis/<source>.j2 computes the ba
 core/<kind>_init_<family>.j2 turns it into adapter tensors, core/<kind>_init.j2 fills the
 tensors a spec marks `init: core` (DoRA's magnitude, HRA's paired vectors),
 core/<kind>_forward_<hook>.j2 is the hook math, core/<kind>_frozen.j2 is the part of W a
-cropping variant takes over.
+variant with a frozen part takes over. Such a variant's forward is
+core/<kind>_forward_<hook>_frozen.j2: it serves both residual modes, crop (W holds W_res) and
+subtract (W untouched, the hook takes the frozen part out), chosen by cfg.residual at run time.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import jinja2
 
 from .shapes import parse_shape_expr, to_python
-from .spec import CORES, SPECTRAL_INPUT
+from .spec import CORES, FROZEN_RESIDUALS, SPECTRAL_INPUT
 
 TEMPLATES = Path(__file__).parent / "templates"
 HEADER_CMD = "just gen"  # printed in every header
@@ -58,17 +60,20 @@ def fragment_names(
     select: a re-selection of the basis directions (basis/<source>_<select>.j2, e.g. svd_wanda).
     check: core/<kind>_check.j2, when it exists, raises before any work for a config the core
     cannot use on this layer (arrow's block >= r).
+    A residual crop or subtract means a frozen part: the forward fragment is the one with both
+    residual branches (core/<kind>_forward_<hook>_frozen.j2) and frozen_weight() is emitted.
     """
     family = BASIS_FAMILY.get(basis)
     shared = SHARED_FRAGMENTS.get(core, core)
     check = f"core/{core}_check.j2"
+    frozen = residual in FROZEN_RESIDUALS
     return {
         "check": check if _fragment(check) else None,
         "core_own_init": f"core/{core}_init.j2" if own_init else None,
         "basis": (f"basis/{basis}_{select}.j2" if select else f"basis/{basis}.j2") if family else None,
         "core_init": f"core/{shared}_init_{family}.j2" if family else None,
-        "forward": f"core/{core}_forward_{hook}.j2",
-        "frozen": f"core/{shared}_frozen.j2" if residual == "crop" else None,
+        "forward": f"core/{core}_forward_{hook}{'_frozen' if frozen else ''}.j2",
+        "frozen": f"core/{shared}_frozen.j2" if frozen else None,
     }
 
 
@@ -81,8 +86,8 @@ def has_fragments(
         "check": "",
         "basis": f"basis {basis!r}" + (f" with select {select!r}" if select else ""),
         "core_init": f"core {core!r} on basis {basis!r}",
-        "forward": f"core {core!r} with hook {hook!r}",
-        "frozen": f"core {core!r} with residual 'crop'",
+        "forward": f"core {core!r} with hook {hook!r}" + (f" and residual {residual!r}" if residual != "none" else ""),
+        "frozen": f"core {core!r} with residual {residual!r}",
     }
     return [
         f"{what[k]} is not supported (no template {p})"
@@ -149,11 +154,28 @@ def _docstring(spec) -> str:
     parts = [first, "\n".join(refs), textwrap.indent(spec.math, "    "), "Identity at init: " + spec.identity]
     if spec.notes:
         parts.append(spec.notes)
+    other = {"crop": " (or subtract: cfg.residual)", "subtract": " (or crop: cfg.residual)"}.get(spec.residual, "")
     parts.append(
         f"Spec: basis={spec.basis}{'+' + spec.select if spec.select else ''}, core={spec.core}, "
-        f"residual={spec.residual}, hook={spec.hook}."
+        f"residual={spec.residual}{other}, hook={spec.hook}."
     )
     return "\n\n".join(p for p in parts if p)
+
+
+# The RESIDUAL line of a module, by the spec's residual (the default of cfg.residual).
+RESIDUAL_LINES = {
+    "none": 'RESIDUAL = "none"  # the base weight is never modified',
+    "crop": 'RESIDUAL = "crop"  # default: while attached the base weight holds W_res = W - frozen_weight()',
+    "subtract": 'RESIDUAL = "subtract"  # default: W is never modified; forward() takes frozen_weight() x out',
+}
+
+
+def _quantized_line(spec) -> str:
+    if not spec.quantized_base:
+        return "QUANTIZED_BASE = False  # attach refuses bitsandbytes 4/8-bit targets"
+    if spec.residual in FROZEN_RESIDUALS:
+        return "QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work with residual subtract (crop is refused)"
+    return "QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (the hook runs on their own forward)"
 
 
 def context(spec, display: str) -> dict:
@@ -177,19 +199,22 @@ def context(spec, display: str) -> dict:
         title=spec.title,
         hook=spec.hook,
         residual=spec.residual,
+        residual_line=RESIDUAL_LINES[spec.residual],
+        residuals=py(FROZEN_RESIDUALS if spec.residual in FROZEN_RESIDUALS else ("none",)),
         calibration=spec.calibration,
         target_names=py(spec.target_names),
         lr=repr(spec.lr),
-        quantized_base=repr(spec.quantized_base),
+        quantized_line=_quantized_line(spec),
         fields=fields,
         params=params,
         shape_lines=shape_lines,
         simple_init=simple,
         frags=frags,
         uses_base_weight=base_weight is not None,
-        weight_in_forward=base_weight == "forward",
+        runtime_imports=", ".join(CORES[spec.core].get("runtime", ())),
         select=spec.select,
         input_tensor=SPECTRAL_INPUT.get(spec.basis),  # spectral cores: lora_Vh, or CorDA's lora_P
+        input_name=(SPECTRAL_INPUT.get(spec.basis) or "").removeprefix("lora_"),  # Vh or P, for comments
         runtime_knobs=py(tuple(h.name for h in spec.hyperparameters if h.runtime)),
         ranks=py(tuple(h.name for h in spec.hyperparameters if h.rank)),
         # 120 columns less 64 for "BOUNDS = " and the comment after it in module.py.j2

@@ -31,7 +31,8 @@ RESERVED = {"target_names", "layers", "dtype", "residual"}
 # What each core kind needs from the spec: tensors (name -> trainable) and hyperparameters.
 # "base_weight": where the math reads the base weight W ("init": a frozen statistic of W;
 # "forward": every call). Either makes the module say USES_BASE_WEIGHT = True, so a checkpoint
-# refuses a base whose weights differ.
+# refuses a base whose weights differ. "runtime": helpers the forward imports from
+# lora_lite.runtime to read W (they work on float and bitsandbytes layers alike).
 CORES: dict[str, dict[str, Any]] = {
     "lowrank": {
         "tensors": {"lora_A": True, "lora_B": True},
@@ -43,6 +44,7 @@ CORES: dict[str, dict[str, Any]] = {
         "tensors": {"lora_A": True, "lora_B": True, "lora_magnitude_vector": True},
         "hyper": ("r", "alpha"),
         "base_weight": "forward",
+        "runtime": ("base_forward", "base_row_sqnorm"),
     },
     "delora": {
         "tensors": {"lora_A": True, "lora_B": True, "lora_lambda": True, "lora_w_norm": False},
@@ -52,7 +54,7 @@ CORES: dict[str, dict[str, Any]] = {
     "hra": {"tensors": {"lora_hra_u": True}, "hyper": ("r",)},
     # The AntiPaSTO family: "spectral" cores keep the basis frozen as lora_U (o, r), lora_S (r,)
     # and the basis's input side (SPECTRAL_INPUT) and learn a small core between them; they
-    # hold only the top-r part of W, so they need residual crop.
+    # hold only the top-r part of W, so they need residual crop or subtract.
     "gain": {"tensors": {"lora_g": True}, "hyper": ("r", "coeff", "suppress_only"), "spectral": True},
     "ablate": {
         "tensors": {"lora_c": True, "lora_strength_logit": True},
@@ -66,8 +68,11 @@ CORES: dict[str, dict[str, Any]] = {
     },
 }
 
-# Bases that leave a frozen part of W to crop, and the ones that need calibration data.
+# Bases that leave a frozen part of W (to crop from W, or to subtract in the hook), and the
+# residual modes that handle such a part; a spec without one has residual none.
 CROPPABLE_BASES = {"svd", "corda"}
+FROZEN_RESIDUALS = ("crop", "subtract")
+# Bases that need calibration data.
 CALIBRATION = {"none": "none", "random": "none", "svd": "none", "pca": "required", "corda": "required"}
 # Hyperparameters a basis needs beyond the core's.
 BASIS_HYPER = {"corda": ("r", "cov_eps")}
@@ -251,8 +256,12 @@ def _semantic_problems(data: dict, lines: dict, where: str, stem: str | None) ->
 
     if stem is not None and data["name"] != stem:
         bad(("name",), f"{data['name']!r} must equal the file name {stem!r}")
-    if data["residual"] == "crop" and data["basis"]["source"] not in CROPPABLE_BASES:
-        bad(("residual",), f"crop needs a basis to crop ({sorted(CROPPABLE_BASES)}), not {data['basis']['source']!r}")
+    if data["residual"] in FROZEN_RESIDUALS and data["basis"]["source"] not in CROPPABLE_BASES:
+        bad(
+            ("residual",),
+            f"{data['residual']} needs a basis to {data['residual']} ({sorted(CROPPABLE_BASES)}), "
+            f"not {data['basis']['source']!r}",
+        )
     hypers = data["hyperparameters"]
     for name, h in hypers.items():
         p = ("hyperparameters", name)
@@ -300,14 +309,17 @@ def _semantic_problems(data: dict, lines: dict, where: str, stem: str | None) ->
         if p["init"] == "basis" and data["basis"]["source"] in ("none", "random"):
             bad(path + ("init",), f"init 'basis' needs a data or SVD basis, not {data['basis']['source']!r}")
     needed = dict(core["tensors"])
-    if data["residual"] == "crop":
+    if data["residual"] in FROZEN_RESIDUALS:
         needed.update(core.get("crop_tensors", {}))
     if core.get("spectral"):
         needed.update({"lora_U": False, "lora_S": False, SPECTRAL_INPUT.get(basis, "lora_Vh"): False})
         if basis not in SPECTRAL_INPUT:
             bad(("basis", "source"), f"core {data['core']['kind']!r} needs an SVD-like basis {sorted(SPECTRAL_INPUT)}")
-        if data["residual"] != "crop":
-            bad(("residual",), f"core {data['core']['kind']!r} holds only the top-r part of W; it needs residual: crop")
+        if data["residual"] not in FROZEN_RESIDUALS:
+            bad(
+                ("residual",),
+                f"core {data['core']['kind']!r} holds only the top-r part of W; it needs residual: crop or subtract",
+            )
     for name, trainable in needed.items():
         if name not in data["params"]:
             bad(("params",), f"core {data['core']['kind']!r} needs tensor {name!r}")

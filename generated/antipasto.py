@@ -9,13 +9,15 @@ Reference implementation: wassname/lora-lite src/lora_lite/variants/antipasto.py
 
     W = U diag(S) Vh + W_res                     (top-r SVD of W in fp32; W_res stays in the layer)
     S_eff = S * (1 + ELU(coeff * g))             (g <= 0 when suppress_only)
-    y = x W_res^T + ((x Vh^T) * S_eff) U^T
+    y = x W_res^T + ((x Vh^T) * S_eff) U^T       (residual crop: W_res stored in the layer)
+    y = x W^T + ((x Vh^T) * (S_eff - S)) U^T     (residual subtract: W untouched, e.g. 4/8-bit)
     With calibration data the r directions are re-selected among all min(d_in, d_out) by the
     Wanda-style score S_k * rms(X Vh_k^T) = S_k * sqrt(Vh_k C Vh_k^T), C = E[x x^T], and kept in
     S order.
 
 Identity at init: g = 0 (or coeff = 0) gives S_eff = S, and W_res is formed from
 the stored (rounded) U, S, Vh, so W_res + U diag(S) Vh = W in any adapter dtype.
+With residual subtract the added change is exactly 0, whatever the dtype.
 
 1 + ELU(t) is positive and sign-preserving: attenuation saturates towards 0 (t -> -inf),
 amplification grows linearly (t > 0). The basis never moves, so each learned g_k reads as
@@ -23,7 +25,7 @@ the gain on one singular direction of W. coeff is a runtime knob (ll.set_coeff):
 adapter off, -1 inverts a learned steer. With suppress_only a g pushed above 0 gets no
 gradient (it acts as 0, as a projected step would leave it).
 
-Spec: basis=svd+wanda, core=gain, residual=crop, hook=output.
+Spec: basis=svd+wanda, core=gain, residual=crop (or subtract: cfg.residual), hook=output.
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ from lora_lite.config import AdapterConfig
 NAME = "antipasto"
 TITLE = "AntiPaSTO"
 HOOK = "output"  # forward hook: forward() returns the layer's new output
-RESIDUAL = "crop"  # while attached the base weight holds W_res = W - frozen_weight()
+RESIDUAL = "crop"  # default: while attached the base weight holds W_res = W - frozen_weight()
+RESIDUALS = ("crop", "subtract")  # the values cfg.residual may take
 CALIBRATION = "optional"  # calibration data refines the basis when given
 TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.005  # recommended AdamW learning rate
-QUANTIZED_BASE = False  # whether bitsandbytes 4/8-bit targets are supported
+QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work with residual subtract (crop is refused)
 RUNTIME_KNOBS = ("coeff",)  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
 BOUNDS = {
@@ -115,13 +118,18 @@ def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     """New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output."""
     g = m.lora_g.clamp(max=0.0) if cfg.suppress_only else m.lora_g  # (r,)
     S_eff = m.lora_S * (1.0 + nn.functional.elu(cfg.coeff * g))  # (r,) positive, sign-preserving gain
-    h = (x @ m.lora_Vh.T) * S_eff  # (..., r)
-    return y + (h @ m.lora_U.T).to(y.dtype)  # (..., o); y = x W_res^T (+ bias)
+    # crop: y = x W_res^T (+ bias) lacks the top-r part, add U S_eff Vh x back;
+    # subtract: y = x W^T (+ bias) is whole, add only the change U (S_eff - S) Vh x (0 at init)
+    gain = S_eff - m.lora_S if cfg.residual == "subtract" else S_eff  # (r,)
+    h = (x @ m.lora_Vh.T) * gain  # (..., r)
+    return y + (h @ m.lora_U.T).to(y.dtype)  # (..., o)
 
 
 def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
     """The part of W this adapter takes over, (o, i) fp32, from the stored (rounded) buffers.
 
-    Attach and load crop the base weight to W_res = W - frozen_weight(); detach adds it back.
+    residual crop: attach and load crop the base weight to W_res = W - frozen_weight(); detach
+    adds it back. residual subtract: W is never modified; forward() takes this part out of the
+    output in factored form, without forming the (o, i) matrix.
     """
     return (m.lora_U.float() * m.lora_S.float()) @ m.lora_Vh.float()  # (o, i)

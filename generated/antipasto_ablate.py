@@ -12,7 +12,8 @@ Reference implementation: wassname/lora-lite src/lora_lite/variants/antipasto_ab
     Chat = orthonormal columns of c (QR)         (r, k)
     strength = sigmoid(strength_logit)           (k,) in (0, 1)
     h <- h - coeff * ((h Chat) * strength) Chat^T
-    y = x W_res^T + h U^T
+    y = x W_res^T + h U^T                        (residual crop: W_res stored in the layer)
+    y = x W^T + (h - h0) U^T                     (residual subtract, h0 = (x Vh^T) * S: W untouched)
 
 Identity at init: only with coeff = 0. strength starts at sigmoid(-2.944) = 0.05,
 not 0 (upstream also starts at 0.05), so that c gets a gradient at step 0; this removes 5%
@@ -24,7 +25,7 @@ the trainable form of directional ablation. coeff < 0 adds the directions back a
 Upstream clamps strength to [0, 1]; the sigmoid here is smooth and never stuck at a bound.
 c starts uniform in +-1/sqrt(k) per entry (random directions; only its span matters).
 
-Spec: basis=svd, core=ablate, residual=crop, hook=output.
+Spec: basis=svd, core=ablate, residual=crop (or subtract: cfg.residual), hook=output.
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ from lora_lite.config import AdapterConfig
 NAME = "antipasto_ablate"
 TITLE = "AntiPaSTO-ablate"
 HOOK = "output"  # forward hook: forward() returns the layer's new output
-RESIDUAL = "crop"  # while attached the base weight holds W_res = W - frozen_weight()
+RESIDUAL = "crop"  # default: while attached the base weight holds W_res = W - frozen_weight()
+RESIDUALS = ("crop", "subtract")  # the values cfg.residual may take
 CALIBRATION = "none"  # calibration data is accepted and ignored
 TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.005  # recommended AdamW learning rate
-QUANTIZED_BASE = False  # whether bitsandbytes 4/8-bit targets are supported
+QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work with residual subtract (crop is refused)
 RUNTIME_KNOBS = ("coeff",)  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
 BOUNDS = {"r": (1, None), "k": (1, None), "coeff": (None, None)}  # (min, max) of each hyperparameter; None = unbounded
@@ -109,17 +111,23 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
 
 def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     """New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output."""
-    h = (x @ m.lora_Vh.T) * m.lora_S  # (..., r) S-scaled coordinates
+    h0 = (x @ m.lora_Vh.T) * m.lora_S  # (..., r) S-scaled coordinates
     Chat, _ = torch.linalg.qr(m.lora_c.float())  # (r, k) orthonormal columns; QR in fp32 (no bf16 kernel)
-    Chat = Chat.to(h.dtype)
+    Chat = Chat.to(h0.dtype)
     strength = torch.sigmoid(m.lora_strength_logit)  # (k,) in (0, 1)
-    h = h - cfg.coeff * ((h @ Chat) * strength) @ Chat.T  # (..., r) contract along span(Chat)
-    return y + (h @ m.lora_U.T).to(y.dtype)  # (..., o); y = x W_res^T (+ bias)
+    h = h0 - cfg.coeff * ((h0 @ Chat) * strength) @ Chat.T  # (..., r) contract along span(Chat)
+    # crop: y = x W_res^T (+ bias) lacks the top-r part, add h U^T;
+    # subtract: y = x W^T (+ bias) is whole, add only the change (h - h0) U^T
+    if cfg.residual == "subtract":
+        h = h - h0  # (..., r)
+    return y + (h @ m.lora_U.T).to(y.dtype)  # (..., o)
 
 
 def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
     """The part of W this adapter takes over, (o, i) fp32, from the stored (rounded) buffers.
 
-    Attach and load crop the base weight to W_res = W - frozen_weight(); detach adds it back.
+    residual crop: attach and load crop the base weight to W_res = W - frozen_weight(); detach
+    adds it back. residual subtract: W is never modified; forward() takes this part out of the
+    output in factored form, without forming the (o, i) matrix.
     """
     return (m.lora_U.float() * m.lora_S.float()) @ m.lora_Vh.float()  # (o, i)

@@ -11,17 +11,19 @@ Reference implementation: wassname/lora-lite src/lora_lite/variants/antipasto_ar
     h = (x Vh^T) * S                             (..., r) S-scaled coordinates, largest S first
     h[:b] <- h[:b] (I + coeff * M)^T             (b, b) dense block on the top-b directions
     h[b:] <- h[b:] * (1 + ELU(coeff * g))        (r - b,) AntiPaSTO's gain on the rest
-    y = x W_res^T + h U^T
+    y = x W_res^T + h U^T                        (residual crop: W_res stored in the layer)
+    y = x W^T + (h - h0) U^T                     (residual subtract, h0 = (x Vh^T) * S: W untouched)
 
 Identity at init: M = 0 and g = 0 (or coeff = 0) make the core I, and W_res is
 formed from the stored (rounded) U, S, Vh, so W_res + U diag(S) Vh = W.
+With residual subtract the added change is exactly 0, whatever the dtype.
 
 A diagonal gain cannot let direction i drive direction j; a dense r x r core can, at r^2
 parameters. The arrow spends b^2 + (r - b) instead: full mixing where S is largest, the cheap
 gain elsewhere (b = 8, r = 256: 312 per layer). The block grows linearly in M, so unlike the
 tail it is not bounded. Needs 1 <= block < r. suppress_only clamps only the tail's g.
 
-Spec: basis=svd+wanda, core=arrow, residual=crop, hook=output.
+Spec: basis=svd+wanda, core=arrow, residual=crop (or subtract: cfg.residual), hook=output.
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ from lora_lite.config import AdapterConfig
 NAME = "antipasto_arrow"
 TITLE = "AntiPaSTO-arrow"
 HOOK = "output"  # forward hook: forward() returns the layer's new output
-RESIDUAL = "crop"  # while attached the base weight holds W_res = W - frozen_weight()
+RESIDUAL = "crop"  # default: while attached the base weight holds W_res = W - frozen_weight()
+RESIDUALS = ("crop", "subtract")  # the values cfg.residual may take
 CALIBRATION = "optional"  # calibration data refines the basis when given
 TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.005  # recommended AdamW learning rate
-QUANTIZED_BASE = False  # whether bitsandbytes 4/8-bit targets are supported
+QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work with residual subtract (crop is refused)
 RUNTIME_KNOBS = ("coeff",)  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
 BOUNDS = {
@@ -119,18 +122,24 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
 def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     """New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output."""
     b = cfg.block
-    h = (x @ m.lora_Vh.T) * m.lora_S  # (..., r) S-scaled coordinates
-    B = torch.eye(b, dtype=h.dtype, device=h.device) + cfg.coeff * m.lora_M  # (b, b)
+    h0 = (x @ m.lora_Vh.T) * m.lora_S  # (..., r) S-scaled coordinates
+    B = torch.eye(b, dtype=h0.dtype, device=h0.device) + cfg.coeff * m.lora_M  # (b, b)
     g = m.lora_g.clamp(max=0.0) if cfg.suppress_only else m.lora_g  # (r - b,)
-    top = h[..., :b] @ B.T  # (..., b) dense block mixes the top-b directions
-    tail = h[..., b:] * (1.0 + nn.functional.elu(cfg.coeff * g))  # (..., r - b) gain on the rest
+    top = h0[..., :b] @ B.T  # (..., b) dense block mixes the top-b directions
+    tail = h0[..., b:] * (1.0 + nn.functional.elu(cfg.coeff * g))  # (..., r - b) gain on the rest
     h = torch.cat([top, tail], dim=-1)  # (..., r)
-    return y + (h @ m.lora_U.T).to(y.dtype)  # (..., o); y = x W_res^T (+ bias)
+    # crop: y = x W_res^T (+ bias) lacks the top-r part, add h U^T;
+    # subtract: y = x W^T (+ bias) is whole, add only the change (h - h0) U^T (0 at init: B = I, g = 0)
+    if cfg.residual == "subtract":
+        h = h - h0  # (..., r)
+    return y + (h @ m.lora_U.T).to(y.dtype)  # (..., o)
 
 
 def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
     """The part of W this adapter takes over, (o, i) fp32, from the stored (rounded) buffers.
 
-    Attach and load crop the base weight to W_res = W - frozen_weight(); detach adds it back.
+    residual crop: attach and load crop the base weight to W_res = W - frozen_weight(); detach
+    adds it back. residual subtract: W is never modified; forward() takes this part out of the
+    output in factored form, without forming the (o, i) matrix.
     """
     return (m.lora_U.float() * m.lora_S.float()) @ m.lora_Vh.float()  # (o, i)

@@ -12,10 +12,12 @@ Reference implementation: wassname/lora-lite src/lora_lite/variants/antipasto_co
     P = Vh_r C^-1/2                              (r, d_in) oblique input projector; P C^1/2 = Vh_r
     W = U_r diag(S_r) P + W_res
     S_eff = S * (1 + ELU(coeff * g))             (g <= 0 when suppress_only)
-    y = x W_res^T + ((x P^T) * S_eff) U^T
+    y = x W_res^T + ((x P^T) * S_eff) U^T        (residual crop: W_res stored in the layer)
+    y = x W^T + ((x P^T) * (S_eff - S)) U^T      (residual subtract: W untouched, e.g. 4/8-bit)
 
 Identity at init: g = 0 (or coeff = 0) gives S_eff = S, and W_res is formed from
 the stored (rounded) U, S, P, so W_res + U diag(S) P = W in any adapter dtype.
+With residual subtract the added change is exactly 0, whatever the dtype.
 
 This is upstream lora-lite's whitened form. CorDA's paper and PEFT decompose W C instead and
 keep P = Vh C^-1; both orient the top-r directions by where the inputs have energy, but the
@@ -24,7 +26,7 @@ singular values differ (here S_k is the gain under inputs whitened by C). Only P
 as upstream: it assumes activations of order 1 (raise it for larger ones). Needs at least
 d_in non-padding calibration tokens per target, so C is full rank before damping.
 
-Spec: basis=corda, core=gain, residual=crop, hook=output.
+Spec: basis=corda, core=gain, residual=crop (or subtract: cfg.residual), hook=output.
 """
 
 from __future__ import annotations
@@ -39,11 +41,12 @@ from lora_lite.config import AdapterConfig
 NAME = "antipasto_corda"
 TITLE = "AntiPaSTO-CorDA"
 HOOK = "output"  # forward hook: forward() returns the layer's new output
-RESIDUAL = "crop"  # while attached the base weight holds W_res = W - frozen_weight()
+RESIDUAL = "crop"  # default: while attached the base weight holds W_res = W - frozen_weight()
+RESIDUALS = ("crop", "subtract")  # the values cfg.residual may take
 CALIBRATION = "required"  # attach raises without calibration data
 TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.005  # recommended AdamW learning rate
-QUANTIZED_BASE = False  # whether bitsandbytes 4/8-bit targets are supported
+QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work with residual subtract (crop is refused)
 RUNTIME_KNOBS = ("coeff",)  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
 BOUNDS = {
@@ -119,13 +122,18 @@ def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     """New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output."""
     g = m.lora_g.clamp(max=0.0) if cfg.suppress_only else m.lora_g  # (r,)
     S_eff = m.lora_S * (1.0 + nn.functional.elu(cfg.coeff * g))  # (r,) positive, sign-preserving gain
-    h = (x @ m.lora_P.T) * S_eff  # (..., r)
-    return y + (h @ m.lora_U.T).to(y.dtype)  # (..., o); y = x W_res^T (+ bias)
+    # crop: y = x W_res^T (+ bias) lacks the top-r part, add U S_eff P x back;
+    # subtract: y = x W^T (+ bias) is whole, add only the change U (S_eff - S) P x (0 at init)
+    gain = S_eff - m.lora_S if cfg.residual == "subtract" else S_eff  # (r,)
+    h = (x @ m.lora_P.T) * gain  # (..., r)
+    return y + (h @ m.lora_U.T).to(y.dtype)  # (..., o)
 
 
 def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
     """The part of W this adapter takes over, (o, i) fp32, from the stored (rounded) buffers.
 
-    Attach and load crop the base weight to W_res = W - frozen_weight(); detach adds it back.
+    residual crop: attach and load crop the base weight to W_res = W - frozen_weight(); detach
+    adds it back. residual subtract: W is never modified; forward() takes this part out of the
+    output in factored form, without forming the (o, i) matrix.
     """
     return (m.lora_U.float() * m.lora_S.float()) @ m.lora_P.float()  # (o, i)

@@ -12,17 +12,19 @@ Reference implementation: none (basis of specs/antipasto_corda.yaml, core of spe
     h = (x P^T) * S                              (..., r) S-scaled coordinates, largest S first
     h[:b] <- h[:b] (I + coeff * M)^T             (b, b) dense block on the top-b directions
     h[b:] <- h[b:] * (1 + ELU(coeff * g))        (r - b,) bounded gain on the rest
-    y = x W_res^T + h U^T
+    y = x W_res^T + h U^T                        (residual crop: W_res stored in the layer)
+    y = x W^T + (h - h0) U^T                     (residual subtract, h0 = (x P^T) * S: W untouched)
 
 Identity at init: M = 0 and g = 0 (or coeff = 0) make the core I, and W_res is
 formed from the stored (rounded) U, S, P, so W_res + U diag(S) P = W.
+With residual subtract the added change is exactly 0, whatever the dtype.
 
 No upstream file has this combination: it is specs/antipasto_arrow.yaml with basis
 corda, to show a new variant is a spec edit. The block mixes the directions that carry the
 most output energy on the calibration inputs rather than on isotropic ones. Needs
 calibration data (at least d_in tokens per target) and 1 <= block < r.
 
-Spec: basis=corda, core=arrow, residual=crop, hook=output.
+Spec: basis=corda, core=arrow, residual=crop (or subtract: cfg.residual), hook=output.
 """
 
 from __future__ import annotations
@@ -37,11 +39,12 @@ from lora_lite.config import AdapterConfig
 NAME = "corda_arrow"
 TITLE = "CorDA-arrow"
 HOOK = "output"  # forward hook: forward() returns the layer's new output
-RESIDUAL = "crop"  # while attached the base weight holds W_res = W - frozen_weight()
+RESIDUAL = "crop"  # default: while attached the base weight holds W_res = W - frozen_weight()
+RESIDUALS = ("crop", "subtract")  # the values cfg.residual may take
 CALIBRATION = "required"  # attach raises without calibration data
 TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.005  # recommended AdamW learning rate
-QUANTIZED_BASE = False  # whether bitsandbytes 4/8-bit targets are supported
+QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work with residual subtract (crop is refused)
 RUNTIME_KNOBS = ("coeff",)  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
 BOUNDS = {
@@ -123,18 +126,24 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
 def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     """New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output."""
     b = cfg.block
-    h = (x @ m.lora_P.T) * m.lora_S  # (..., r) S-scaled coordinates
-    B = torch.eye(b, dtype=h.dtype, device=h.device) + cfg.coeff * m.lora_M  # (b, b)
+    h0 = (x @ m.lora_P.T) * m.lora_S  # (..., r) S-scaled coordinates
+    B = torch.eye(b, dtype=h0.dtype, device=h0.device) + cfg.coeff * m.lora_M  # (b, b)
     g = m.lora_g.clamp(max=0.0) if cfg.suppress_only else m.lora_g  # (r - b,)
-    top = h[..., :b] @ B.T  # (..., b) dense block mixes the top-b directions
-    tail = h[..., b:] * (1.0 + nn.functional.elu(cfg.coeff * g))  # (..., r - b) gain on the rest
+    top = h0[..., :b] @ B.T  # (..., b) dense block mixes the top-b directions
+    tail = h0[..., b:] * (1.0 + nn.functional.elu(cfg.coeff * g))  # (..., r - b) gain on the rest
     h = torch.cat([top, tail], dim=-1)  # (..., r)
-    return y + (h @ m.lora_U.T).to(y.dtype)  # (..., o); y = x W_res^T (+ bias)
+    # crop: y = x W_res^T (+ bias) lacks the top-r part, add h U^T;
+    # subtract: y = x W^T (+ bias) is whole, add only the change (h - h0) U^T (0 at init: B = I, g = 0)
+    if cfg.residual == "subtract":
+        h = h - h0  # (..., r)
+    return y + (h @ m.lora_U.T).to(y.dtype)  # (..., o)
 
 
 def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
     """The part of W this adapter takes over, (o, i) fp32, from the stored (rounded) buffers.
 
-    Attach and load crop the base weight to W_res = W - frozen_weight(); detach adds it back.
+    residual crop: attach and load crop the base weight to W_res = W - frozen_weight(); detach
+    adds it back. residual subtract: W is never modified; forward() takes this part out of the
+    output in factored form, without forming the (o, i) matrix.
     """
     return (m.lora_U.float() * m.lora_S.float()) @ m.lora_P.float()  # (o, i)

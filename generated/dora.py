@@ -8,13 +8,16 @@ Reference implementation: PEFT peft/tuners/lora/dora.py, class DoraLinearLayer.
     y = m / ||W + s B A||_row * (W x + s B A x) + b,    s = alpha / r,    m in R^{d_out}
 
     ||.||_row is the norm of each output row of W + s B A (the paper's column norm, as it writes
-    W as (d_in, d_out)); it is recomputed from W every call and detached from the graph
-    (paper sec. 4.3, as PEFT): m gets its gradient through the scale, A and B through the update.
+    W as (d_in, d_out)); it is recomputed every call and detached from the graph (paper sec. 4.3,
+    as PEFT): m gets its gradient through the scale, A and B through the update. Squared, row i is
+    ||W_i||^2 + 2 s B_i (W A^T)_i + s^2 B_i (A A^T) B_i^T, so W is only applied to A's r rows.
 
 Identity at init: B = 0 and m = ||W||_row, so the scale is 1 and the update zero.
 
 The forward reads the base weight W (to form the norm), so a checkpoint refuses a base whose
-weights differ. Nothing is cached: the norm always follows the current W, A and B.
+weights differ. W A^T comes from the layer's own forward on A's rows (a 4/8-bit W is never
+dequantized into a copy); ||W_i||^2 is read from a float W every call, and from a quantized W
+once, cached until that weight changes. The norm follows the current W, A and B.
 
 Spec: basis=random, core=dora, residual=none, hook=output.
 """
@@ -28,16 +31,17 @@ import torch
 from torch import Tensor, nn
 
 from lora_lite.config import AdapterConfig
-from lora_lite.runtime import base_weight  # the one place W is read: (o, i) fp32, dequantized
+from lora_lite.runtime import base_forward, base_row_sqnorm  # read W through the layer (float or 4/8-bit)
 
 NAME = "dora"
 TITLE = "DoRA"
 HOOK = "output"  # forward hook: forward() returns the layer's new output
 RESIDUAL = "none"  # the base weight is never modified
+RESIDUALS = ("none",)  # the values cfg.residual may take
 CALIBRATION = "none"  # calibration data is accepted and ignored
 TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.0001  # recommended AdamW learning rate
-QUANTIZED_BASE = False  # whether bitsandbytes 4/8-bit targets are supported
+QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (the hook runs on their own forward)
 USES_BASE_WEIGHT = True  # the math reads W: load refuses a base whose weights differ
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
@@ -94,8 +98,12 @@ def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     s = cfg.alpha / cfg.r
     lora = s * ((x @ m.lora_A.T) @ m.lora_B.T)  # (..., o)
     with torch.no_grad():  # the norm is a constant for autograd (DoRA sec. 4.3, as PEFT)
-        V = base_weight(m) + s * (m.lora_B.float() @ m.lora_A.float())  # (o, i) fp32, recomputed each call
-        norm = torch.linalg.vector_norm(V, dim=1)  # (o,)
+        # ||W_i + s (B A)_i||^2 = ||W_i||^2 + 2 s B_i . (W A^T)_i + s^2 B_i (A A^T) B_i^T: W is only
+        # applied to A's r rows, never copied, so a 4/8-bit W stays quantized
+        A, B = m.lora_A.float(), m.lora_B.float()  # (r, i), (o, r)
+        WAt = base_forward(m, A).T  # (o, r) W A^T by the layer's own forward, bias removed
+        sq = base_row_sqnorm(m) + 2 * s * (WAt * B).sum(1) + s * s * ((B @ (A @ A.T)) * B).sum(1)  # (o,)
+        norm = sq.clamp_min(0.0).sqrt()  # (o,) row norms of W + s B A
     scale = m.lora_magnitude_vector / norm.to(x.dtype)  # (o,)
     b = m.bias if getattr(m, "bias", None) is not None else 0.0
     Wx = (y - b).to(x.dtype)  # (..., o) base output without its bias

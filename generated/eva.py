@@ -33,10 +33,11 @@ NAME = "eva"
 TITLE = "EVA"
 HOOK = "output"  # forward hook: forward() returns the layer's new output
 RESIDUAL = "none"  # the base weight is never modified
+RESIDUALS = ("none",)  # the values cfg.residual may take
 CALIBRATION = "required"  # attach raises without calibration data
 TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.0001  # recommended AdamW learning rate
-QUANTIZED_BASE = False  # whether bitsandbytes 4/8-bit targets are supported
+QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (the hook runs on their own forward)
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
 BOUNDS = {"r": (1, None), "alpha": (None, None)}  # (min, max) of each hyperparameter; None = unbounded

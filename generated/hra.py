@@ -37,10 +37,11 @@ NAME = "hra"
 TITLE = "HRA"
 HOOK = "input"  # forward pre-hook: forward() returns the layer's new input
 RESIDUAL = "none"  # the base weight is never modified
+RESIDUALS = ("none",)  # the values cfg.residual may take
 CALIBRATION = "none"  # calibration data is accepted and ignored
 TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.001  # recommended AdamW learning rate
-QUANTIZED_BASE = False  # whether bitsandbytes 4/8-bit targets are supported
+QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (the hook runs on their own forward)
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
 BOUNDS = {"r": (2, None)}  # (min, max) of each hyperparameter; None = unbounded

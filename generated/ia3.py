@@ -26,10 +26,11 @@ NAME = "ia3"
 TITLE = "IA3"
 HOOK = "output"  # forward hook: forward() returns the layer's new output
 RESIDUAL = "none"  # the base weight is never modified
+RESIDUALS = ("none",)  # the values cfg.residual may take
 CALIBRATION = "none"  # calibration data is accepted and ignored
 TARGET_NAMES = ("\\.k_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.003  # recommended AdamW learning rate
-QUANTIZED_BASE = True  # whether bitsandbytes 4/8-bit targets are supported
+QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (the hook runs on their own forward)
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ()  # hyperparameters clamped per target to min(d_in, d_out)
 BOUNDS = {}  # (min, max) of each hyperparameter; None = unbounded

@@ -8,11 +8,13 @@ Reference implementation: PEFT peft/tuners/lora/layer.py, LoraLayer.pissa_init.
 
     W = U_r diag(S_r) Vh_r + W_res                  (top-r SVD of W, fp32)
     A = sqrt(S_r / s) Vh_r,   B = U_r sqrt(S_r / s),  s = alpha / r
-    y = W_res x + s B A x
+    y = W_res x + s B A x                           (residual crop: W_res stored in the layer)
+    y = W x - s B0 A0 x + s B A x                   (residual subtract: W untouched, e.g. 4/8-bit)
 
 Identity at init: W_res + s B A = W, with W_res formed from the stored (rounded) copies A0 and B0.
+With residual subtract the added change is exactly 0, whatever the dtype.
 
-Spec: basis=svd, core=lowrank, residual=crop, hook=output.
+Spec: basis=svd, core=lowrank, residual=crop (or subtract: cfg.residual), hook=output.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from lora_lite.config import AdapterConfig
 NAME = "pissa"
 TITLE = "PiSSA"
 HOOK = "output"  # forward hook: forward() returns the layer's new output
-RESIDUAL = "crop"  # while attached the base weight holds W_res = W - frozen_weight()
+RESIDUAL = "crop"  # default: while attached the base weight holds W_res = W - frozen_weight()
+RESIDUALS = ("crop", "subtract")  # the values cfg.residual may take
 CALIBRATION = "none"  # calibration data is accepted and ignored
 TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.0001  # recommended AdamW learning rate
-QUANTIZED_BASE = False  # whether bitsandbytes 4/8-bit targets are supported
+QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work with residual subtract (crop is refused)
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
 BOUNDS = {"r": (1, None), "alpha": (None, None)}  # (min, max) of each hyperparameter; None = unbounded
@@ -93,14 +96,20 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
 def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     """New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output."""
     s = cfg.alpha / cfg.r
-    h = x @ m.lora_A.T  # (..., r)
-    return y + (s * (h @ m.lora_B.T)).to(y.dtype)  # (..., o)
+    out = s * ((x @ m.lora_A.T) @ m.lora_B.T)  # (..., o)
+    # crop: y = x W_res^T (+ bias) lacks s B0 A0, the trained s B A x replaces it;
+    # subtract: y = x W^T (+ bias) is whole, take s B0 A0 x out here (0 change at init: A, B = A0, B0)
+    if cfg.residual == "subtract":
+        out = out - s * ((x @ m.lora_A0.T) @ m.lora_B0.T)  # (..., o)
+    return y + out.to(y.dtype)  # (..., o)
 
 
 def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
     """The part of W this adapter takes over, (o, i) fp32, from the stored (rounded) buffers.
 
-    Attach and load crop the base weight to W_res = W - frozen_weight(); detach adds it back.
+    residual crop: attach and load crop the base weight to W_res = W - frozen_weight(); detach
+    adds it back. residual subtract: W is never modified; forward() takes this part out of the
+    output in factored form, without forming the (o, i) matrix.
     """
     s = cfg.alpha / cfg.r
     return s * (m.lora_B0.float() @ m.lora_A0.float())  # (o, i)

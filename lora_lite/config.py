@@ -36,6 +36,9 @@ def as_dtype(value: torch.dtype | str, what: str = "dtype") -> torch.dtype:
     return _DTYPES[key]
 
 
+RESIDUAL_MODES = ("none", "crop", "subtract")
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -47,11 +50,17 @@ class AdapterConfig:
     target_names: regexes, `re.search` on module names; None = the spec's default targets.
     layers: block indices to adapt, read from names like `.layers.3.`; None = all blocks.
     dtype: dtype of the adapter tensors; the hook casts the input to it and the result back.
+    residual: for variants with a frozen part (SVD-like bases: PiSSA, the AntiPaSTO family),
+        "crop" (the base weight holds W - frozen part while attached) or "subtract" (W is never
+        written; the hook takes the frozen part out of the output: needed on 4/8-bit bases, and
+        detach is exact). None = the spec's residual; after construction it holds the value
+        in use. Variants without a frozen part take only "none".
     """
 
     target_names: tuple[str, ...] | None = None
     layers: tuple[int, ...] | None = None
     dtype: torch.dtype = torch.float32
+    residual: str | None = None
 
     def __post_init__(self):
         cls = type(self).__name__
@@ -68,6 +77,18 @@ class AdapterConfig:
                 raise ValueError(f"{cls}.layers: expected integers, got {self.layers!r}")
             set_("layers", layers)
         gen = self.variant()
+        allowed = getattr(gen, "RESIDUALS", (gen.RESIDUAL,))
+        if self.residual is None:
+            set_("residual", gen.RESIDUAL)
+        elif self.residual not in RESIDUAL_MODES:
+            raise ValueError(f"{cls}.residual: {self.residual!r} is not one of {list(RESIDUAL_MODES)}")
+        elif self.residual not in allowed:
+            why = (
+                "it has no frozen part to crop or subtract"
+                if allowed == ("none",)
+                else "its adapter holds the top-r part of W, which 'none' would count twice"
+            )
+            raise ValueError(f"{cls}.residual={self.residual!r}: {gen.NAME} takes {list(allowed)} ({why})")
         for f in dataclasses.fields(self):
             if f.name not in gen.BOUNDS:
                 continue
@@ -95,7 +116,7 @@ class AdapterConfig:
         return sys.modules[cls.__module__]
 
     def hyperparameters(self) -> dict:
-        """The spec's hyperparameters with their values (no target_names/layers/dtype)."""
+        """The spec's hyperparameters with their values (no target_names/layers/dtype/residual)."""
         return {k: getattr(self, k) for k in self.variant().BOUNDS}
 
     def to_dict(self) -> dict:

@@ -100,11 +100,12 @@ def spec_text(module: ModuleType) -> str:
 def from_spec(name_or_path: str | os.PathLike, **overrides):
     """Config for a spec: `from_spec("lora", r=16)`, `from_spec("specs/pissa.yaml")`.
 
-    Overrides: any hyperparameter the spec declares, plus dtype, target_names, layers.
+    Overrides: any hyperparameter the spec declares, plus dtype, target_names, layers and
+    residual (`from_spec("antipasto", residual="subtract")`: W untouched, for 4/8-bit bases).
     Raises ValueError naming an unknown override and listing the allowed ones.
     """
     module = variant_module(name_or_path)
-    allowed = list(module.BOUNDS) + ["dtype", "target_names", "layers"]
+    allowed = list(module.BOUNDS) + ["dtype", "target_names", "layers", "residual"]
     for key in overrides:
         if key not in allowed:
             raise ValueError(f"{module.NAME}: unknown override {key!r}; allowed: {', '.join(allowed)}")

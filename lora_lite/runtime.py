@@ -11,14 +11,20 @@ target's tensors are built, so a failure leaves the model as it was):
       4. build each target's tensors with the variant's init(W, cfg, stats), in fp32
       5. install: freeze every base parameter, register the tensors on the target (names
          start `lora_`; trainable ones as nn.Parameter, frozen ones as buffers), crop W to
-         W_res = W - frozen_weight() for RESIDUAL == "crop", register the hook
+         W_res = W - frozen_weight() when cfg.residual == "crop", register the hook
+    cfg.residual == "subtract" leaves W untouched (the hook takes the frozen part out), which is
+    what bitsandbytes 4/8-bit targets need: attach refuses crop on them before step 3.
     A hook returns the layer's new output (output hooks) or new input (input pre-hooks),
     never a delta; the input is cast to cfg.dtype and the result back to the layer's dtype.
 
     detach(model)
-      restores W (W_res + frozen_weight(), within the weight dtype's rounding), removes hooks
-      and tensors, and restores every parameter's requires_grad: state_dict keys, values and
-      flags are those before attach.
+      restores W (crop: W_res + frozen_weight(), within the weight dtype's rounding; otherwise W
+      was never written), removes hooks and tensors, and restores every parameter's
+      requires_grad: state_dict keys, values and flags are those before attach.
+
+Quantized targets (bitsandbytes Linear4bit nf4/fp4, Linear8bitLt) keep their own forward and
+their quantized weight; W is read only through base_weight (a dequantized fp32 copy, at init),
+base_forward (x W^T by the layer's own forward) and base_row_sqnorm (cached row norms).
 """
 
 from __future__ import annotations
@@ -111,13 +117,55 @@ def is_quantized(m: nn.Module) -> bool:
     return not m.weight.dtype.is_floating_point or type(m.weight).__name__ in ("Params4bit", "Int8Params")
 
 
+def quantization(m: nn.Module) -> str | None:
+    """How a layer's weight is stored: "nf4", "fp4" (bitsandbytes Linear4bit), "int8"
+    (Linear8bitLt), the weight's dtype name for other non-float weights, None for float ones."""
+    if not is_quantized(m):
+        return None
+    w = m.weight
+    if type(w).__name__ == "Params4bit":
+        qs = getattr(w, "quant_state", None)
+        return str(getattr(qs, "quant_type", None) or getattr(w, "quant_type", "4bit"))
+    if type(w).__name__ == "Int8Params" or w.dtype == torch.int8:
+        return "int8"
+    return str(w.dtype).removeprefix("torch.")
+
+
+def _dequantize_cpu_packed_4bit(data: Tensor, qs) -> Tensor:
+    """W (N, K) fp32 from bitsandbytes' CPU layout for AVX512-BF16 kernels.
+
+    bitsandbytes >= 0.49 repacks a Linear4bit on the first eval-mode, no-grad CPU forward
+    (modules._convert_weight_packed_for_cpu): `data` becomes (N, K/2) uint8 with the 4-bit
+    codes of 32-row tiles interleaved, and `qs.absmax` (K / blocksize, N) bf16, unnested. The
+    code table `qs.code` (16,) is unchanged. This inverts the layout only (the reshapes of its
+    _convert_weight_packed_for_cpu_inverse, which also rewrites quant_state in place).
+    """
+    N, K = qs.shape
+    packed = data.reshape(-1, 32)  # rows of 32 low nibbles | 32 high nibbles
+    codes = torch.cat([packed & 0xF, packed >> 4], dim=-1)  # (N K / 64, 64)
+    codes = codes.reshape(N // 32, K // 2, 32, 2).transpose(1, 2).reshape(N, K)  # (N, K)
+    scale = qs.absmax.float().T.repeat_interleave(qs.blocksize, dim=1)  # (N, K)
+    return qs.code.float()[codes.long()] * scale
+
+
 def base_weight(m: nn.Module) -> Tensor:
-    """The layer's weight as fp32 (d_out, d_in), dequantized for bitsandbytes layers."""
+    """The layer's weight as fp32 (d_out, d_in), dequantized for bitsandbytes layers.
+
+    Linear4bit (nf4/fp4, nested statistics or not) goes through
+    bitsandbytes.functional.dequantize_4bit, or _dequantize_cpu_packed_4bit once bitsandbytes
+    has repacked it for CPU inference; Linear8bitLt is int8 * SCB / 127 per row,
+    SCB read from the weight or, after the layer's first forward, from `m.state`. A new tensor:
+    callers that keep only a statistic let it go (no dequantized copy stays alive).
+    Raises AttachError for an int8 layer that was never moved to a device (no SCB yet).
+    """
     w = m.weight
     if type(w).__name__ == "Params4bit":
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(w.data, w.quant_state).float()
+        qs = w.quant_state
+        if getattr(qs, "packing_format_for_cpu", False):
+            return _dequantize_cpu_packed_4bit(w.data, qs)
+        return bnbf.dequantize_4bit(w.data, qs).float()
     if type(w).__name__ == "Int8Params" or w.dtype == torch.int8:
         scb = getattr(w, "SCB", None)
         if scb is None:
@@ -128,11 +176,74 @@ def base_weight(m: nn.Module) -> Tensor:
     return w.detach().float()
 
 
+def base_forward(m: nn.Module, x: Tensor) -> Tensor:
+    """x W^T for the layer's base weight, without its bias or any hook: (..., i) -> (..., o) fp32.
+
+    Float layers: computed in fp32 from the weight. bitsandbytes layers: the layer's own
+    dequantizing forward (`m.forward`, which skips the module's forward hooks, ours included),
+    with its bias subtracted, so W is never copied out; x is cast to the bias dtype first
+    (bitsandbytes casts the bias to the input's dtype in place). DoRA uses it on A's rows.
+    """
+    if not is_quantized(m):
+        return x.float() @ m.weight.detach().float().T
+    bias = getattr(m, "bias", None)
+    if bias is not None:
+        x = x.to(bias.dtype)
+    y = m.forward(x)
+    if bias is not None:
+        y = y - bias
+    return y.float()
+
+
+SQNORM_ATTR = "_lora_lite_row_sqnorm"  # module attribute holding (weight key, ||W_i||^2) for quantized W
+
+
+def base_row_sqnorm(m: nn.Module) -> Tensor:
+    """||W_i||^2 for each output row i of the base weight, (d_out,) fp32.
+
+    Float weights: computed from the weight on every call (it may be trained or edited).
+    bitsandbytes weights: from one dequantization, then cached on the module (not a buffer: not
+    in state_dict or checkpoints) until the weight changes: a new parameter, new storage (a
+    device move, bitsandbytes' CPU repacking) or an in-place write. detach removes the cache.
+    """
+    w = m.weight
+    if not is_quantized(m):
+        return torch.linalg.vector_norm(w.detach(), dim=1, dtype=torch.float32).square()
+    key = (id(w), w.data_ptr(), w._version, w.device, id(getattr(w, "quant_state", None)))
+    cached = m.__dict__.get(SQNORM_ATTR)
+    if cached is None or cached[0] != key:
+        cached = (key, base_weight(m).square().sum(1))  # (o,); the dequantized copy is freed here
+        m.__dict__[SQNORM_ATTR] = cached
+    return cached[1]
+
+
+def check_quantized(gen: ModuleType, cfg: AdapterConfig, name: str, m: nn.Module, fix: str) -> None:
+    """Refuse a bitsandbytes target the config cannot handle (before anything is modified).
+
+    AttachError naming the layer: the spec declares quantized_base: false, or the residual is
+    crop (it would rewrite the quantized weight); `fix` is the call that selects subtract.
+    """
+    if not is_quantized(m):
+        return
+    q = quantization(m)
+    if not getattr(gen, "QUANTIZED_BASE", False):
+        raise AttachError(
+            f"{gen.NAME}: {name} is quantized ({q}) and the spec declares quantized_base: false; use a float base"
+        )
+    if cfg.residual == "crop":
+        raise AttachError(
+            f"{gen.NAME}: {name} is quantized ({q}); residual crop would rewrite its weight. "
+            f"Use residual='subtract' ({fix}), which leaves W untouched, or a float base"
+        )
+
+
 def weight_fingerprint(W: Tensor, k: int = 8) -> list[float]:
     """A cheap identity check of a weight (o, i): [||W||_F, k projections u_j^T W v_j * sqrt(o i)].
 
-    u_j, v_j are fixed unit vectors (seed 0), so the projections have the same scale as the
-    norm; two different random weights differ by ~130%, rounding/quantization by a few percent.
+    u_j, v_j are fixed unit vectors (seed 0), so each projection has about the scale of the
+    norm, and fingerprint_distance estimates the relative weight change: two unrelated random
+    weights are ~1.4 apart, bf16 rounding ~0.001, int8 ~0.01, nf4 ~0.1, fp4 ~0.13
+    (scripts/fingerprint_quant.py).
     """
     o, i = W.shape
     g = torch.Generator().manual_seed(0)
@@ -143,9 +254,15 @@ def weight_fingerprint(W: Tensor, k: int = 8) -> list[float]:
 
 
 def fingerprint_distance(a: list[float], b: list[float]) -> float:
-    """Relative distance ||a - b|| / ||b|| between two fingerprints."""
+    """Distance between two fingerprints, an estimate of ||W_a - W_b||_F / ||W_b||_F.
+
+    ||a - b|| / (sqrt(k) ||W_b||): each projection of a change E has variance ||E||_F^2, so this
+    is the RMS of the k projection changes relative to b's weight norm (entry 0), plus the
+    norm's own change. With k = 8 it is noisy: ~0.6x to ~1.4x the true relative distance for
+    99% of draws; unrelated weights of the same shape and scale land near 1.4, rarely below 0.5.
+    """
     ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
-    return float((ta - tb).norm() / tb.norm().clamp_min(1e-30))
+    return float((ta - tb).norm() / (math.sqrt(len(b) - 1) * tb[0].abs().clamp_min(1e-30)))
 
 
 def target_config(cfg: AdapterConfig, name: str, m: nn.Module, warn: bool = True) -> AdapterConfig:
@@ -182,10 +299,10 @@ def _build(gen: ModuleType, name: str, m: nn.Module, cfg_t: AdapterConfig, stats
     info = {
         "d_in": m.in_features,
         "d_out": m.out_features,
-        "weight_shape": list(m.weight.shape),
+        "weight_shape": list(W.shape),  # (d_out, d_in), also for 4-bit weights stored packed
         "weight_dtype": str(m.weight.dtype).removeprefix("torch."),
-        "quantization": type(m.weight).__name__ if is_quantized(m) else None,
-        "fingerprint": weight_fingerprint(W),
+        "quantization": quantization(m),  # None, "nf4", "fp4", "int8"
+        "fingerprint": weight_fingerprint(W),  # of the dequantized weight, before any crop
     }
     return {"tensors": tensors, "info": info}
 
@@ -196,7 +313,9 @@ def attach(model: nn.Module, cfg: AdapterConfig, calibration_data=None, *, progr
     calibration_data: iterable of batches (dicts of input_ids/attention_mask/..., tuples, or
     tensors) for data-driven bases; ignored by variants that need none. Raises AttachError
     (already attached, no targets, missing calibration data, crop on a quantized layer) or
-    ValueError (bad calibration data) and leaves the model unchanged.
+    ValueError (bad calibration data) and leaves the model unchanged. bitsandbytes 4/8-bit
+    targets work with every variant whose spec says quantized_base: true; a variant with a
+    frozen part needs residual='subtract' on them (crop is refused, naming the layer).
     """
     if not isinstance(cfg, AdapterConfig):
         raise TypeError(
@@ -208,13 +327,9 @@ def attach(model: nn.Module, cfg: AdapterConfig, calibration_data=None, *, progr
         )
     gen = cfg.variant()
     targets = find_targets(model, cfg)
-    if gen.RESIDUAL == "crop":
-        for name, m in targets.items():
-            if is_quantized(m):
-                raise AttachError(
-                    f"{gen.NAME}: {name} is quantized ({type(m.weight).__name__}); crop would rewrite "
-                    f"its weight. Use residual='subtract', dequantize first, or use LoRA/IA3"
-                )
+    for name, m in targets.items():
+        check_quantized(gen, cfg, name, m, fix=f"ll.from_spec({gen.NAME!r}, residual='subtract')")
+    _warn_cpu_packed(model)
     cfgs = {name: target_config(cfg, name, m) for name, m in targets.items()}
     stats = None
     if gen.CALIBRATION == "required" and calibration_data is None:
@@ -224,6 +339,27 @@ def attach(model: nn.Module, cfg: AdapterConfig, calibration_data=None, *, progr
     built = {name: _build(gen, name, m, cfgs[name], stats[name] if stats else None) for name, m in targets.items()}
     install(model, cfg, {name: (targets[name], cfgs[name], b["tensors"], b["info"]) for name, b in built.items()})
     return model
+
+
+def _warn_cpu_packed(model: nn.Module) -> None:
+    """Warn when bitsandbytes has repacked 4-bit layers for CPU inference (see base_weight):
+    in bitsandbytes 0.50 such a layer's forward has no backward, so no gradient reaches the
+    adapters before it. It happens on the first eval-mode, no-grad CPU forward on AVX512-BF16
+    machines; setting `support_avx512bf16_for_cpu = False` on each Linear4bit prevents it."""
+    packed = [
+        n
+        for n, m in model.named_modules()
+        if getattr(getattr(m, "weight", None), "quant_state", None) is not None
+        and getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+    ]
+    if packed:
+        warnings.warn(
+            f"{len(packed)} bitsandbytes 4-bit layers ({packed[0]}, ...) were repacked for CPU inference "
+            "(an eval-mode forward on an AVX512-BF16 CPU); bitsandbytes gives them no backward, so "
+            "training cannot reach adapters before them. Reload the model and set "
+            "support_avx512bf16_for_cpu = False on its Linear4bit layers before evaluating",
+            stacklevel=3,
+        )
 
 
 def install(model: nn.Module, cfg: AdapterConfig, per_target: dict) -> State:
@@ -244,7 +380,7 @@ def install(model: nn.Module, cfg: AdapterConfig, per_target: dict) -> State:
             else:
                 m.register_buffer(k, t)
         target = Target(name=name, module=m, cfg=cfg_t, tensors=tuple(tensors), info=info)
-        if gen.RESIDUAL == "crop":
+        if cfg_t.residual == "crop":
             with torch.no_grad():
                 w = m.weight
                 w.copy_((w.float() - gen.frozen_weight(m, cfg_t)).to(w.dtype))
@@ -281,13 +417,14 @@ def detach(model: nn.Module) -> nn.Module:
     for t in st.targets.values():
         m = t.module
         t.handle.remove()
-        if gen.RESIDUAL == "crop":
+        if t.cfg.residual == "crop":
             with torch.no_grad():
                 w = m.weight
                 w.copy_((w.float() + gen.frozen_weight(m, t.cfg)).to(w.dtype))
         for k in t.tensors:
             m._parameters.pop(k, None)
             m._buffers.pop(k, None)
+        m.__dict__.pop(SQNORM_ATTR, None)
     params = dict(model.named_parameters())
     for n, flag in st.requires_grad.items():
         if n in params:

@@ -74,3 +74,30 @@ def logits(model, batch: dict | None = None) -> torch.Tensor:
     batch = batch or token_batch(seed=7)
     with torch.no_grad():
         return model(**batch).float()
+
+
+def lm_loss(model, batch: dict) -> torch.Tensor:
+    """Next-token cross-entropy of a causal LM on `batch` (every position counted)."""
+    out = model(**batch)
+    return torch.nn.functional.cross_entropy(
+        out[:, :-1].reshape(-1, out.shape[-1]).float(), batch["input_ids"][:, 1:].reshape(-1)
+    )
+
+
+def snapshot(model) -> tuple[dict, dict]:
+    """Copies of the state_dict values and the requires_grad flags, for assert_unchanged."""
+    return {k: v.clone() for k, v in model.state_dict().items()}, {
+        n: p.requires_grad for n, p in model.named_parameters()
+    }
+
+
+def assert_unchanged(model, snap) -> None:
+    """State_dict bitwise equal, same flags, no adapter state, no hooks left behind."""
+    sd, flags = snap
+    now = model.state_dict()
+    assert now.keys() == sd.keys()
+    for k in sd:
+        assert torch.equal(now[k], sd[k]), k
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert ll.state(model) is None
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())

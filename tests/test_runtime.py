@@ -42,7 +42,9 @@ def test_from_spec_overrides_and_typed_config_are_equivalent():
 
 
 def test_unknown_override_and_bad_values():
-    with pytest.raises(ValueError, match=r"unknown override 'rank'; allowed: r, alpha, dtype, target_names, layers"):
+    with pytest.raises(
+        ValueError, match=r"unknown override 'rank'; allowed: r, alpha, dtype, target_names, layers, residual"
+    ):
         ll.from_spec("lora", rank=4)
     with pytest.raises(ValueError, match=r"r=0 is below its minimum 1"):
         ll.from_spec("lora", r=0)
@@ -184,7 +186,14 @@ def test_checkpoint_metadata_is_self_describing(tmp_path):
     meta = ll.read_metadata(ll.save(model, tmp_path / "p.safetensors"))
     assert meta["format_version"] == 1 and meta["spec_name"] == "pissa"
     assert "name: pissa" in meta["spec"]
-    assert meta["config"] == {"target_names": None, "layers": None, "dtype": "float32", "r": 2, "alpha": 16.0}
+    assert meta["config"] == {
+        "target_names": None,
+        "layers": None,
+        "dtype": "float32",
+        "residual": "crop",
+        "r": 2,
+        "alpha": 16.0,
+    }
     t = meta["targets"]["model.layers.0.self_attn.v_proj"]
     assert t["weight_shape"] == [16, 32] and t["weight_dtype"] == "float32" and len(t["fingerprint"]) == 9
     json.dumps(meta)

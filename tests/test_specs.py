@@ -30,6 +30,7 @@ EXPECTED = {
     "name_mismatch.yaml": ["$.name: 'something_else' must equal the file name 'name_mismatch'"],
     "missing_tensor.yaml": ["$.params: core 'lowrank' needs tensor 'lora_B'"],
     "crop_without_basis.yaml": ["$.residual: crop needs a basis"],
+    "subtract_without_basis.yaml": ["$.residual: subtract needs a basis to subtract"],
     "bad_regex.yaml": ["$.target.names[0]: bad regex '(q_proj'"],
 }
 

@@ -480,7 +480,12 @@ def test_trainable_counts_match_upstream_on_qwen3_shapes(name):
 @pytest.mark.parametrize(
     "spec, old, new, message",
     [
-        ("antipasto", "residual: crop", "residual: none", "$.residual: core 'gain' holds only the top-r part of W"),
+        (
+            "antipasto",
+            "residual: crop",
+            "residual: none",
+            "$.residual: core 'gain' holds only the top-r part of W; it needs residual: crop or subtract",
+        ),
         ("antipasto_corda", "lora_P:", "lora_Vh:", "$.params: core 'gain' needs tensor 'lora_P'"),
         (
             "antipasto_corda",
