@@ -134,7 +134,7 @@ def quantization(m: nn.Module) -> str | None:
 def _dequantize_cpu_packed_4bit(data: Tensor, qs) -> Tensor:
     """W (N, K) fp32 from bitsandbytes' CPU layout for AVX512-BF16 kernels.
 
-    bitsandbytes >= 0.49 repacks a Linear4bit on the first eval-mode, no-grad CPU forward
+    bitsandbytes 0.50 repacks a Linear4bit on the first eval-mode, no-grad CPU forward
     (modules._convert_weight_packed_for_cpu): `data` becomes (N, K/2) uint8 with the 4-bit
     codes of 32-row tiles interleaved, and `qs.absmax` (K / blocksize, N) bf16, unnested. The
     code table `qs.code` (16,) is unchanged. This inverts the layout only (the reshapes of its
