@@ -31,3 +31,7 @@ golden:
 # end-to-end example on a tiny model: attach, train, save, detach, load
 example variant="lora":
     lora-lite example --variant {{variant}}
+
+# speed and peak memory vs PEFT and the frozen-base limit (benchmarks/speed.py; model=qwen3-0.6b-shape device=cuda on a GPU)
+bench-speed model="tiny" device="cpu" *args="":
+    python benchmarks/speed.py --model {{model}} --device {{device}} {{args}}
