@@ -15,9 +15,10 @@ Reference implementation: PEFT peft/tuners/lora/dora.py, class DoraLinearLayer.
 Identity at init: B = 0 and m = ||W||_row, so the scale is 1 and the update zero.
 
 The forward reads the base weight W (to form the norm), so a checkpoint refuses a base whose
-weights differ. W A^T comes from the layer's own forward on A's rows (a 4/8-bit W is never
-dequantized into a copy); ||W_i||^2 is read from a float W every call, and from a quantized W
-once, cached until that weight changes. The norm follows the current W, A and B.
+weights differ. W A^T comes from the layer's own forward on A's rows, in W's dtype (a 4/8-bit
+W is never dequantized into a copy, a bf16 W never copied to fp32); ||W_i||^2 is computed once
+in fp32 and cached until that weight changes (a new parameter or storage, an in-place write).
+The norm follows the current W, A and B.
 
 Spec: basis=random, core=dora, residual=none, hook=output.
 """
@@ -96,15 +97,17 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
 def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     """New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output."""
     s = cfg.alpha / cfg.r
-    lora = s * ((x @ m.lora_A.T) @ m.lora_B.T)  # (..., o)
+    lora = (s * (x @ m.lora_A.T)) @ m.lora_B.T  # (..., o); s scales the (..., r) factor
     with torch.no_grad():  # the norm is a constant for autograd (DoRA sec. 4.3, as PEFT)
         # ||W_i + s (B A)_i||^2 = ||W_i||^2 + 2 s B_i . (W A^T)_i + s^2 B_i (A A^T) B_i^T: W is only
-        # applied to A's r rows, never copied, so a 4/8-bit W stays quantized
+        # applied to A's r rows, never copied, so a 4/8-bit W stays quantized; ||W_i||^2 is cached
         A, B = m.lora_A.float(), m.lora_B.float()  # (r, i), (o, r)
         WAt = base_forward(m, A).T  # (o, r) W A^T by the layer's own forward, bias removed
         sq = base_row_sqnorm(m) + 2 * s * (WAt * B).sum(1) + s * s * ((B @ (A @ A.T)) * B).sum(1)  # (o,)
         norm = sq.clamp_min(0.0).sqrt()  # (o,) row norms of W + s B A
     scale = m.lora_magnitude_vector / norm.to(x.dtype)  # (o,)
-    b = m.bias if getattr(m, "bias", None) is not None else 0.0
-    Wx = (y - b).to(x.dtype)  # (..., o) base output without its bias
-    return (scale * (Wx + lora)).to(y.dtype) + b  # (..., o); the bias passes unscaled
+    # y + lora is formed in the wider of the two dtypes (a bf16 y is read once, not cast first)
+    bias = getattr(m, "bias", None)
+    if bias is None:
+        return (scale * (y + lora)).to(y.dtype)  # (..., o)
+    return (scale * ((y - bias) + lora)).to(y.dtype) + bias  # (..., o); the bias passes unscaled

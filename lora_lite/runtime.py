@@ -24,7 +24,8 @@ target's tensors are built, so a failure leaves the model as it was):
 
 Quantized targets (bitsandbytes Linear4bit nf4/fp4, Linear8bitLt) keep their own forward and
 their quantized weight; W is read only through base_weight (a dequantized fp32 copy, at init),
-base_forward (x W^T by the layer's own forward) and base_row_sqnorm (cached row norms).
+base_forward (x W^T by the layer's own forward) and base_row_sqnorm (cached row norms, as
+for float weights).
 """
 
 from __future__ import annotations
@@ -179,13 +180,15 @@ def base_weight(m: nn.Module) -> Tensor:
 def base_forward(m: nn.Module, x: Tensor) -> Tensor:
     """x W^T for the layer's base weight, without its bias or any hook: (..., i) -> (..., o) fp32.
 
-    Float layers: computed in fp32 from the weight. bitsandbytes layers: the layer's own
-    dequantizing forward (`m.forward`, which skips the module's forward hooks, ours included),
-    with its bias subtracted, so W is never copied out; x is cast to the bias dtype first
-    (bitsandbytes casts the bias to the input's dtype in place). DoRA uses it on A's rows.
+    Float layers: x cast to the weight's dtype and multiplied as the layer's own forward would
+    (no fp32 copy of W; in bf16 the product is bf16-rounded). bitsandbytes layers: the layer's
+    own dequantizing forward (`m.forward`, which skips the module's forward hooks, ours
+    included), with its bias subtracted, so W is never copied out; x is cast to the bias dtype
+    first (bitsandbytes casts the bias to the input's dtype in place). DoRA uses it on A's rows.
     """
     if not is_quantized(m):
-        return x.float() @ m.weight.detach().float().T
+        w = m.weight.detach()
+        return nn.functional.linear(x.to(w.dtype), w).float()
     bias = getattr(m, "bias", None)
     if bias is not None:
         x = x.to(bias.dtype)
@@ -195,26 +198,37 @@ def base_forward(m: nn.Module, x: Tensor) -> Tensor:
     return y.float()
 
 
-SQNORM_ATTR = "_lora_lite_row_sqnorm"  # module attribute holding (weight key, ||W_i||^2) for quantized W
+SQNORM_ATTR = "_lora_lite_row_sqnorm"  # module attribute holding (weight key, ||W_i||^2)
 
 
 def base_row_sqnorm(m: nn.Module) -> Tensor:
     """||W_i||^2 for each output row i of the base weight, (d_out,) fp32.
 
-    Float weights: computed from the weight on every call (it may be trained or edited).
-    bitsandbytes weights: from one dequantization, then cached on the module (not a buffer: not
-    in state_dict or checkpoints) until the weight changes: a new parameter, new storage (a
-    device move, bitsandbytes' CPU repacking) or an in-place write. detach removes the cache.
+    Computed once (from a float W in fp32; from one dequantization of a bitsandbytes W), then
+    cached on the module (not a buffer: not in state_dict or checkpoints) until the weight
+    changes: a new parameter, new storage (a device or dtype move, bitsandbytes' CPU
+    repacking) or an in-place write that autograd counts (an optimizer step, `copy_`/`mul_`
+    under no_grad, load_state_dict). A write through `w.data` bypasses that count: assign a new
+    parameter instead, or drop the cache (`m.__dict__.pop(SQNORM_ATTR)`). detach removes it.
+    A weight made under torch.inference_mode has no such count: it is read on every call.
     """
     w = m.weight
-    if not is_quantized(m):
-        return torch.linalg.vector_norm(w.detach(), dim=1, dtype=torch.float32).square()
-    key = (id(w), w.data_ptr(), w._version, w.device, id(getattr(w, "quant_state", None)))
+    if w.is_inference():  # made under torch.inference_mode: no version counter, nothing to key on
+        return _row_sqnorm(m)
+    key = (id(w), w.data_ptr(), w._version, w.device, w.dtype, id(getattr(w, "quant_state", None)))
     cached = m.__dict__.get(SQNORM_ATTR)
     if cached is None or cached[0] != key:
-        cached = (key, base_weight(m).square().sum(1))  # (o,); the dequantized copy is freed here
+        cached = (key, _row_sqnorm(m))
         m.__dict__[SQNORM_ATTR] = cached
     return cached[1]
+
+
+def _row_sqnorm(m: nn.Module) -> Tensor:
+    if is_quantized(m):
+        return base_weight(m).square().sum(1)  # (o,); the dequantized copy is freed here
+    w = m.weight.detach()
+    wide = torch.promote_types(w.dtype, torch.float32)  # fp32 (fp64 for an fp64 W)
+    return torch.linalg.vector_norm(w, dim=1, dtype=wide).square().float()  # (o,)
 
 
 def check_quantized(gen: ModuleType, cfg: AdapterConfig, name: str, m: nn.Module, fix: str) -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lora_lite as ll
+import lora_lite.runtime as rt
 from conftest import calibration, logits, make_model, perturb, token_batch
 from lora_lite.calibration import collect_input_stats
 
@@ -49,6 +50,60 @@ def test_dora_norm_follows_the_current_weight():
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.weight.mul_(3.0)
     torch.testing.assert_close(logits(model), before, atol=1e-5, rtol=1e-5)
+
+
+def test_row_sqnorm_of_a_float_weight_is_cached_until_the_weight_changes():
+    f = torch.nn.Linear(8, 4)
+
+    def want():
+        return f.weight.detach().float().square().sum(1)
+
+    first = rt.base_row_sqnorm(f)
+    torch.testing.assert_close(first, want())
+    assert rt.base_row_sqnorm(f) is first  # cached: W is not read again
+    with torch.no_grad():
+        f.weight.mul_(2)  # an in-place edit
+    torch.testing.assert_close(rt.base_row_sqnorm(f), want())
+    opt = torch.optim.SGD([f.weight], lr=0.5)  # W trained beside the adapter
+    f(torch.randn(3, 8)).square().sum().backward()
+    opt.step()
+    torch.testing.assert_close(rt.base_row_sqnorm(f), want())
+    f.load_state_dict({"weight": torch.randn(4, 8), "bias": torch.zeros(4)})
+    torch.testing.assert_close(rt.base_row_sqnorm(f), want())
+    f.weight = torch.nn.Parameter(torch.randn(4, 8))  # another parameter
+    torch.testing.assert_close(rt.base_row_sqnorm(f), want())
+    f.to(torch.float64)  # new storage and dtype
+    torch.testing.assert_close(rt.base_row_sqnorm(f), want())
+    with torch.inference_mode():  # no version counter: read every call, never cached
+        g = torch.nn.Linear(8, 4)
+    torch.testing.assert_close(rt.base_row_sqnorm(g), g.weight.square().sum(1))
+    assert rt.SQNORM_ATTR not in g.__dict__
+
+
+def test_base_forward_of_a_bf16_weight_runs_in_bf16_and_returns_fp32():
+    lin = torch.nn.Linear(64, 32, bias=True).to(torch.bfloat16)
+    A = torch.randn(4, 64)
+    got = rt.base_forward(lin, A)  # (r, o) = A W^T, no bias, no fp32 copy of W
+    assert got.dtype == torch.float32 and got.shape == (4, 32)
+    torch.testing.assert_close(got, A.bfloat16().float() @ lin.weight.float().T, atol=2e-2, rtol=2e-2)
+
+
+def test_dora_on_a_bf16_model_with_fp32_adapters_matches_the_dense_formula():
+    model = make_model().to(torch.bfloat16)
+    ll.attach(model, ll.from_spec("dora", r=4, dtype="float32"))
+    perturb(model, scale=0.3)
+    t = ll.state(model).targets["model.layers.0.self_attn.q_proj"]
+    m, s = t.module, t.cfg.alpha / t.cfg.r
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = m(x)
+        W = m.weight.float()
+        V = W + s * (m.lora_B @ m.lora_A)  # (o, i) the dense form the forward avoids
+        want = m.lora_magnitude_vector / V.norm(dim=1) * (x.float() @ W.T + s * (x.float() @ m.lora_A.T) @ m.lora_B.T)
+        if m.bias is not None:
+            want = want + m.bias.float()
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=2e-2 * want.abs().max().item(), rtol=0)
 
 
 def test_eva_needs_calibration_data_and_more_tokens_than_r():

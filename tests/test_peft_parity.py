@@ -38,8 +38,8 @@ KNOWN_DIVERGENCES: dict[str, str] = {
     "eva": "A is the exact top-r eigenbasis of the pooled input covariance, where PEFT runs an "
     "incremental randomized PCA until its components stop moving (same subspace, compared "
     "as one); uniform rank only (PEFT's rho=1), no rank redistribution",
-    "dora": "the norm ||W + s B A||_row is computed in fp32 from the (dequantized) weight, where "
-    "PEFT uses the input's dtype: identical in fp32, more precise in bf16",
+    "dora": "the norm ||W + s B A||_row is expanded: ||W_i||^2 in fp32 (cached per weight), W A^T in "
+    "W's dtype, the rest in fp32, where PEFT forms W + s B A in the input's dtype: identical in fp32",
     "pissa": "singular vectors get canonical signs (largest entry positive), so A and B may differ "
     "from PEFT's by a sign per direction; B A, W_res and every output agree",
     "antipasto_corda": "upstream lora-lite's whitened CorDA: SVD of W C^1/2 and P = Vh C^-1/2, where "
