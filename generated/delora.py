@@ -98,5 +98,6 @@ def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     a_norm = torch.linalg.vector_norm(m.lora_A, dim=1).clamp_min(1e-4)  # (r,) rows of A
     b_norm = torch.linalg.vector_norm(m.lora_B, dim=0).clamp_min(1e-4)  # (r,) columns of B
     g = m.lora_lambda / cfg.r / (a_norm * b_norm)  # (r,)
-    h = (x * m.lora_w_norm) @ m.lora_A.T  # (..., r)
-    return y + ((h * g) @ m.lora_B.T).to(y.dtype)  # (..., o)
+    A_w = m.lora_A * m.lora_w_norm  # (r, i) A diag(w): (w * x) A^T = x A_w^T, w applied to A's r rows
+    h = (x @ A_w.T) * g  # (..., r)
+    return y + (h @ m.lora_B.T).to(y.dtype)  # (..., o)

@@ -102,5 +102,5 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
 def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     """New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output."""
     s = cfg.alpha / cfg.r
-    h = x @ m.lora_A.T  # (..., r)
-    return y + (s * (h @ m.lora_B.T)).to(y.dtype)  # (..., o)
+    h = s * (x @ m.lora_A.T)  # (..., r) scaled here, on r columns rather than the (..., o) update
+    return y + (h @ m.lora_B.T).to(y.dtype)  # (..., o)

@@ -96,11 +96,11 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
 def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     """New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output."""
     s = cfg.alpha / cfg.r
-    out = s * ((x @ m.lora_A.T) @ m.lora_B.T)  # (..., o)
+    out = (s * (x @ m.lora_A.T)) @ m.lora_B.T  # (..., o); s scales the (..., r) factor
     # crop: y = x W_res^T (+ bias) lacks s B0 A0, the trained s B A x replaces it;
     # subtract: y = x W^T (+ bias) is whole, take s B0 A0 x out here (0 change at init: A, B = A0, B0)
     if cfg.residual == "subtract":
-        out = out - s * ((x @ m.lora_A0.T) @ m.lora_B0.T)  # (..., o)
+        out = out - (s * (x @ m.lora_A0.T)) @ m.lora_B0.T  # (..., o)
     return y + out.to(y.dtype)  # (..., o)
 
 
