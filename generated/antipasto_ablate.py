@@ -112,14 +112,16 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
 def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     """New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output."""
     h0 = (x @ m.lora_Vh.T) * m.lora_S  # (..., r) S-scaled coordinates
-    Chat, _ = torch.linalg.qr(m.lora_c.float())  # (r, k) orthonormal columns; QR in fp32 (no bf16 kernel)
-    Chat = Chat.to(h0.dtype)
+    if cfg.k == 1:  # QR of one column only normalises it (its sign cancels in Chat Chat^T)
+        Chat = m.lora_c / torch.linalg.vector_norm(m.lora_c)  # (r, 1) unit column
+    else:
+        Chat, _ = torch.linalg.qr(m.lora_c.float())  # (r, k) orthonormal columns; QR in fp32 (no bf16 kernel)
+        Chat = Chat.to(h0.dtype)
     strength = torch.sigmoid(m.lora_strength_logit)  # (k,) in (0, 1)
-    h = h0 - cfg.coeff * ((h0 @ Chat) * strength) @ Chat.T  # (..., r) contract along span(Chat)
-    # crop: y = x W_res^T (+ bias) lacks the top-r part, add h U^T;
-    # subtract: y = x W^T (+ bias) is whole, add only the change (h - h0) U^T
-    if cfg.residual == "subtract":
-        h = h - h0  # (..., r)
+    d = ((h0 @ Chat) * (-cfg.coeff * strength)) @ Chat.T  # (..., r) the change: contract h0 along span(Chat)
+    # crop: y = x W_res^T (+ bias) lacks the top-r part, add (h0 + d) U^T;
+    # subtract: y = x W^T (+ bias) is whole, add only the change d U^T
+    h = d if cfg.residual == "subtract" else h0 + d  # (..., r)
     return y + (h @ m.lora_U.T).to(y.dtype)  # (..., o)
 
 

@@ -123,15 +123,14 @@ def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     """New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output."""
     b = cfg.block
     h0 = (x @ m.lora_Vh.T) * m.lora_S  # (..., r) S-scaled coordinates
-    B = torch.eye(b, dtype=h0.dtype, device=h0.device) + cfg.coeff * m.lora_M  # (b, b)
     g = m.lora_g.clamp(max=0.0) if cfg.suppress_only else m.lora_g  # (r - b,)
-    top = h0[..., :b] @ B.T  # (..., b) dense block mixes the top-b directions
-    tail = h0[..., b:] * (1.0 + nn.functional.elu(cfg.coeff * g))  # (..., r - b) gain on the rest
-    h = torch.cat([top, tail], dim=-1)  # (..., r)
-    # crop: y = x W_res^T (+ bias) lacks the top-r part, add h U^T;
-    # subtract: y = x W^T (+ bias) is whole, add only the change (h - h0) U^T (0 at init: B = I, g = 0)
-    if cfg.residual == "subtract":
-        h = h - h0  # (..., r)
+    # the change the core makes, core - I: coeff M on the top-b directions, ELU(coeff g) on the rest
+    d_top = h0[..., :b] @ (cfg.coeff * m.lora_M).T  # (..., b) dense block mixes the top-b directions
+    d_tail = h0[..., b:] * nn.functional.elu(cfg.coeff * g)  # (..., r - b) gain on the rest
+    d = torch.cat([d_top, d_tail], dim=-1)  # (..., r)
+    # crop: y = x W_res^T (+ bias) lacks the top-r part, add (h0 + d) U^T;
+    # subtract: y = x W^T (+ bias) is whole, add only the change d U^T (0 at init: M = 0, g = 0)
+    h = d if cfg.residual == "subtract" else h0 + d  # (..., r)
     return y + (h @ m.lora_U.T).to(y.dtype)  # (..., o)
 
 

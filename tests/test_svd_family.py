@@ -408,6 +408,28 @@ def test_ablate_is_contractive_for_coeff_in_0_1():
     assert bool((grow.norm(dim=1) > h.norm(dim=1) * (1 + 1e-4)).any())  # coeff < 0 adds back: not contractive
 
 
+def test_ablate_one_direction_is_normalised_as_its_qr_would_be():
+    model = make_model()
+    ll.attach(model, small_cfg("antipasto_ablate", k=1), progress=False)
+    perturb(model, scale=2.0)
+    st = ll.state(model)
+    t = st.targets["model.layers.0.self_attn.q_proj"]
+    m = t.module
+    x = torch.randn(16, m.in_features, generator=torch.Generator().manual_seed(0))
+    y0 = torch.zeros(16, m.out_features)
+    for flip in (False, True):  # either sign of c (QR's R may come out negative)
+        if flip:
+            with torch.no_grad():
+                m.lora_c.neg_()
+        got = st.variant.forward(m, x, y0, t.cfg)  # crop, coeff = 1: h U^T
+        Chat, _ = torch.linalg.qr(m.lora_c)  # (r, 1)
+        h0 = (x @ m.lora_Vh.T) * m.lora_S
+        want = (h0 - ((h0 @ Chat) * torch.sigmoid(m.lora_strength_logit)) @ Chat.T) @ m.lora_U.T
+        torch.testing.assert_close(got, want)
+        g_got, g_want = (torch.autograd.grad(out.square().sum(), m.lora_c)[0] for out in (got, want))
+        torch.testing.assert_close(g_got, g_want)
+
+
 def test_ablate_k_above_r_is_refused():
     model = make_model()
     snap = snapshot(model)
