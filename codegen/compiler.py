@@ -178,6 +178,21 @@ def _quantized_line(spec) -> str:
     return "QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (the hook runs on their own forward)"
 
 
+# The CAST_INPUT line of a module and its forward()'s docstring, by (cast_input, hook).
+CAST_LINES = {
+    (True, "output"): "CAST_INPUT = True  # the hook casts x to cfg.dtype for forward()",
+    (True, "input"): "CAST_INPUT = True  # the hook casts x to cfg.dtype for forward(), and the new input back",
+    (False, "output"): "CAST_INPUT = False  # forward() works in the layer's dtype: the hook passes x uncast",
+    (False, "input"): "CAST_INPUT = False  # forward() works in the layer's dtype: the hook casts nothing",
+}
+FORWARD_DOCS = {
+    (True, "output"): "New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output.",
+    (True, "input"): "New input of target `m`. x: (..., i) input in the adapter dtype; the hook casts back.",
+    (False, "output"): "New output of target `m`. x: (..., i) input in the layer's dtype; y: (..., o) base output.",
+    (False, "input"): "New input of target `m`. x: (..., i) input in the layer's dtype, kept in the result.",
+}
+
+
 def context(spec, display: str) -> dict:
     """Everything the module template needs, as finished strings and lists."""
     pytype = {"int": "int", "float": "float", "bool": "bool"}
@@ -191,6 +206,7 @@ def context(spec, display: str) -> dict:
     own_init = any(p.init == "core" for p in spec.params)
     frags = fragment_names(spec.core, spec.hook, spec.basis, spec.residual, own_init, spec.select)
     base_weight = CORES[spec.core].get("base_weight")  # None | "init" | "forward"
+    cast = (CORES[spec.core].get("cast_input", True), spec.hook)
     return dict(
         source=display,
         regen=HEADER_CMD,
@@ -198,6 +214,8 @@ def context(spec, display: str) -> dict:
         name=spec.name,
         title=spec.title,
         hook=spec.hook,
+        cast_line=CAST_LINES[cast],
+        forward_doc=FORWARD_DOCS[cast],
         residual=spec.residual,
         residual_line=RESIDUAL_LINES[spec.residual],
         residuals=py(FROZEN_RESIDUALS if spec.residual in FROZEN_RESIDUALS else ("none",)),

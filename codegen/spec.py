@@ -33,13 +33,15 @@ RESERVED = {"target_names", "layers", "dtype", "residual"}
 # "forward": every call). Either makes the module say USES_BASE_WEIGHT = True, so a checkpoint
 # refuses a base whose weights differ. "runtime": helpers the forward imports from
 # lora_lite.runtime to read W (they work on float and bitsandbytes layers alike).
+# "cast_input": False when the core's forward works in the layer's dtype (IA3 casts its gain
+# to x's or y's), so the hook casts neither x nor the result (default True: x goes to cfg.dtype).
 CORES: dict[str, dict[str, Any]] = {
     "lowrank": {
         "tensors": {"lora_A": True, "lora_B": True},
         "hyper": ("r", "alpha"),
         "crop_tensors": {"lora_A0": False, "lora_B0": False},
     },
-    "ia3": {"tensors": {"lora_ia3": True}, "hyper": ()},
+    "ia3": {"tensors": {"lora_ia3": True}, "hyper": (), "cast_input": False},
     "dora": {
         "tensors": {"lora_A": True, "lora_B": True, "lora_magnitude_vector": True},
         "hyper": ("r", "alpha"),

@@ -38,6 +38,7 @@ from lora_lite.config import AdapterConfig
 NAME = "antipasto_arrow"
 TITLE = "AntiPaSTO-arrow"
 HOOK = "output"  # forward hook: forward() returns the layer's new output
+CAST_INPUT = True  # the hook casts x to cfg.dtype for forward()
 RESIDUAL = "crop"  # default: while attached the base weight holds W_res = W - frozen_weight()
 RESIDUALS = ("crop", "subtract")  # the values cfg.residual may take
 CALIBRATION = "optional"  # calibration data refines the basis when given

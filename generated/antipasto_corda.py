@@ -41,6 +41,7 @@ from lora_lite.config import AdapterConfig
 NAME = "antipasto_corda"
 TITLE = "AntiPaSTO-CorDA"
 HOOK = "output"  # forward hook: forward() returns the layer's new output
+CAST_INPUT = True  # the hook casts x to cfg.dtype for forward()
 RESIDUAL = "crop"  # default: while attached the base weight holds W_res = W - frozen_weight()
 RESIDUALS = ("crop", "subtract")  # the values cfg.residual may take
 CALIBRATION = "required"  # attach raises without calibration data

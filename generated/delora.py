@@ -33,6 +33,7 @@ from lora_lite.config import AdapterConfig
 NAME = "delora"
 TITLE = "DeLoRA"
 HOOK = "output"  # forward hook: forward() returns the layer's new output
+CAST_INPUT = True  # the hook casts x to cfg.dtype for forward()
 RESIDUAL = "none"  # the base weight is never modified
 RESIDUALS = ("none",)  # the values cfg.residual may take
 CALIBRATION = "none"  # calibration data is accepted and ignored

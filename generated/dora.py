@@ -37,6 +37,7 @@ from lora_lite.runtime import base_forward, base_row_sqnorm  # read W through th
 NAME = "dora"
 TITLE = "DoRA"
 HOOK = "output"  # forward hook: forward() returns the layer's new output
+CAST_INPUT = True  # the hook casts x to cfg.dtype for forward()
 RESIDUAL = "none"  # the base weight is never modified
 RESIDUALS = ("none",)  # the values cfg.residual may take
 CALIBRATION = "none"  # calibration data is accepted and ignored

@@ -36,6 +36,7 @@ from lora_lite.config import AdapterConfig
 NAME = "hra"
 TITLE = "HRA"
 HOOK = "input"  # forward pre-hook: forward() returns the layer's new input
+CAST_INPUT = True  # the hook casts x to cfg.dtype for forward(), and the new input back
 RESIDUAL = "none"  # the base weight is never modified
 RESIDUALS = ("none",)  # the values cfg.residual may take
 CALIBRATION = "none"  # calibration data is accepted and ignored

@@ -10,6 +10,11 @@ Reference implementation: PEFT peft/tuners/ia3/layer.py, class Linear (is_feedfo
 
 Identity at init: l = 1.
 
+The gain is cast to the layer's dtype and multiplies y there (the hook casts no activation):
+with fp32 adapters on a bf16 model, l and its AdamW state stay fp32, but l is rounded to
+bf16 where it multiplies and its gradient is summed in bf16. PEFT multiplies in fp32 instead
+and rounds the product; identical in fp32.
+
 Spec: basis=none, core=ia3, residual=none, hook=output.
 """
 
@@ -25,6 +30,7 @@ from lora_lite.config import AdapterConfig
 NAME = "ia3"
 TITLE = "IA3"
 HOOK = "output"  # forward hook: forward() returns the layer's new output
+CAST_INPUT = False  # forward() works in the layer's dtype: the hook passes x uncast
 RESIDUAL = "none"  # the base weight is never modified
 RESIDUALS = ("none",)  # the values cfg.residual may take
 CALIBRATION = "none"  # calibration data is accepted and ignored
@@ -70,5 +76,5 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
 
 
 def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
-    """New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output."""
+    """New output of target `m`. x: (..., i) input in the layer's dtype; y: (..., o) base output."""
     return y * m.lora_ia3.to(y.dtype)  # (..., o), the bias is scaled too, as in PEFT

@@ -15,7 +15,8 @@ target's tensors are built, so a failure leaves the model as it was):
     cfg.residual == "subtract" leaves W untouched (the hook takes the frozen part out), which is
     what bitsandbytes 4/8-bit targets need: attach refuses crop on them before step 3.
     A hook returns the layer's new output (output hooks) or new input (input pre-hooks),
-    never a delta; the input is cast to cfg.dtype and the result back to the layer's dtype.
+    never a delta; the input is cast to cfg.dtype and the result back to the layer's dtype,
+    except for variants whose module says CAST_INPUT = False (IA3: the gain is cast instead).
 
     detach(model)
       restores W (crop: W_res + frozen_weight(), within the weight dtype's rounding; otherwise W
@@ -405,15 +406,21 @@ def install(model: nn.Module, cfg: AdapterConfig, per_target: dict) -> State:
 
 
 def _register_hook(gen: ModuleType, target: Target, dtype: torch.dtype):
+    """The hook calling gen.forward. It casts x to the adapter dtype (an input hook also casts its
+    result back to x's dtype) unless the module says CAST_INPUT = False: its forward works in
+    the layer's dtype or never reads x (IA3 casts its gain instead)."""
+    cast = gen.CAST_INPUT
     if gen.HOOK == "output":
 
         def output_hook(m, args, y):
-            return gen.forward(m, args[0].to(dtype), y, target.cfg)
+            return gen.forward(m, args[0].to(dtype) if cast else args[0], y, target.cfg)
 
         return target.module.register_forward_hook(output_hook)
 
     def input_hook(m, args):
         x = args[0]
+        if not cast:
+            return (gen.forward(m, x, target.cfg), *args[1:])
         return (gen.forward(m, x.to(dtype), target.cfg).to(x.dtype), *args[1:])
 
     return target.module.register_forward_pre_hook(input_hook)

@@ -40,6 +40,10 @@ KNOWN_DIVERGENCES: dict[str, str] = {
     "as one); uniform rank only (PEFT's rho=1), no rank redistribution",
     "dora": "the norm ||W + s B A||_row is expanded: ||W_i||^2 in fp32 (cached per weight), W A^T in "
     "W's dtype, the rest in fp32, where PEFT forms W + s B A in the input's dtype: identical in fp32",
+    "ia3": "the gain is cast to the layer's dtype and multiplies y there; PEFT multiplies in the "
+    "adapter's dtype: identical in fp32",
+    "ia3_ff": "the gain is cast to the layer's dtype and multiplies x there; PEFT casts x to the "
+    "adapter's dtype and back: identical in fp32",
     "pissa": "singular vectors get canonical signs (largest entry positive), so A and B may differ "
     "from PEFT's by a sign per direction; B A, W_res and every output agree",
     "antipasto_corda": "upstream lora-lite's whitened CorDA: SVD of W C^1/2 and P = Vh C^-1/2, where "

@@ -102,3 +102,35 @@ def test_bf16_adapter_dtype_identity_and_output_dtype(name):
     assert out.dtype == torch.float32
     if name not in NOT_IDENTITY_AT_INIT:
         torch.testing.assert_close(out, base, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_bf16_model_with_fp32_adapters(name, monkeypatch):
+    """PEFT's default mixed setup. The hook hands forward() x in the adapter dtype unless the
+    module says CAST_INPUT = False (then in the layer's); the output stays bf16 and gradients
+    reach the fp32 adapter tensors."""
+    gen = ll.variant_module(name)
+    seen = set()
+    forward = gen.forward
+
+    def spy(m, x, *rest):
+        seen.add(x.dtype)
+        return forward(m, x, *rest)
+
+    monkeypatch.setattr(gen, "forward", spy)
+    model = make_model().to(torch.bfloat16)
+    base = logits(model)
+    attach_small(model, name, dtype=torch.float32)
+    assert all(p.dtype == torch.float32 for p in ll.trainable_parameters(model))
+    if name not in NOT_IDENTITY_AT_INIT:
+        torch.testing.assert_close(logits(model), base, atol=2e-2, rtol=2e-2)
+    perturb(model)
+    batch = token_batch(seed=3)
+    out = model(**batch)
+    assert out.dtype == torch.bfloat16
+    assert seen == {torch.float32 if gen.CAST_INPUT else torch.bfloat16}
+    assert gen.CAST_INPUT == (name not in ("ia3", "ia3_ff"))
+    lm_loss(model, batch).backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), n
