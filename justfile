@@ -18,8 +18,8 @@ test:
 
 # lint and format-check hand-written and generated code alike
 lint:
-    ruff check lora_lite codegen generated tests
-    ruff format --check lora_lite codegen generated tests
+    ruff check lora_lite codegen generated tests benchmarks
+    ruff format --check lora_lite codegen generated tests benchmarks
 
 # everything CI runs: generated code up to date, lint, tests
 check: gen-check validate lint test
