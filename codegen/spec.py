@@ -26,7 +26,8 @@ import yaml
 from .shapes import eval_shape_expr, names_in, parse_shape_expr
 
 # Fields every config has (lora_lite.config.AdapterConfig); a hyperparameter may not reuse them.
-RESERVED = {"target_names", "layers", "dtype", "residual"}
+# Config fields and methods (lora_lite.config.AdapterConfig); a hyperparameter may not shadow them.
+RESERVED = {"target_names", "layers", "dtype", "residual", "variant", "hyperparameters", "to_dict"}
 
 # What each core kind needs from the spec: tensors (name -> trainable) and hyperparameters.
 # "base_weight": where the math reads the base weight W ("init": a frozen statistic of W;
@@ -263,6 +264,12 @@ def _semantic_problems(data: dict, lines: dict, where: str, stem: str | None) ->
             ("residual",),
             f"{data['residual']} needs a basis to {data['residual']} ({sorted(CROPPABLE_BASES)}), "
             f"not {data['basis']['source']!r}",
+        )
+    if data["residual"] == "none" and data["basis"]["source"] in CROPPABLE_BASES:
+        bad(
+            ("residual",),
+            f"basis {data['basis']['source']!r} puts W's top-r part into the adapter; residual none would "
+            "count it twice (not identity at init): use crop or subtract",
         )
     hypers = data["hyperparameters"]
     for name, h in hypers.items():

@@ -95,10 +95,11 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
 
 def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     """New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output."""
-    # norms clamped at 1e-4 as in PEFT: with B = 0 at init the scale stays finite, the update zero
-    a_norm = torch.linalg.vector_norm(m.lora_A, dim=1).clamp_min(1e-4)  # (r,) rows of A
-    b_norm = torch.linalg.vector_norm(m.lora_B, dim=0).clamp_min(1e-4)  # (r,) columns of B
-    g = m.lora_lambda / cfg.r / (a_norm * b_norm)  # (r,)
+    # norms clamped at 1e-4 as in PEFT: with B = 0 at init the scale stays finite, the update zero.
+    # The scale g and the small factor h stay fp32: (1e-4)^2 underflows fp16 and g can exceed its range
+    a_norm = torch.linalg.vector_norm(m.lora_A.float(), dim=1).clamp_min(1e-4)  # (r,) rows of A
+    b_norm = torch.linalg.vector_norm(m.lora_B.float(), dim=0).clamp_min(1e-4)  # (r,) columns of B
+    g = m.lora_lambda.float() / cfg.r / (a_norm * b_norm)  # (r,) fp32
     A_w = m.lora_A * m.lora_w_norm  # (r, i) A diag(w): (w * x) A^T = x A_w^T, w applied to A's r rows
-    h = (x @ A_w.T) * g  # (..., r)
-    return y + (h @ m.lora_B.T).to(y.dtype)  # (..., o)
+    h = (x @ A_w.T).float() * g  # (..., r) fp32
+    return y + (h @ m.lora_B.float().T).to(y.dtype)  # (..., o)

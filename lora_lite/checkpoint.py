@@ -22,6 +22,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -100,11 +101,16 @@ def read_metadata(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     if raw is None:
         raise CheckpointError(f"{path}: no lora_lite metadata (not saved by ll.save?)")
-    meta = json.loads(raw)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: format_version {meta.get('format_version')!r}; this lora-lite reads {FORMAT_VERSION}"
-        )
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: lora_lite metadata is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        got = meta.get("format_version") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{path}: format_version {got!r}; this lora-lite reads {FORMAT_VERSION}")
+    missing = [k for k in ("spec_name", "spec", "config", "targets") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: metadata lacks {', '.join(missing)} (damaged or not saved by ll.save)")
     return meta
 
 
@@ -156,6 +162,8 @@ def load(model: nn.Module, path: str | os.PathLike, *, residual: str | None = No
                 t = f.get_tensor(key)
                 if tuple(t.shape) != tuple(shape_k):
                     raise CheckpointError(f"{path}: {key} has shape {tuple(t.shape)}, spec expects {tuple(shape_k)}")
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise CheckpointError(f"{path}: {key} holds NaN/inf values (a diverged run?); refusing to load")
                 tensors[k] = t
             W = base_weight(m)
             fp = weight_fingerprint(W)

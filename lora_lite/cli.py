@@ -1,4 +1,4 @@
-"""Command line: `lora-lite gen`, `lora-lite validate`, `lora-lite example`.
+"""Command line: `lora-lite gen`, `validate`, `example` and `bench`.
 
 lora-lite gen [--check] [--specs DIR] [--out DIR]   compile specs -> generated modules
 lora-lite validate PATH...                          validate spec files (exit 1 on error)
@@ -14,6 +14,7 @@ from pathlib import Path
 
 def _gen(args) -> int:
     from lora_lite.codegen import SpecError, check, generate
+    from lora_lite.codegen.compiler import GenerateError
 
     specs, out = Path(args.specs), Path(args.out)
     if not specs.is_dir():
@@ -30,7 +31,7 @@ def _gen(args) -> int:
             print(f"generated/ is up to date ({len(list(specs.glob('*.yaml')))} specs)")
             return 0
         changed = generate(specs, out)
-    except SpecError as e:
+    except (SpecError, GenerateError) as e:
         print(e, file=sys.stderr)
         return 1
     for p in changed:

@@ -67,10 +67,17 @@ class Target:
 
 @dataclass
 class State:
+    """What attach installed. Holds no module objects or closures, so an adapted model can be
+    deep-copied, pickled and torch.save'd (the copy's hooks point at the copy's state)."""
+
     cfg: AdapterConfig
-    variant: ModuleType
     targets: dict[str, Target]
     requires_grad: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def variant(self) -> ModuleType:
+        """The generated module of the attached spec (resolved from the config's class)."""
+        return self.cfg.variant()
 
 
 def state(model: nn.Module) -> State | None:
@@ -94,7 +101,12 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> dict[str, nn.Module]:
     """Modules the config adapts, by name. AttachError when none match (lists candidates)."""
     gen = cfg.variant()
     patterns = cfg.target_names or gen.TARGET_NAMES
-    regexes = [re.compile(p) for p in patterns]
+    regexes = []
+    for p in patterns:
+        try:
+            regexes.append(re.compile(p))
+        except re.error as e:
+            raise AttachError(f"{gen.NAME}: target_names: bad regex {p!r}: {e}") from None
     found, linear = {}, []
     for name, m in model.named_modules():
         if not name or not is_linear_like(m) or EXCLUDE.search(name):
@@ -107,9 +119,13 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> dict[str, nn.Module]:
         found[name] = m
     if not found:
         sample = ", ".join(linear[:8]) + (" ..." if len(linear) > 8 else "") or "(none)"
+        excluded = [
+            n for n, m in model.named_modules() if n and EXCLUDE.search(n) and any(r.search(n) for r in regexes)
+        ]
+        why = f" ({excluded[0]} matches, but lm_head and embeddings are never targets)" if excluded else ""
         raise AttachError(
             f"{gen.NAME}: no linear layer matches target_names={list(patterns)} "
-            f"layers={cfg.layers}; linear layers here: {sample}"
+            f"layers={cfg.layers}{why}; linear layers here: {sample}"
         )
     return found
 
@@ -303,6 +319,12 @@ def _build(gen: ModuleType, name: str, m: nn.Module, cfg_t: AdapterConfig, stats
         tensors = gen.init(W, cfg_t, stats)
     except ValueError as e:  # a variant's init refuses this layer (odd HRA rank, too little data)
         raise ValueError(f"{gen.NAME}: {name}: {e}") from None
+    except torch.linalg.LinAlgError as e:  # an SVD/eigendecomposition failed: NaN/inf weights or statistics
+        msg = str(e).splitlines()[0]
+        finite = bool(torch.isfinite(W).all())
+        raise AttachError(
+            f"{gen.NAME}: {name}: {msg} (weight {'finite' if finite else 'has NaN/inf entries'})"
+        ) from None
     want = gen.shapes(cfg_t, m.in_features, m.out_features)
     if set(tensors) != set(want):
         raise AttachError(f"{gen.NAME}: {name}: init returned {sorted(tensors)}, spec declares {sorted(want)}")
@@ -343,6 +365,13 @@ def attach(model: nn.Module, cfg: AdapterConfig, calibration_data=None, *, progr
     gen = cfg.variant()
     targets = find_targets(model, cfg)
     for name, m in targets.items():
+        taken = [k for k in (*m._parameters, *m._buffers) if k.startswith("lora_")]
+        hooked = any(isinstance(h, OutputHook) for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
+        if taken or hooked:
+            raise AttachError(
+                f"{gen.NAME}: {name} already has a lora-lite adapter ({', '.join(taken) or 'a hook'}), "
+                "attached through another module; detach that one first"
+            )
         check_quantized(gen, cfg, name, m, fix=f"ll.from_spec({gen.NAME!r}, residual='subtract')")
     _warn_cpu_packed(model)
     cfgs = {name: target_config(cfg, name, m) for name, m in targets.items()}
@@ -380,9 +409,7 @@ def _warn_cpu_packed(model: nn.Module) -> None:
 def install(model: nn.Module, cfg: AdapterConfig, per_target: dict) -> State:
     """Register tensors, crop, add hooks (attach step 5; load uses it too). No input checks here."""
     gen = cfg.variant()
-    st = State(
-        cfg=cfg, variant=gen, targets={}, requires_grad={n: p.requires_grad for n, p in model.named_parameters()}
-    )
+    st = State(cfg=cfg, targets={}, requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
     for p in model.parameters():
         p.requires_grad_(False)
     trainable = {name: spec[2] for name, spec in gen.PARAMS.items()}
@@ -405,25 +432,39 @@ def install(model: nn.Module, cfg: AdapterConfig, per_target: dict) -> State:
     return st
 
 
-def _register_hook(gen: ModuleType, target: Target, dtype: torch.dtype):
-    """The hook calling gen.forward. It casts x to the adapter dtype (an input hook also casts its
-    result back to x's dtype) unless the module says CAST_INPUT = False: its forward works in
-    the layer's dtype or never reads x (IA3 casts its gain instead)."""
-    cast = gen.CAST_INPUT
-    if gen.HOOK == "output":
+class OutputHook:
+    """Forward hook: y -> forward(m, x, y, cfg) of the target's generated module.
 
-        def output_hook(m, args, y):
-            return gen.forward(m, args[0].to(dtype) if cast else args[0], y, target.cfg)
+    A class rather than a closure so an adapted model pickles and deep-copies. It casts x to
+    the adapter dtype unless the module says CAST_INPUT = False (its forward works in the
+    layer's dtype or never reads x; IA3 casts its gain instead)."""
 
-        return target.module.register_forward_hook(output_hook)
+    def __init__(self, target: Target, dtype: torch.dtype):
+        self.target, self.dtype = target, dtype
 
-    def input_hook(m, args):
+    def __call__(self, m, args, y):
+        cfg = self.target.cfg
+        gen = cfg.variant()
+        x = args[0].to(self.dtype) if gen.CAST_INPUT else args[0]
+        return gen.forward(m, x, y, cfg)
+
+
+class InputHook(OutputHook):
+    """Forward pre-hook: x -> forward(m, x, cfg), cast back to x's dtype."""
+
+    def __call__(self, m, args):
+        cfg = self.target.cfg
+        gen = cfg.variant()
         x = args[0]
-        if not cast:
-            return (gen.forward(m, x, target.cfg), *args[1:])
-        return (gen.forward(m, x.to(dtype), target.cfg).to(x.dtype), *args[1:])
+        if not gen.CAST_INPUT:
+            return (gen.forward(m, x, cfg), *args[1:])
+        return (gen.forward(m, x.to(self.dtype), cfg).to(x.dtype), *args[1:])
 
-    return target.module.register_forward_pre_hook(input_hook)
+
+def _register_hook(gen: ModuleType, target: Target, dtype: torch.dtype):
+    if gen.HOOK == "output":
+        return target.module.register_forward_hook(OutputHook(target, dtype))
+    return target.module.register_forward_pre_hook(InputHook(target, dtype))
 
 
 def detach(model: nn.Module) -> nn.Module:
@@ -467,7 +508,7 @@ def set_coeff(model: nn.Module, value: float) -> None:
             f"set_coeff: {st.variant.NAME} has no runtime 'coeff' knob "
             f"(its knobs: {list(st.variant.RUNTIME_KNOBS) or 'none'})"
         )
-    if not math.isfinite(float(value)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
         raise ValueError(f"set_coeff: coeff must be a finite number, got {value!r}")
     st.cfg = dataclasses.replace(st.cfg, coeff=float(value))
     for t in st.targets.values():

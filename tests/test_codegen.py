@@ -61,7 +61,10 @@ def test_check_lists_stale_missing_and_orphaned(tmp_path, capsys):
     assert check(ROOT / "specs", out) == []
     (out / "lora.py").write_text((out / "lora.py").read_text() + "# edited by hand\n")
     (out / "pissa.py").unlink()
-    (out / "old_variant.py").write_text("")
+    (out / "old_variant.py").write_text(
+        "# Code generated from specs/old_variant.yaml by lora_lite.codegen. DO NOT EDIT.\n"
+    )
+    (out / "helpers.py").write_text("x = 1  # a user's own file: never listed or removed\n")
     problems = check(ROOT / "specs", out)
     assert problems == [
         f"stale: {out / 'lora.py'}",
@@ -74,6 +77,16 @@ def test_check_lists_stale_missing_and_orphaned(tmp_path, capsys):
     assert main(["gen", "--specs", str(ROOT / "specs"), "--out", str(out)]) == 0
     assert check(ROOT / "specs", out) == []
     assert not (out / "old_variant.py").exists()
+    assert (out / "helpers.py").read_text().startswith("x = 1")
+
+
+def test_gen_refuses_to_overwrite_a_hand_written_file(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "lora.py").write_text("my own code\n")
+    assert main(["gen", "--specs", str(ROOT / "specs"), "--out", str(out)]) == 1
+    assert "refusing to overwrite hand-written file(s)" in capsys.readouterr().err
+    assert (out / "lora.py").read_text() == "my own code\n" and not (out / "pissa.py").exists()
 
 
 def test_gen_refuses_bad_spec_and_writes_nothing(tmp_path, capsys):

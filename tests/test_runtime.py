@@ -269,3 +269,79 @@ def test_upstream_quickstart_runs_unchanged(tmp_path, monkeypatch):
     ll.detach(model)
     ll.load(model, "adapter.safetensors")
     assert (tmp_path / "adapter.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["lora", "pissa", "ia3_ff", "antipasto_arrow"])
+def test_adapted_model_deepcopies_and_pickles(name, tmp_path):
+    import copy
+    import pickle
+
+    from conftest import attach_small
+
+    model = make_model()
+    attach_small(model, name)
+    perturb(model)
+    want = logits(model)
+    clone = copy.deepcopy(model)
+    torch.testing.assert_close(logits(clone), want)
+    assert (
+        ll.state(clone).targets[next(iter(ll.state(clone).targets))].module
+        is not next(iter(ll.state(model).targets.values())).module
+    )
+    ll.detach(clone)  # the copy detaches on its own; the original keeps its adapter
+    torch.testing.assert_close(logits(clone), logits(make_model()), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(model), want)
+    again = pickle.loads(pickle.dumps(model))
+    torch.testing.assert_close(logits(again), want)
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    torch.testing.assert_close(logits(loaded), want)
+
+
+def test_attach_refuses_a_target_adapted_through_a_submodule():
+    model = make_model()
+    ll.attach(model.model.layers[0], ll.LoRAConfig(r=2))
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ll.AttachError, match=r"model.layers.0.self_attn.q_proj already has a lora-lite adapter"):
+        ll.attach(model, ll.from_spec("pissa", r=2))
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+    assert ll.state(model) is None
+
+
+def test_clear_errors_for_bad_regex_lm_head_nan_weight_and_bad_coeff(tmp_path):
+    model = make_model()
+    with pytest.raises(ll.AttachError, match=r"target_names: bad regex '\(q'"):
+        ll.attach(model, ll.from_spec("lora", target_names=("(q",)))
+    with pytest.raises(ll.AttachError, match="lm_head matches, but lm_head and embeddings are never targets"):
+        ll.attach(model, ll.from_spec("lora", target_names=("lm_head",)))
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("nan")
+    with pytest.raises((ll.AttachError, ValueError), match=r"model.layers.0.self_attn.q_proj"):
+        ll.attach(model, ll.from_spec("pissa", r=2))
+    assert ll.state(model) is None
+    ok = make_model()
+    ll.attach(ok, ll.from_spec("antipasto", r=2))
+    for bad in (True, float("nan"), "1"):
+        with pytest.raises(ValueError, match="coeff must be a finite number"):
+            ll.set_coeff(ok, bad)
+
+
+def test_load_refuses_nan_tensors_and_incomplete_metadata(tmp_path):
+    import json as _json
+
+    from safetensors.torch import load_file, save_file
+
+    model = make_model()
+    ll.attach(model, ll.LoRAConfig(r=2))
+    path = ll.save(model, tmp_path / "a.safetensors")
+    tensors = load_file(path)
+    meta = ll.read_metadata(path)
+    key = next(k for k in tensors if k.endswith("lora_A"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, tmp_path / "nan.safetensors", metadata={"lora_lite": _json.dumps(meta)})
+    with pytest.raises(ll.CheckpointError, match=f"{key} holds NaN/inf values"):
+        ll.load(make_model(), tmp_path / "nan.safetensors")
+    del meta["spec"]
+    save_file(load_file(path), tmp_path / "nospec.safetensors", metadata={"lora_lite": _json.dumps(meta)})
+    with pytest.raises(ll.CheckpointError, match="metadata lacks spec"):
+        ll.load(make_model(), tmp_path / "nospec.safetensors")

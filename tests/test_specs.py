@@ -31,6 +31,8 @@ EXPECTED = {
     "missing_tensor.yaml": ["$.params: core 'lowrank' needs tensor 'lora_B'"],
     "crop_without_basis.yaml": ["$.residual: crop needs a basis"],
     "subtract_without_basis.yaml": ["$.residual: subtract needs a basis to subtract"],
+    "svd_without_residual.yaml": ["$.residual: basis 'svd' puts W's top-r part into the adapter"],
+    "shadowing_name.yaml": ["$.hyperparameters.variant: 'variant' is reserved"],
     "bad_regex.yaml": ["$.target.names[0]: bad regex '(q_proj'"],
 }
 
