@@ -430,6 +430,10 @@ def run_variant(name: str, model, tok, train, test, a, device, autocast, log, nl
     ll.save(model, ckpt)
     ll.detach(model)
     restored = max(float((st.targets[n].module.weight.float() - w.float()).abs().max()) for n, w in base_w.items())
+    if restored > 0:  # crop in a low-precision dtype restores W within rounding: start the next variant exact
+        with torch.no_grad():
+            for n, w in base_w.items():
+                st.targets[n].module.weight.copy_(w)
     del base_w
     ll.load(model, ckpt)
     with torch.no_grad():
@@ -566,10 +570,14 @@ def main(argv=None) -> int:
         enabled=use_autocast,
     )
     names = ll.shipped_names() if a.variants == "all" else [v.strip() for v in a.variants.split(",") if v.strip()]
-    for n in names:
-        ll.variant_module(n)  # fail fast on a bad name before loading anything
+    try:
+        for n in names:
+            ll.variant_module(n)  # fail fast on a bad name before loading anything
+        train, test, data_source = load_data(a.data_dir, a.seed)
+    except ValueError as e:
+        print(f"lora-lite bench: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     torch.manual_seed(a.seed)
-    train, test, data_source = load_data(a.data_dir, a.seed)
     model, tok, model_desc = load_model(a.model, device, dtype)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -599,13 +607,24 @@ def main(argv=None) -> int:
     # detach_weight_max_abs_diff), so its answer NLL is measured once.
     nll_before = eval_nll(model, tok, test[: a.eval_samples], a.seq_len, a.batch_size, device, autocast)
     log(f"base model answer NLL: {nll_before:.3f} on {min(a.eval_samples, len(test))} test questions")
+    errors = []
     for name in names:
-        rec = run_variant(name, model, tok, train, test, a, device, autocast, log, nll_before)
+        try:
+            rec = run_variant(name, model, tok, train, test, a, device, autocast, log, nll_before)
+        except Exception as e:  # one variant failing must not lose the others: record it and go on
+            errors.append({"variant": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
+            log(f"{name}: FAILED: {errors[-1]['error']}")
+            if ll.state(model) is not None:
+                ll.detach(model)
+            write_json_atomic(out / "errors.json", errors)
+            continue
         rec.update(model=model_desc, data=data_source, device=str(device), settings=settings)
         records.append(rec)
         write_outputs(out, records)
     log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'loss.png'}")
-    return 0
+    if errors:
+        log(f"{len(errors)} variant(s) failed, see {out / 'errors.json'}")
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

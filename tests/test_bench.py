@@ -67,3 +67,40 @@ def test_builtin_problems_are_gsm8k_formatted_and_deterministic():
         assert ex.answer.rstrip().split("#### ")[-1] == ex.gold
     assert normalise_number("The answer is 1,234.50 dollars") == "1234.5"
     assert markdown_table([]).count("\n") == 2
+
+
+def test_bench_bad_inputs_are_one_line_errors(tmp_path, capsys):
+    assert main(["--model", "tiny", "--variants", "nonexistent", "--out", str(tmp_path)]) == 2
+    assert "lora-lite bench: error: unknown spec 'nonexistent'" in capsys.readouterr().err
+    assert main(["--model", "tiny", "--data-dir", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    assert "missing train.jsonl" in capsys.readouterr().err
+
+
+def test_bench_keeps_going_after_a_failing_variant(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "o"
+    args = [
+        "--model",
+        "tiny",
+        "--variants",
+        "eva,lora",
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "160",
+        "--eval-samples",
+        "2",
+        "--gen-samples",
+        "1",
+        "--max-new-tokens",
+        "2",
+        "--calib-batches",
+        "0",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 1  # eva needs calibration data: it fails, lora still runs
+    assert [r["variant"] for r in json.loads((out / "results.json").read_text())] == ["lora"]
+    assert json.loads((out / "errors.json").read_text())[0]["variant"] == "eva"
