@@ -508,10 +508,13 @@ def write_outputs(out: Path, records: list[dict]) -> None:
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
-    for r in records:
-        ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=r["variant"], lw=1.2)
+    for r in records:  # raw per-step loss faint, its running mean (window 8) solid
+        steps, losses = range(1, len(r["losses"]) + 1), r["losses"]
+        smooth = [sum(losses[max(0, i - 7) : i + 1]) / len(losses[max(0, i - 7) : i + 1]) for i in range(len(losses))]
+        (line,) = ax.plot(steps, smooth, label=r["variant"], lw=1.4)
+        ax.plot(steps, losses, color=line.get_color(), lw=0.6, alpha=0.25)
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss (answer NLL per token)")
+    ax.set_ylabel("training loss (answer NLL per token; running mean of 8)")
     ax.set_title(records[0]["model"] if records else "")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
