@@ -514,7 +514,7 @@ def write_outputs(out: Path, records: list[dict]) -> None:
         (line,) = ax.plot(steps, smooth, label=r["variant"], lw=1.4)
         ax.plot(steps, losses, color=line.get_color(), lw=0.6, alpha=0.25)
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss (answer NLL per token; running mean of 8)")
+    ax.set_ylabel("train loss, answer NLL/token (mean of 8)")
     ax.set_title(records[0]["model"] if records else "")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
