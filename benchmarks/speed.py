@@ -676,7 +676,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--r", type=int, help="rank of the shared low-rank variants (default: the preset's)")
     ap.add_argument("--r-spectral", type=int, help="rank of the AntiPaSTO family (default: the preset's)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
-    ap.add_argument("--out", default="benchmarks/results", help="folder for the .md and .json")
+    ap.add_argument(
+        "--out",
+        default="bench-out/speed",
+        help="folder for the .md and .json (committed results live in benchmarks/results)",
+    )
     ap.add_argument("--tag", default="", help="suffix for the output files' names")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     return ap.parse_args(argv)
