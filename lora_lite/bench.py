@@ -508,6 +508,9 @@ def write_outputs(out: Path, records: list[dict]) -> None:
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
+    ax.set_prop_cycle(
+        color=[plt.cm.tab20(i % 20) for i in range(0, 40, 2)][:10] + [plt.cm.tab20(i) for i in range(1, 20, 2)]
+    )
     for r in records:  # raw per-step loss faint, its running mean (window 8) solid
         steps, losses = range(1, len(r["losses"]) + 1), r["losses"]
         smooth = [sum(losses[max(0, i - 7) : i + 1]) / len(losses[max(0, i - 7) : i + 1]) for i in range(len(losses))]
