@@ -416,7 +416,8 @@ def install(model: nn.Module, cfg: AdapterConfig, per_target: dict) -> State:
     for name, (m, cfg_t, tensors, info) in per_target.items():
         device = m.weight.device if m.weight.device.type != "meta" else None
         for k, t in tensors.items():
-            t = t.detach().to(device=device, dtype=cfg.dtype).clone()
+            # row-major like a loaded checkpoint (SVD factors come back column-major): same GEMMs, same bits
+            t = t.detach().to(device=device, dtype=cfg.dtype).clone(memory_format=torch.contiguous_format)
             if trainable[k]:
                 m.register_parameter(k, nn.Parameter(t))
             else:
