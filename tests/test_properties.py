@@ -9,14 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import lora_lite as ll
-from conftest import NOT_IDENTITY_AT_INIT, SPECS, attach_small, logits, make_model, perturb, token_batch
-
-
-def lm_loss(model, batch):
-    out = model(**batch)
-    return torch.nn.functional.cross_entropy(
-        out[:, :-1].reshape(-1, out.shape[-1]), batch["input_ids"][:, 1:].reshape(-1)
-    )
+from conftest import NOT_IDENTITY_AT_INIT, SPECS, attach_small, lm_loss, logits, make_model, perturb, token_batch
 
 
 @pytest.mark.parametrize("name", SPECS)

@@ -11,25 +11,9 @@ import pytest
 import torch
 
 import lora_lite as ll
-from conftest import calibration, logits, make_model, perturb, token_batch
+from conftest import assert_unchanged, calibration, logits, make_model, perturb, snapshot, token_batch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, {
-        n: p.requires_grad for n, p in model.named_parameters()
-    }
-
-
-def assert_unchanged(model, snap):
-    sd, flags = snap
-    now = model.state_dict()
-    assert now.keys() == sd.keys()
-    assert all(torch.equal(now[k], sd[k]) for k in sd)
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert ll.state(model) is None
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
 def test_from_spec_overrides_and_typed_config_are_equivalent():

@@ -21,27 +21,11 @@ from safetensors.torch import load_file
 
 import lora_lite as ll
 import lora_lite.runtime as rt
-from conftest import calibration, logits, make_model, perturb, small_cfg, token_batch
+from conftest import assert_unchanged, calibration, logits, make_model, perturb, small_cfg, snapshot, token_batch
 
 FAMILY = ["antipasto", "antipasto_corda", "antipasto_ablate", "antipasto_arrow", "corda_arrow"]
 CALIBRATED = ["antipasto", "antipasto_corda", "antipasto_arrow", "corda_arrow"]  # read the statistics
 CORDA = ["antipasto_corda", "corda_arrow"]  # calibration required
-
-
-def snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, {
-        n: p.requires_grad for n, p in model.named_parameters()
-    }
-
-
-def assert_unchanged(model, snap):
-    sd, flags = snap
-    now = model.state_dict()
-    assert now.keys() == sd.keys()
-    assert all(torch.equal(now[k], sd[k]) for k in sd)
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert ll.state(model) is None
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
 def reference_stats(model, names, batches) -> dict[str, dict]:
