@@ -36,9 +36,8 @@ from .runtime import (
     fingerprint_distance,
     install,
     is_linear_like,
-    quantization,
     state,
-    weight_fingerprint,
+    target_info,
 )
 
 FORMAT_VERSION = 1
@@ -165,10 +164,9 @@ def load(model: nn.Module, path: str | os.PathLike, *, residual: str | None = No
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     raise CheckpointError(f"{path}: {key} holds NaN/inf values (a diverged run?); refusing to load")
                 tensors[k] = t
-            W = base_weight(m)
-            fp = weight_fingerprint(W)
-            dist = fingerprint_distance(fp, tmeta["fingerprint"])
-            tol = FINGERPRINT_TOL_QUANT if (quantization(m) or tmeta.get("quantization")) else FINGERPRINT_TOL
+            info = target_info(m, base_weight(m))
+            dist = fingerprint_distance(info["fingerprint"], tmeta["fingerprint"])
+            tol = FINGERPRINT_TOL_QUANT if (info["quantization"] or tmeta.get("quantization")) else FINGERPRINT_TOL
             if dist > tol:
                 msg = (
                     f"{path}: {name}: base weight differs from the one the adapter was trained on "
@@ -177,16 +175,8 @@ def load(model: nn.Module, path: str | os.PathLike, *, residual: str | None = No
                 if strict:
                     raise CheckpointError(msg + f"; {gen.NAME}'s math depends on W, refusing to load")
                 warnings.warn(msg, stacklevel=2)
-            info = dict(
-                tmeta,
-                fingerprint=fp,
-                weight_shape=list(W.shape),
-                weight_dtype=str(m.weight.dtype).removeprefix("torch."),
-                quantization=quantization(m),
-                loaded_from_quantization=tmeta.get("quantization"),  # the base it was saved on
-                loaded_fingerprint_distance=round(dist, 6),
-            )
-            info.pop("hyperparameters")
+            info["loaded_from_quantization"] = tmeta.get("quantization")  # the base it was saved on
+            info["loaded_fingerprint_distance"] = round(dist, 6)
             per_target[name] = (m, cfg_t, tensors, info)
     install(model, cfg, per_target)
     return model

@@ -333,7 +333,12 @@ def _build(gen: ModuleType, name: str, m: nn.Module, cfg_t: AdapterConfig, stats
             raise AttachError(f"{gen.NAME}: {name}: {k} has shape {tuple(t.shape)}, spec says {tuple(want[k])}")
         if not torch.isfinite(t).all():
             raise AttachError(f"{gen.NAME}: {name}: {k} is not finite after init (check the weights/calibration)")
-    info = {
+    return {"tensors": tensors, "info": target_info(m, W)}
+
+
+def target_info(m: nn.Module, W: Tensor) -> dict:
+    """What a checkpoint records of a target's base layer; W is its dequantized fp32 weight."""
+    return {
         "d_in": m.in_features,
         "d_out": m.out_features,
         "weight_shape": list(W.shape),  # (d_out, d_in), also for 4-bit weights stored packed
@@ -341,7 +346,6 @@ def _build(gen: ModuleType, name: str, m: nn.Module, cfg_t: AdapterConfig, stats
         "quantization": quantization(m),  # None, "nf4", "fp4", "int8"
         "fingerprint": weight_fingerprint(W),  # of the dequantized weight, before any crop
     }
-    return {"tensors": tensors, "info": info}
 
 
 def attach(model: nn.Module, cfg: AdapterConfig, calibration_data=None, *, progress: bool = True) -> nn.Module:
