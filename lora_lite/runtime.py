@@ -42,15 +42,20 @@ import torch
 from torch import Tensor, nn
 
 from .calibration import collect_input_stats
-from .config import AdapterConfig
+from .codegen.spec import SpecError
+from .config import AdapterConfig, config_error
 
 STATE_ATTR = "_lora_lite"
 EXCLUDE = re.compile(r"(^|\.)(lm_head|embed_tokens|embed_out|wte|wpe|embeddings?)$")
 LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
 
 
-class AttachError(RuntimeError):
-    """attach/detach/load refused; the model was left unchanged."""
+class AttachError(RuntimeError, ValueError):
+    """attach/detach/load/set_coeff or calibration refused; the model was left unchanged.
+
+    A RuntimeError (as it always was) and a ValueError (as bad calibration data and a variant's
+    refusal of a layer were before they became AttachErrors), so either `except` catches it.
+    """
 
 
 @dataclass
@@ -81,7 +86,9 @@ class State:
 
 
 def state(model: nn.Module) -> State | None:
-    """The attached adapter's state, or None."""
+    """The attached adapter's state, or None. AttachError when `model` is not an nn.Module."""
+    if not isinstance(model, nn.Module):
+        raise AttachError(f"expected a torch.nn.Module, got {type(model).__name__}")
     return model.__dict__.get(STATE_ATTR)
 
 
@@ -174,9 +181,12 @@ def base_weight(m: nn.Module) -> Tensor:
     has repacked it for CPU inference; Linear8bitLt is int8 * SCB / 127 per row,
     SCB read from the weight or, after the layer's first forward, from `m.state`. A new tensor:
     callers that keep only a statistic let it go (no dequantized copy stays alive).
-    Raises AttachError for an int8 layer that was never moved to a device (no SCB yet).
+    Raises AttachError for a weight on the meta device and for an int8 layer that was never
+    moved to a device (no SCB yet).
     """
     w = m.weight
+    if w.is_meta:
+        raise AttachError(f"a {type(m).__name__} weight {tuple(w.shape)} is on the meta device (not loaded)")
     if type(w).__name__ == "Params4bit":
         import bitsandbytes.functional as bnbf
 
@@ -268,6 +278,136 @@ def check_quantized(gen: ModuleType, cfg: AdapterConfig, name: str, m: nn.Module
         )
 
 
+def check_model(model: nn.Module, op: str) -> None:
+    """AttachError unless `model` is an nn.Module and torch.inference_mode is off: tensors made
+    or written under it can never be trained, and a model's own weights or flags written there
+    cannot be restored outside it."""
+    if not isinstance(model, nn.Module):
+        raise AttachError(f"{op}: expected a torch.nn.Module, got {type(model).__name__}")
+    if torch.is_inference_mode_enabled():
+        raise AttachError(f"{op}: refused under torch.inference_mode (its tensors cannot be trained); call it outside")
+
+
+def preflight(model: nn.Module, cfg: AdapterConfig, targets: dict[str, nn.Module], op: str = "attach") -> None:
+    """Every check attach and load make on the model before changing anything (both call it).
+
+    AttachError, one line naming the layer or tensor, for: a model that is not an nn.Module, or
+    a call under torch.inference_mode; a parameter made under inference_mode (its flag could not
+    be restored); a target whose weight is on the meta device; a target adapted through another
+    module, or holding something (parameter, buffer, child module, attribute) with an adapter
+    tensor's name (a PEFT-wrapped layer has a `lora_A` ModuleDict); a quantized target the
+    config cannot handle (check_quantized); under residual crop, a target weight whose storage
+    another parameter or buffer shares (tied weights, or two targets on one weight), since crop
+    would rewrite both; lora-lite tensors or hooks anywhere in the model that no attached
+    adapter accounts for (left by a failed attach, a copied state, a half-detached copy).
+    """
+    check_model(model, op)
+    gen = cfg.variant()
+    fix = f"ll.from_spec({gen.NAME!r}, residual='subtract')" if op == "attach" else f"ll.{op}(..., residual='subtract')"
+    made_inference = next((n for n, p in model.named_parameters() if p.is_inference()), None)
+    if made_inference is not None:
+        raise AttachError(
+            f"{op}: parameter {made_inference} was made under torch.inference_mode, so its requires_grad cannot be "
+            "set back after detach; build the model outside inference_mode"
+        )
+    tensors, hooks = _accounted(model)
+    stray = _stray(model, tensors, hooks)
+    if stray:
+        raise AttachError(
+            f"{op}: {stray}, which no attached lora-lite adapter accounts for (left by a failed attach, "
+            "a copied state, or an adapter on a model that contains this one); remove it or use a fresh model"
+        )
+    for name, m in targets.items():
+        dims = (m.in_features, m.out_features)
+        if not all(isinstance(d, int) and d > 0 for d in dims):
+            raise AttachError(f"{gen.NAME}: {name}: (in_features, out_features) = {dims}, expected positive integers")
+        if m.weight.is_meta:
+            raise AttachError(f"{gen.NAME}: {name}: weight is on the meta device (not loaded); load the weights first")
+        ours = [k for k in (*m._parameters, *m._buffers) if k.startswith("lora_") and (id(m), k) in tensors]
+        if ours or any(id(getattr(h, "target", None)) in hooks for h in _hooks(m)):
+            raise AttachError(
+                f"{gen.NAME}: {name} already has a lora-lite adapter ({', '.join(ours) or 'a hook'}), "
+                "attached through another module; detach that one first"
+            )
+        taken = [k for k in gen.PARAMS if _has(m, k)]
+        if taken:
+            raise AttachError(
+                f"{gen.NAME}: {name} already has {_kind(m, taken[0])} named {taken[0]!r} (a PEFT-wrapped layer?), "
+                "which the adapter's tensor would replace; attach to the unwrapped model"
+            )
+        check_quantized(gen, cfg, name, m, fix=fix)
+    if cfg.residual == "crop":
+        _check_crop_weights(gen, model, targets, fix)
+
+
+def _hooks(m: nn.Module) -> list:
+    """The lora-lite hooks registered on a module (forward hooks and pre-hooks)."""
+    return [h for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()) if isinstance(h, OutputHook)]
+
+
+def _has(m: nn.Module, k: str) -> bool:
+    """True when module `m` has anything called `k`: parameter, buffer, child or attribute."""
+    return k in m._parameters or k in m._buffers or k in m._modules or k in vars(m) or hasattr(type(m), k)
+
+
+def _kind(m: nn.Module, k: str) -> str:
+    if k in m._parameters:
+        return "a parameter"
+    if k in m._buffers:
+        return "a buffer"
+    if k in m._modules:
+        return f"a child module ({type(m._modules[k]).__name__})"
+    return "an attribute"
+
+
+def _accounted(model: nn.Module) -> tuple[set, set]:
+    """What attached adapters (on the model or any submodule) installed: {(id(module), tensor
+    name)} and {id(Target)} (each hook holds its Target)."""
+    tensors, hooks = set(), set()
+    for mod in model.modules():
+        st = mod.__dict__.get(STATE_ATTR)
+        if isinstance(st, State):
+            for t in st.targets.values():
+                tensors.update((id(t.module), k) for k in t.tensors)
+                hooks.add(id(t))
+    return tensors, hooks
+
+
+def _stray(model: nn.Module, tensors: set, hooks: set) -> str | None:
+    """The first lora-lite tensor (a `lora_` parameter or buffer on a layer with a weight) or hook
+    that no attached adapter accounts for, described; None when there is none."""
+    for name, m in model.named_modules():
+        where = name or "the model"
+        if isinstance(getattr(m, "weight", None), Tensor):
+            for k in (*m._parameters, *m._buffers):
+                if k.startswith("lora_") and (id(m), k) not in tensors:
+                    return f"{where} holds {k}"
+        if any(id(h.target) not in hooks for h in _hooks(m)):
+            return f"{where} has a lora-lite hook"
+    return None
+
+
+def _storage(t: Tensor) -> tuple:
+    """Where a tensor's memory lives: equal for tensors that share storage (tied weights, views)."""
+    return (t.device, t.untyped_storage().data_ptr())
+
+
+def _check_crop_weights(gen: ModuleType, model: nn.Module, targets: dict[str, nn.Module], fix: str) -> None:
+    """Residual crop writes each target's weight in place: refuse a weight another parameter or
+    buffer shares (tied embeddings, a layer reused under two names, two targets on one weight)."""
+    owners: dict[tuple, list[str]] = {}
+    for n, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
+        if t.numel():
+            owners.setdefault(_storage(t), []).append(n)
+    for name, m in targets.items():
+        others = [n for n in owners.get(_storage(m.weight), []) if n != f"{name}.weight"]
+        if others:
+            raise AttachError(
+                f"{gen.NAME}: {name}.weight shares its storage with {others[0]}, so residual crop would rewrite "
+                f"both; use residual='subtract' ({fix}), which leaves W untouched"
+            )
+
+
 def weight_fingerprint(W: Tensor, k: int = 8) -> list[float]:
     """A cheap identity check of a weight (o, i): [||W||_F, k projections u_j^T W v_j * sqrt(o i)].
 
@@ -317,14 +457,16 @@ def _build(gen: ModuleType, name: str, m: nn.Module, cfg_t: AdapterConfig, stats
     W = base_weight(m)
     try:
         tensors = gen.init(W, cfg_t, stats)
-    except ValueError as e:  # a variant's init refuses this layer (odd HRA rank, too little data)
-        raise ValueError(f"{gen.NAME}: {name}: {e}") from None
     except torch.linalg.LinAlgError as e:  # an SVD/eigendecomposition failed: NaN/inf weights or statistics
         msg = str(e).splitlines()[0]
         finite = bool(torch.isfinite(W).all())
         raise AttachError(
             f"{gen.NAME}: {name}: {msg} (weight {'finite' if finite else 'has NaN/inf entries'})"
         ) from None
+    except ValueError as e:  # a variant's init refuses this layer (odd HRA rank, too little data)
+        raise AttachError(f"{gen.NAME}: {name}: {_first_line(e)}") from None
+    except Exception as e:  # anything else a (user's) variant raises: name the layer, keep the cause
+        raise AttachError(f"{gen.NAME}: {name}: init failed: {type(e).__name__}: {_first_line(e)}") from e
     want = gen.shapes(cfg_t, m.in_features, m.out_features)
     if set(tensors) != set(want):
         raise AttachError(f"{gen.NAME}: {name}: init returned {sorted(tensors)}, spec declares {sorted(want)}")
@@ -334,6 +476,11 @@ def _build(gen: ModuleType, name: str, m: nn.Module, cfg_t: AdapterConfig, stats
         if not torch.isfinite(t).all():
             raise AttachError(f"{gen.NAME}: {name}: {k} is not finite after init (check the weights/calibration)")
     return {"tensors": tensors, "info": target_info(m, W)}
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def target_info(m: nn.Module, W: Tensor) -> dict:
@@ -352,14 +499,19 @@ def attach(model: nn.Module, cfg: AdapterConfig, calibration_data=None, *, progr
     """Attach the adapter `cfg` describes to every matching layer of `model`; returns `model`.
 
     calibration_data: iterable of batches (dicts of input_ids/attention_mask/..., tuples, or
-    tensors) for data-driven bases; ignored by variants that need none. Raises AttachError
-    (already attached, no targets, missing calibration data, crop on a quantized layer) or
-    ValueError (bad calibration data) and leaves the model unchanged. bitsandbytes 4/8-bit
-    targets work with every variant whose spec says quantized_base: true; a variant with a
-    frozen part needs residual='subtract' on them (crop is refused, naming the layer).
+    tensors) for data-driven bases; ignored by variants that need none. Every check runs before
+    anything changes, and any refusal leaves the model exactly as it was: AttachError, one line
+    naming the layer or value, for a model that is not an nn.Module or a cfg that is not a
+    config, an adapter already attached, no targets, everything `preflight` refuses (meta
+    weights, PEFT-wrapped layers, tied weights under crop, stray lora-lite tensors or hooks,
+    torch.inference_mode, crop on a quantized layer), missing or bad calibration data
+    (calibration.collect_input_stats), and a variant's init refusing a layer. bitsandbytes
+    4/8-bit targets work with every variant whose spec says quantized_base: true; a variant
+    with a frozen part needs residual='subtract' on them.
     """
+    check_model(model, "attach")
     if not isinstance(cfg, AdapterConfig):
-        raise TypeError(
+        raise AttachError(
             f"attach: expected a config from ll.from_spec(...) or ll.LoRAConfig(...), got {type(cfg).__name__}"
         )
     if state(model) is not None:
@@ -368,15 +520,7 @@ def attach(model: nn.Module, cfg: AdapterConfig, calibration_data=None, *, progr
         )
     gen = cfg.variant()
     targets = find_targets(model, cfg)
-    for name, m in targets.items():
-        taken = [k for k in (*m._parameters, *m._buffers) if k.startswith("lora_")]
-        hooked = any(isinstance(h, OutputHook) for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
-        if taken or hooked:
-            raise AttachError(
-                f"{gen.NAME}: {name} already has a lora-lite adapter ({', '.join(taken) or 'a hook'}), "
-                "attached through another module; detach that one first"
-            )
-        check_quantized(gen, cfg, name, m, fix=f"ll.from_spec({gen.NAME!r}, residual='subtract')")
+    preflight(model, cfg, targets, op="attach")
     _warn_cpu_packed(model)
     cfgs = {name: target_config(cfg, name, m) for name, m in targets.items()}
     stats = None
@@ -385,7 +529,8 @@ def attach(model: nn.Module, cfg: AdapterConfig, calibration_data=None, *, progr
     if gen.CALIBRATION != "none" and calibration_data is not None:
         stats = collect_input_stats(model, targets, calibration_data, progress=progress)
     built = {name: _build(gen, name, m, cfgs[name], stats[name] if stats else None) for name, m in targets.items()}
-    install(model, cfg, {name: (targets[name], cfgs[name], b["tensors"], b["info"]) for name, b in built.items()})
+    per_target = {name: (targets[name], cfgs[name], b["tensors"], b["info"]) for name, b in built.items()}
+    install(model, cfg, per_target, op="attach")
     return model
 
 
@@ -410,31 +555,74 @@ def _warn_cpu_packed(model: nn.Module) -> None:
         )
 
 
-def install(model: nn.Module, cfg: AdapterConfig, per_target: dict) -> State:
-    """Register tensors, crop, add hooks (attach step 5; load uses it too). No input checks here."""
+def install(model: nn.Module, cfg: AdapterConfig, per_target: dict, op: str = "load") -> State:
+    """Register tensors, crop, add hooks (attach step 5; load uses it too); returns the State.
+
+    per_target: {name: (module, its config, {tensor name: tensor}, info)}. Runs `preflight`
+    first (a second time for attach: it is cheap), then converts every tensor before touching
+    the model, so running out of memory there changes nothing. A failure after that (a
+    variant's frozen_weight raising while cropping) takes everything back out: tensors, hooks
+    and requires_grad flags exactly, already cropped weights within the weight dtype's
+    rounding (as detach does).
+    """
+    preflight(model, cfg, {name: v[0] for name, v in per_target.items()}, op=op)
     gen = cfg.variant()
-    st = State(cfg=cfg, targets={}, requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
-    for p in model.parameters():
-        p.requires_grad_(False)
     trainable = {name: spec[2] for name, spec in gen.PARAMS.items()}
-    for name, (m, cfg_t, tensors, info) in per_target.items():
+    ready = {}
+    for name, (m, _, tensors, _) in per_target.items():
         device = m.weight.device if m.weight.device.type != "meta" else None
-        for k, t in tensors.items():
-            # row-major like a loaded checkpoint (SVD factors come back column-major): same GEMMs, same bits
-            t = t.detach().to(device=device, dtype=cfg.dtype).clone(memory_format=torch.contiguous_format)
-            if trainable[k]:
-                m.register_parameter(k, nn.Parameter(t))
-            else:
-                m.register_buffer(k, t)
-        target = Target(name=name, module=m, cfg=cfg_t, tensors=tuple(tensors), info=info)
-        if cfg_t.residual == "crop":
-            with torch.no_grad():
-                w = m.weight
-                w.copy_((w.float() - gen.frozen_weight(m, cfg_t)).to(w.dtype))
-        target.handle = _register_hook(gen, target, cfg.dtype)
-        st.targets[name] = target
+        # row-major like a loaded checkpoint (SVD factors come back column-major): same GEMMs, same bits
+        ready[name] = {
+            k: t.detach().to(device=device, dtype=cfg.dtype).clone(memory_format=torch.contiguous_format)
+            for k, t in tensors.items()
+        }
+    st = State(cfg=cfg, targets={}, requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
+    cropped: set[str] = set()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, (m, cfg_t, tensors, info) in per_target.items():
+            target = Target(name=name, module=m, cfg=cfg_t, tensors=tuple(tensors), info=info)
+            st.targets[name] = target
+            for k, t in ready[name].items():
+                if trainable[k]:
+                    m.register_parameter(k, nn.Parameter(t))
+                else:
+                    m.register_buffer(k, t)
+            if cfg_t.residual == "crop":
+                with torch.no_grad():
+                    w = m.weight
+                    w.copy_((w.float() - gen.frozen_weight(m, cfg_t)).to(w.dtype))
+                cropped.add(name)
+            target.handle = _register_hook(gen, target, cfg.dtype)
+    except BaseException:
+        _uninstall(model, st, cropped)
+        raise
     model.__dict__[STATE_ATTR] = st
     return st
+
+
+def _uninstall(model: nn.Module, st: State, cropped) -> None:
+    """Take out what install put in: hooks, W restored for the targets in `cropped` (W_res +
+    frozen_weight(), within the weight dtype's rounding), tensors, requires_grad flags."""
+    gen = st.variant
+    for t in st.targets.values():
+        m = t.module
+        if t.handle is not None:
+            t.handle.remove()
+        if t.name in cropped:
+            with torch.no_grad():
+                w = m.weight
+                w.copy_((w.float() + gen.frozen_weight(m, t.cfg)).to(w.dtype))
+        for k in t.tensors:
+            m._parameters.pop(k, None)
+            m._buffers.pop(k, None)
+        m.__dict__.pop(SQNORM_ATTR, None)
+    params = dict(model.named_parameters())
+    for n, flag in st.requires_grad.items():
+        if n in params:
+            params[n].requires_grad_(flag)
+    model.__dict__.pop(STATE_ATTR, None)
 
 
 class OutputHook:
@@ -475,36 +663,37 @@ def _register_hook(gen: ModuleType, target: Target, dtype: torch.dtype):
 def detach(model: nn.Module) -> nn.Module:
     """Remove the adapter and give the base model back (see the module docstring); returns `model`.
 
-    Raises AttachError when nothing is attached.
+    Checks first, changes nothing on refusal: AttachError when `model` is not an nn.Module,
+    under torch.inference_mode, when nothing is attached, or when a cropping target lacks a
+    tensor its W needs back (removed by hand after attach).
     """
+    check_model(model, "detach")
     st = state(model)
     if st is None:
         raise AttachError("detach: no lora-lite adapter is attached to this model")
-    gen = st.variant
     for t in st.targets.values():
-        m = t.module
-        t.handle.remove()
-        if t.cfg.residual == "crop":
-            with torch.no_grad():
-                w = m.weight
-                w.copy_((w.float() + gen.frozen_weight(m, t.cfg)).to(w.dtype))
-        for k in t.tensors:
-            m._parameters.pop(k, None)
-            m._buffers.pop(k, None)
-        m.__dict__.pop(SQNORM_ATTR, None)
-    params = dict(model.named_parameters())
-    for n, flag in st.requires_grad.items():
-        if n in params:
-            params[n].requires_grad_(flag)
-    del model.__dict__[STATE_ATTR]
+        if t.cfg.residual != "crop":
+            continue
+        gone = [k for k in t.tensors if k not in t.module._parameters and k not in t.module._buffers]
+        if gone:
+            raise AttachError(
+                f"detach: {t.name} lacks {gone[0]}, which restoring its cropped weight needs; "
+                "put it back (or ll.load the adapter's checkpoint into a fresh model)"
+            )
+    _uninstall(model, st, {t.name for t in st.targets.values() if t.cfg.residual == "crop"})
     return model
 
 
 def set_coeff(model: nn.Module, value: float) -> None:
     """Change the `coeff` knob of an attached adapter without re-attaching (0 = identity).
 
-    Raises AttachError when nothing is attached or the variant has no `coeff`.
+    Raises AttachError when `model` is not an nn.Module, nothing is attached or the variant has
+    no `coeff`; SpecError (a ValueError) for a value that is not a finite number within the
+    spec's bounds. Nothing changes on refusal. Allowed under torch.inference_mode (no tensor
+    changes: the hooks read the new value on their next call).
     """
+    if not isinstance(model, nn.Module):
+        raise AttachError(f"set_coeff: expected a torch.nn.Module, got {type(model).__name__}")
     st = state(model)
     if st is None:
         raise AttachError("set_coeff: no lora-lite adapter is attached to this model")
@@ -514,12 +703,21 @@ def set_coeff(model: nn.Module, value: float) -> None:
             f"(its knobs: {list(st.variant.RUNTIME_KNOBS) or 'none'})"
         )
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise ValueError(f"set_coeff: coeff must be a finite number, got {value!r}")
-    st.cfg = dataclasses.replace(st.cfg, coeff=float(value))
-    for t in st.targets.values():
-        t.cfg = dataclasses.replace(t.cfg, coeff=float(value))
+        raise config_error(f"set_coeff: coeff must be a finite number, got {value!r}")
+    try:  # the config checks the spec's bounds; build every new config before assigning any
+        cfg = dataclasses.replace(st.cfg, coeff=float(value))
+        per_target = {name: dataclasses.replace(t.cfg, coeff=float(value)) for name, t in st.targets.items()}
+    except SpecError as e:
+        raise config_error(f"set_coeff: {_first_line(e)}") from None
+    st.cfg = cfg
+    for name, t in st.targets.items():
+        t.cfg = per_target[name]
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters an optimiser should train: those with requires_grad."""
+    """The parameters an optimiser should train: those with requires_grad.
+
+    AttachError when `model` is not an nn.Module."""
+    if not isinstance(model, nn.Module):
+        raise AttachError(f"trainable_parameters: expected a torch.nn.Module, got {type(model).__name__}")
     return [p for p in model.parameters() if p.requires_grad]

@@ -95,10 +95,20 @@ class Snapshot(NamedTuple):
     hooks: dict  # module name -> (forward hooks, forward pre-hooks), each ((id, hook), ...)
     attributes: dict  # module name -> sorted names in its __dict__ (no stray caches or state)
     state: object  # ll.state(model): the attached adapter's State, or None
+    configs: object  # that State's config and each target's, or None
 
 
 def _hooks(m) -> tuple:
     return tuple(m._forward_hooks.items()), tuple(m._forward_pre_hooks.items())
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes (NaN equals itself, -0.0 differs from 0.0)."""
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
+def _configs(st) -> tuple | None:
+    return None if st is None else (st.cfg, {n: t.cfg for n, t in st.targets.items()})
 
 
 def snapshot(model) -> Snapshot:
@@ -110,19 +120,22 @@ def snapshot(model) -> Snapshot:
         {n: _hooks(m) for n, m in model.named_modules()},
         {n: sorted(vars(m)) for n, m in model.named_modules()},
         ll.state(model),
+        _configs(ll.state(model)),
     )
 
 
 def assert_unchanged(model, snap: Snapshot) -> None:
     """State_dict bitwise equal (same keys, dtypes, values), the same requires_grad flags, every
     submodule's own train/eval flag, the same hooks (no new ones, none removed), no new module
-    attributes, and the same adapter state (None when nothing was attached)."""
+    attributes, and the same adapter state and configs (None when nothing was attached)."""
     now = model.state_dict()
     assert now.keys() == snap.state_dict.keys()
     for k, v in snap.state_dict.items():
-        assert now[k].dtype == v.dtype and torch.equal(now[k], v), k
+        assert now[k].dtype == v.dtype and now[k].shape == v.shape and now[k].device == v.device, k
+        assert v.is_meta or torch.equal(_bits(now[k]), _bits(v)), k  # meta tensors hold no values
     assert {n: p.requires_grad for n, p in model.named_parameters()} == snap.requires_grad
     assert {n: m.training for n, m in model.named_modules()} == snap.training
     assert {n: _hooks(m) for n, m in model.named_modules()} == snap.hooks
     assert {n: sorted(vars(m)) for n, m in model.named_modules()} == snap.attributes
     assert ll.state(model) is snap.state
+    assert _configs(ll.state(model)) == snap.configs

@@ -231,8 +231,8 @@ def test_calibration_data_errors_leave_model_unchanged():
         stats["model.layers.0.self_attn.q_proj"]["second_moment"],
     )
     short = dict(token_batch(), attention_mask=torch.ones(4, 5, dtype=torch.long))
-    with pytest.raises(ValueError, match="batch mask has 20"):
-        collect_input_stats(model, targets, [dict(short, input_ids=token_batch()["input_ids"])], progress=False)
+    with pytest.raises(ll.AttachError, match=r"batch 0: attention_mask has shape \(4, 5\), input_ids \(4, 12\)"):
+        collect_input_stats(model, targets, [short], progress=False)
 
 
 def test_upstream_quickstart_runs_unchanged(tmp_path, monkeypatch):
