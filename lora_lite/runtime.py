@@ -25,8 +25,8 @@ target's tensors are built, so a failure leaves the model as it was):
 
 Quantized targets (bitsandbytes Linear4bit nf4/fp4, Linear8bitLt) keep their own forward and
 their quantized weight; W is read only through base_weight (a dequantized fp32 copy, at init),
-base_forward (x W^T by the layer's own forward) and base_row_sqnorm (cached row norms, as
-for float weights).
+base_forward (x W^T by the layer's own forward) and base_row_sqnorm (row norms, cached for
+them: dequantizing is costly; computed every call for float weights).
 """
 
 from __future__ import annotations
@@ -225,29 +225,43 @@ def base_forward(m: nn.Module, x: Tensor) -> Tensor:
     return y.float()
 
 
-SQNORM_ATTR = "_lora_lite_row_sqnorm"  # module attribute holding (weight key, ||W_i||^2)
+SQNORM_ATTR = "_lora_lite_row_sqnorm"  # module attribute: (weight key, ||W_i||^2), bitsandbytes only
 
 
 def base_row_sqnorm(m: nn.Module) -> Tensor:
     """||W_i||^2 for each output row i of the base weight, (d_out,) fp32.
 
-    Computed once (from a float W in fp32; from one dequantization of a bitsandbytes W), then
-    cached on the module (not a buffer: not in state_dict or checkpoints) until the weight
-    changes: a new parameter, new storage (a device or dtype move, bitsandbytes' CPU
-    repacking) or an in-place write that autograd counts (an optimizer step, `copy_`/`mul_`
-    under no_grad, load_state_dict). A write through `w.data` bypasses that count: assign a new
-    parameter instead, or drop the cache (`m.__dict__.pop(SQNORM_ATTR)`). detach removes it.
-    A weight made under torch.inference_mode has no such count: it is read on every call.
+    Float W: computed on every call (one (o, i) reduction in fp32, small beside the layer's own
+    (tokens, o, i) product), so it always follows the current weight, whatever wrote it
+    (load_state_dict, copy_, `W.data` writes, dtype and device moves), and traces under
+    torch.compile without a graph break. bitsandbytes W: dequantizing is costly, so the result
+    is cached on the module (not a buffer: not in state_dict or checkpoints) until the weight
+    changes as the cache can see: a new parameter, quant_state or storage (load_state_dict, a
+    device move, bitsandbytes' CPU repacking) or an in-place write that autograd counts
+    (`copy_` under no_grad). A write into `W.data` in place is not counted: call
+    `refresh_row_norms(model)` after one. detach removes the cache.
     """
+    if not is_quantized(m):
+        return _row_sqnorm(m)
     w = m.weight
     if w.is_inference():  # made under torch.inference_mode: no version counter, nothing to key on
         return _row_sqnorm(m)
-    key = (id(w), w.data_ptr(), w._version, w.device, w.dtype, id(getattr(w, "quant_state", None)))
+    qs = getattr(w, "quant_state", None)
+    key = (id(w), w.data_ptr(), w._version, w.device, id(qs), getattr(qs, "dtype", None))
     cached = m.__dict__.get(SQNORM_ATTR)
     if cached is None or cached[0] != key:
         cached = (key, _row_sqnorm(m))
         m.__dict__[SQNORM_ATTR] = cached
     return cached[1]
+
+
+def refresh_row_norms(model: nn.Module) -> int:
+    """Drop the ||W_i||^2 that DoRA caches for bitsandbytes weights (recomputed on the next
+    forward); needed only after writing a quantized weight's `.data` in place. Returns how many
+    modules had one."""
+    if not isinstance(model, nn.Module):
+        raise AttachError(f"refresh_row_norms: expected a torch.nn.Module, got {type(model).__name__}")
+    return sum(m.__dict__.pop(SQNORM_ATTR, None) is not None for m in model.modules())
 
 
 def _row_sqnorm(m: nn.Module) -> Tensor:
