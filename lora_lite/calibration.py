@@ -66,6 +66,10 @@ def check_batch(batch, i: int, vocab: int | None) -> None:
         ids = batch.get("input_ids")
         if ids is not None:
             _check_ids(ids, f"batch {i}: input_ids", vocab)
+        labels = batch.get("labels")
+        if isinstance(ids, Tensor) and isinstance(labels, Tensor) and labels.dim() == ids.dim():
+            if labels.shape != ids.shape:  # per-token labels (a (B,) label per sequence is left alone)
+                raise _error(f"batch {i}: labels has shape {tuple(labels.shape)}, input_ids {tuple(ids.shape)}")
         mask = batch.get("attention_mask")
         if mask is not None:
             if not isinstance(mask, Tensor):

@@ -113,6 +113,8 @@ class AdapterConfig:
             v = getattr(self, f.name)
             want = f.type if isinstance(f.type, str) else f.type.__name__
             if want == "float" and isinstance(v, int) and not isinstance(v, bool):
+                if abs(v) > 2**1023:  # float() would overflow
+                    raise config_error(f"{cls}.{f.name}: an int of {len(str(abs(v)))} digits overflows a float")
                 v = float(v)
                 set_(f.name, v)
             ok = {

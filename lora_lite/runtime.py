@@ -716,8 +716,9 @@ def set_coeff(model: nn.Module, value: float) -> None:
             f"set_coeff: {st.variant.NAME} has no runtime 'coeff' knob "
             f"(its knobs: {list(st.variant.RUNTIME_KNOBS) or 'none'})"
         )
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise config_error(f"set_coeff: coeff must be a finite number, got {value!r}")
+    finite = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < math.inf
+    if not finite or (isinstance(value, int) and abs(value) > 2**1023):  # float() would overflow
+        raise config_error(f"set_coeff: coeff must be a finite number, got {repr(value)[:40]}")
     try:  # the config checks the spec's bounds; build every new config before assigning any
         cfg = dataclasses.replace(st.cfg, coeff=float(value))
         per_target = {name: dataclasses.replace(t.cfg, coeff=float(value)) for name, t in st.targets.items()}

@@ -43,6 +43,7 @@ CONFIG_CASES = {
     "rank given as a string": (lambda: ll.LoRAConfig(r="8"), "lora.r: expected int, got '8'"),
     "alpha given as a string": (lambda: ll.LoRAConfig(alpha="16"), "lora.alpha: expected float, got '16'"),
     "alpha given as a tensor": (lambda: ll.LoRAConfig(alpha=torch.tensor(1.0)), "lora.alpha: expected float"),
+    "alpha an int past float range": (lambda: ll.LoRAConfig(alpha=10**400), "lora.alpha: an int of 401 digits"),
     "target_names not strings": (lambda: ll.LoRAConfig(target_names=5), "lora.target_names: expected non-empty"),
     "target_names empty": (lambda: ll.LoRAConfig(target_names=()), "lora.target_names: expected non-empty"),
     "layers a float": (lambda: ll.LoRAConfig(layers=2.0), "lora.layers: expected integers, got 2.0"),
@@ -206,6 +207,12 @@ RUNTIME_CASES = {
         ll.AttachError,
         "trainable_parameters: expected a torch.nn.Module, got NoneType",
     ),
+    "refresh_row_norms: not a model": (
+        None,
+        lambda m, _: rt.refresh_row_norms("model"),
+        ll.AttachError,
+        "refresh_row_norms: expected a torch.nn.Module, got str",
+    ),
     # nothing attached, or attached already
     "detach with nothing attached": (
         mixed_model,
@@ -357,6 +364,12 @@ RUNTIME_CASES = {
         ll.SpecError,
         "got inf",
     ),
+    "set_coeff an int past float range": (
+        lambda: attached("antipasto"),
+        lambda m, _: ll.set_coeff(m, 10**400),
+        ll.SpecError,
+        "set_coeff: coeff must be a finite number, got 1000",
+    ),
     "set_coeff a bool": (lambda: attached("antipasto"), lambda m, _: ll.set_coeff(m, True), ll.SpecError, "got True"),
     "set_coeff a string": (lambda: attached("antipasto"), lambda m, _: ll.set_coeff(m, "1"), ll.SpecError, "got '1'"),
     "set_coeff a tensor": (
@@ -434,6 +447,10 @@ CALIBRATION_CASES = {
     "no batches": ([], "calibration_data is empty (no batches)"),
     "not iterable": (5, "calibration_data is a int: expected an iterable of batches"),
     "a string": ("some text", "calibration_data is a str"),
+    "per-token labels of another shape": (
+        [dict(good(), labels=torch.zeros(2, 5, dtype=torch.long))],
+        "batch 0: labels has shape (2, 5), input_ids (2, 16)",
+    ),
     "mask of another shape": (
         [dict(good(), attention_mask=torch.ones(2, 5, dtype=torch.long))],
         "batch 0: attention_mask has shape (2, 5), input_ids (2, 16)",
@@ -565,3 +582,13 @@ def test_an_adapter_on_a_submodule_accounts_for_its_tensors():
     ll.detach(model)
     ll.detach(model.model.layers[0])
     assert not any(k.startswith("lora_") for k, _ in model.named_parameters())
+
+
+def test_set_coeff_keeps_to_the_specs_bounds_and_changes_nothing_on_refusal(monkeypatch):
+    model = attached("antipasto")
+    monkeypatch.setitem(ll.variant_module("antipasto").BOUNDS, "coeff", (-1.0, 1.0))
+    snap = snapshot(model)
+    refused(ll.SpecError, "set_coeff: antipasto.coeff=2.0 is above its maximum 1.0", ll.set_coeff, model, 2.0)
+    assert_unchanged(model, snap)  # the state's config and every target's
+    ll.set_coeff(model, -1)
+    assert {t.cfg.coeff for t in ll.state(model).targets.values()} == {ll.state(model).cfg.coeff} == {-1.0}
