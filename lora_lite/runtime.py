@@ -5,13 +5,15 @@ target's tensors are built, so a failure leaves the model as it was):
 
     attach(model, cfg, calibration_data=None)
       1. find targets: linear-like modules (in_features, out_features, weight) whose names
-         match cfg.target_names (re.search) and cfg.layers; lm_head and embeddings excluded
+         match cfg.target_names (re.search) and cfg.layers; lm_head and embeddings excluded;
+         preflight: every check on the model and its targets (load runs it too)
       2. clamp rank hyperparameters per target to min(d_in, d_out) (one warning per target)
       3. calibrate on the *intact* model: input statistics of every target (padding excluded)
       4. build each target's tensors with the variant's init(W, cfg, stats), in fp32
       5. install: freeze every base parameter, register the tensors on the target (names
          start `lora_`; trainable ones as nn.Parameter, frozen ones as buffers), crop W to
-         W_res = W - frozen_weight() when cfg.residual == "crop", register the hook
+         W_res = W - frozen_weight() when cfg.residual == "crop", register the hook; a
+         failure here takes all of it back out
     cfg.residual == "subtract" leaves W untouched (the hook takes the frozen part out), which is
     what bitsandbytes 4/8-bit targets need: attach refuses crop on them before step 3.
     A hook returns the layer's new output (output hooks) or new input (input pre-hooks),
@@ -402,8 +404,12 @@ def _stray(model: nn.Module, tensors: set, hooks: set) -> str | None:
 
 
 def _storage(t: Tensor) -> tuple:
-    """Where a tensor's memory lives: equal for tensors that share storage (tied weights, views)."""
-    return (t.device, t.untyped_storage().data_ptr())
+    """Where a tensor's memory lives: equal for tensors that share storage (tied weights, views).
+    A tensor subclass without a storage of its own (DTensor) is keyed by identity."""
+    try:
+        return (t.device, t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return ("object", id(t))
 
 
 def _check_crop_weights(gen: ModuleType, model: nn.Module, targets: dict[str, nn.Module], fix: str) -> None:

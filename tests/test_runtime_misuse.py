@@ -6,6 +6,7 @@ submodule's own train/eval flag, module attributes, adapter state)."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -326,6 +327,12 @@ RUNTIME_CASES = {
         lambda m, _: ll.attach(m, ll.LoRAConfig()),
         ll.AttachError,
         "attach: model.layers.0.self_attn.k_proj has a lora-lite hook, which no attached lora-lite adapter",
+    ),
+    "a deep copy of one adapted block": (
+        lambda: copy.deepcopy(attached().model.layers[0]),
+        lambda m, _: ll.attach(m, ll.LoRAConfig()),
+        ll.AttachError,
+        "attach: self_attn.q_proj holds lora_A, which no attached lora-lite adapter accounts for",
     ),
     "an adapter tensor copied onto a non-target layer": (
         lambda: with_extra("layers.1.mlp.up_proj.lora_A", torch.nn.Parameter(torch.zeros(2, 32))),
