@@ -50,6 +50,7 @@ from .config import dtype_name
 from .registry import shipped_names, spec_text, variant_from_text, variant_module
 from .runtime import (
     AttachError,
+    OutputHook,
     base_weight,
     check_quantized,
     fingerprint_distance,
@@ -465,21 +466,26 @@ def load(model: nn.Module, path: str | os.PathLike, *, residual: str | None = No
     "subtract" to put an adapter trained with crop on a float base onto a 4/8-bit base.
 
     Checks, in order, before changing anything (nothing runs from the file but the spec
-    compiler's validated output): nothing attached yet; a safetensors file (never a pickle)
-    within the size limits; format version 1 or 2; the sha256 digest when present (format 2
-    always has one); no NaN/inf in the metadata; the metadata against checkpoint_schema.SCHEMA;
-    every tensor in the adapter dtype and belonging to a target; the spec text compiles
-    (SpecError -> `$.spec`); config and per-target hyperparameters are exactly the spec's keys
-    within its bounds, ranks at most min(d_in, d_out); every target exists, is linear-like and
-    has the saved shape; a quantized target is supported (no crop); each target has exactly the
-    spec's tensors with the spec's shapes, finite; the base weight's fingerprint matches within
-    FINGERPRINT_TOL, or FINGERPRINT_TOL_QUANT when either side is quantized (an error for
-    variants whose math depends on W, else a warning). Tensor bytes are read only after their
-    shapes passed. Raises CheckpointError naming the file and key path or tensor, AttachError
-    (already attached, quantized target), ValueError for a residual the variant does not take.
+    compiler's validated output): nothing attached yet, not under torch.inference_mode; a
+    safetensors file (never a pickle) within the size limits; format version 1 or 2; the sha256
+    digest when present (format 2 always has one); no NaN/inf or control characters in the
+    metadata; the metadata against checkpoint_schema.SCHEMA; every tensor in the adapter dtype
+    and belonging to a target; the spec text compiles (SpecError -> `$.spec`); config and
+    per-target hyperparameters are exactly the spec's keys within its bounds, ranks at most
+    min(d_in, d_out); every target exists, is linear-like and has the saved shape; a quantized
+    target is supported (no crop); no target already has an attribute named like an adapter
+    tensor, a lora-lite hook or meta weights; crop targets do not share a weight; each target
+    has exactly the spec's tensors with the spec's shapes, finite; the base weight's
+    fingerprint matches within FINGERPRINT_TOL, or FINGERPRINT_TOL_QUANT when either side is
+    quantized (an error for variants whose math depends on W, else a warning). Tensor bytes are
+    read only after their shapes passed. Raises CheckpointError naming the file and key path or
+    tensor, AttachError naming the layer (already attached, quantized target, a layer that
+    cannot take the adapter), ValueError for a residual the variant does not take.
     """
     if state(model) is not None:
         raise AttachError(f"load: model already has a {state(model).variant.NAME} adapter; call ll.detach(model) first")
+    if torch.is_inference_mode_enabled():
+        raise AttachError("load: called under torch.inference_mode, whose tensors cannot be trained; load outside it")
     path = Path(path)
     with _File(path) as ck:
         meta = _check_metadata(ck)
@@ -487,6 +493,15 @@ def load(model: nn.Module, path: str | os.PathLike, *, residual: str | None = No
         cfg = _load_config(path, gen, meta["config"], residual)
         modules = dict(model.named_modules())
         plans = {name: _plan_target(ck, gen, cfg, name, tmeta, modules) for name, tmeta in meta["targets"].items()}
+        if cfg.residual == "crop":  # cropping one weight twice would corrupt it
+            owners = {}
+            for name, (m, *_) in plans.items():
+                other = owners.setdefault(m.weight.data_ptr(), name)
+                if other != name:
+                    raise AttachError(
+                        f"load: {other} and {name} share one weight, which residual crop would crop twice; "
+                        "use ll.load(model, path, residual='subtract')"
+                    )
         extra = sorted(set(ck.table) - {f"{name}.{k}" for name, p in plans.items() for k in p[2]})
         if extra:
             raise _err(path, f"tensor {extra[0]!r}", f"is not a tensor of {gen.NAME} ({len(extra)} extra tensors)")
@@ -525,6 +540,7 @@ def _plan_target(ck: _File, gen, cfg, name: str, tmeta: dict, modules: dict) -> 
         msg = f"model layer is (d_out, d_in) = {tuple(shape)}, checkpoint expects {saved}"
         raise _err(path, _jpath(where), msg + f" (weight_shape {tmeta['weight_shape']})")
     check_quantized(gen, cfg, name, m, fix="ll.load(model, path, residual='subtract')")
+    _check_free(gen, name, m)
     hyper = tmeta["hyperparameters"]
     _config(path, gen, hyper, where + ("hyperparameters",), list(gen.BOUNDS))
     for k in gen.RANKS:
@@ -544,6 +560,19 @@ def _plan_target(ck: _File, gen, cfg, name: str, tmeta: dict, modules: dict) -> 
         if got != tuple(shape_k):
             raise _err(path, f"tensor {key!r}", f"has shape {got}, spec expects {tuple(shape_k)}")
     return m, cfg_t, want, tmeta
+
+
+def _check_free(gen, name: str, m: nn.Module) -> None:
+    """AttachError unless the layer can take the spec's tensors: no attribute, parameter, buffer
+    or child of those names (a PEFT-wrapped layer has `lora_A`), no lora-lite hook left behind,
+    a weight that is not on the meta device."""
+    taken = [k for k in gen.PARAMS if hasattr(m, k)]
+    hooks = (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+    if taken or any(isinstance(h, OutputHook) for h in hooks):
+        what = ", ".join(map(repr, taken)) or "a lora-lite hook"
+        raise AttachError(f"load: {name} already has {what} (a PEFT-wrapped layer or a leftover adapter); not changed")
+    if m.weight.is_meta:
+        raise AttachError(f"load: {name}: the weight is on the meta device; load the model's weights first")
 
 
 def _read_target(ck: _File, gen, name: str, m, cfg_t, want: dict, tmeta: dict, strict: bool) -> tuple:

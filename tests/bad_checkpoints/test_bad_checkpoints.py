@@ -470,6 +470,20 @@ def model_cases() -> list[Case]:
         ll.attach(m, ll.LoRAConfig(r=2))
         return m
 
+    def peft_wrapped():
+        m = make_model()
+        m.model.layers[0].self_attn.q_proj.lora_A = torch.nn.ModuleDict()  # as PEFT's LoraLayer has
+        return m
+
+    def shared_weight():
+        m = make_model()
+        m.model.layers[1].self_attn.q_proj.weight = m.model.layers[0].self_attn.q_proj.weight
+        return m
+
+    def same_fingerprint(meta):  # saved from a model whose layer 1 q_proj shares layer 0's weight
+        t = meta["targets"]
+        t["model.layers.1.self_attn.q_proj"]["fingerprint"] = t[Q]["fingerprint"]
+
     fit = "model does not fit"
     return [
         Case(
@@ -482,6 +496,15 @@ def model_cases() -> list[Case]:
         Case(fit, "wider", same, "model layer is (d_out, d_in) = (48, 48)", model=lambda: make_model(d=48)),
         Case(fit, "other weights", same, "base weight differs", model=lambda: make_model(seed=5)),
         Case(fit, "already attached", same, "already has a lora adapter", ll.AttachError, model=attached),
+        Case(fit, "PEFT-wrapped layer", same, f"{Q} already has 'lora_A'", ll.AttachError, model=peft_wrapped),
+        Case(
+            fit,
+            "crop of a shared weight",
+            edit_meta(same_fingerprint),
+            "share one weight",
+            ll.AttachError,
+            model=shared_weight,
+        ),
         Case(
             fit,
             "bad residual argument",
@@ -541,3 +564,27 @@ def test_bad_checkpoint_is_refused_in_one_line_and_changes_nothing(case, good, t
 
 def test_every_case_is_named_once():  # pytest would quietly rename a duplicate id
     assert len({(c.cls, c.id) for c in TABLE}) == len(TABLE)
+
+
+def test_models_load_cannot_adapt_are_refused_unchanged(good):
+    """Layers with a leftover lora-lite hook or meta weights, and inference mode: AttachError."""
+    from lora_lite.runtime import OutputHook
+
+    hooked = make_model()
+    q = hooked.model.layers[0].self_attn.q_proj
+    q.register_forward_hook(OutputHook(None, torch.float32))  # left by an attach that failed half-way
+    meta = make_model()
+    meta.model.layers[1].self_attn.v_proj.weight = torch.nn.Parameter(torch.empty(16, 32, device="meta"))
+    plain = make_model()
+    for model, fragment, ctx in [
+        (hooked, f"{Q} already has a lora-lite hook", torch.enable_grad),
+        (meta, "model.layers.1.self_attn.v_proj: the weight is on the meta device", torch.enable_grad),
+        (plain, "called under torch.inference_mode", torch.inference_mode),
+    ]:
+        real = {k: v for k, v in model.state_dict().items() if not v.is_meta}
+        snap = ({k: v.clone() for k, v in real.items()}, modes(model), len(q._forward_hooks))
+        with pytest.raises(ll.AttachError, match=fragment), ctx():
+            ll.load(model, good)
+        assert ll.state(model) is None and modes(model) == snap[1] and len(q._forward_hooks) == snap[2]
+        assert all(torch.equal(v, snap[0][k]) for k, v in model.state_dict().items() if not v.is_meta)
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n, _ in model.named_parameters()}
