@@ -585,7 +585,7 @@ def _read_target(ck: _File, gen, name: str, m, cfg_t, want: dict, tmeta: dict, s
     info = target_info(m, base_weight(m))
     dist = fingerprint_distance(info["fingerprint"], tmeta["fingerprint"])
     tol = FINGERPRINT_TOL_QUANT if (info["quantization"] or tmeta.get("quantization")) else FINGERPRINT_TOL
-    if dist > tol:
+    if not dist <= tol:  # NaN (from absurd saved values) counts as a mismatch
         msg = f"base weight differs from the one the adapter was trained on (fingerprint distance {dist:.2f} > {tol})"
         if strict:
             raise _err(path, where, msg + f"; {gen.NAME}'s math depends on W, refusing to load")

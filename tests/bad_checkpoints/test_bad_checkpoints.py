@@ -208,6 +208,7 @@ def value_cases() -> list[Case]:
         C("fingerprint length", "8 entries", fp, [1.0] * 8, "fingerprint: has 8, expected at least 9"),
         C("fingerprint length", "10 entries", fp, [1.0] * 10, "fingerprint: has 10, expected at most 9"),
         C("fingerprint length", "empty", fp, [], "fingerprint: has 0, expected at least 9"),
+        C("fingerprint value", "1e308 norm", fp + (0,), 1e308, "base weight differs from the one the adapter was"),
         C("fingerprint length", "negative norm", fp + (0,), -1.0, "fingerprint[0]: -1.0 is below the minimum 0"),
         C("empty or mistyped targets", "empty targets", ("targets",), {}, "$.targets: has 0, expected at least 1"),
         C("empty or mistyped targets", "targets a list", ("targets",), [Q], "$.targets: expected object"),
