@@ -685,7 +685,7 @@ def _write_atomic(path: Path, blob: bytes) -> None:
     real = Path(os.path.realpath(path))  # a symlink: replace the file it points to
     try:
         if real.is_dir():
-            raise IsADirectoryError(21, "Is a directory")
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
         real.parent.mkdir(parents=True, exist_ok=True)
         try:
             mode = stat.S_IMODE(os.stat(real).st_mode)
@@ -695,12 +695,12 @@ def _write_atomic(path: Path, blob: bytes) -> None:
     except OSError as e:
         raise _err(path, None, f"cannot write: {e.strerror or e}") from None
     try:
-        if mode is not None:
-            os.fchmod(fd, mode)
         _write_all(fd, blob)
         os.fsync(fd)
         with _File(tmp) as ck:  # read back: never put a file ll.load would refuse in place of a good one
             _check_metadata(ck)
+        if mode is not None:  # after the read-back, which a mode like 0o200 would forbid
+            os.fchmod(fd, mode)
         os.replace(tmp, real)
     except BaseException as e:
         try:
