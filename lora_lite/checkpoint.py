@@ -50,12 +50,13 @@ from .config import dtype_name
 from .registry import shipped_names, spec_text, variant_from_text, variant_module
 from .runtime import (
     AttachError,
-    OutputHook,
     base_weight,
+    check_model,
     check_quantized,
     fingerprint_distance,
     install,
     is_linear_like,
+    preflight,
     state,
     target_info,
 )
@@ -484,8 +485,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, residual: str | None = No
     """
     if state(model) is not None:
         raise AttachError(f"load: model already has a {state(model).variant.NAME} adapter; call ll.detach(model) first")
-    if torch.is_inference_mode_enabled():
-        raise AttachError("load: called under torch.inference_mode, whose tensors cannot be trained; load outside it")
+    check_model(model, "load")
     path = Path(path)
     with _File(path) as ck:
         meta = _check_metadata(ck)
@@ -493,15 +493,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, residual: str | None = No
         cfg = _load_config(path, gen, meta["config"], residual)
         modules = dict(model.named_modules())
         plans = {name: _plan_target(ck, gen, cfg, name, tmeta, modules) for name, tmeta in meta["targets"].items()}
-        if cfg.residual == "crop":  # cropping one weight twice would corrupt it
-            owners = {}
-            for name, (m, *_) in plans.items():
-                other = owners.setdefault(m.weight.data_ptr(), name)
-                if other != name:
-                    raise AttachError(
-                        f"load: {other} and {name} share one weight, which residual crop would crop twice; "
-                        "use ll.load(model, path, residual='subtract')"
-                    )
+        preflight(model, cfg, {name: plan[0] for name, plan in plans.items()}, op="load")
         extra = sorted(set(ck.table) - {f"{name}.{k}" for name, p in plans.items() for k in p[2]})
         if extra:
             raise _err(path, f"tensor {extra[0]!r}", f"is not a tensor of {gen.NAME} ({len(extra)} extra tensors)")
@@ -540,7 +532,6 @@ def _plan_target(ck: _File, gen, cfg, name: str, tmeta: dict, modules: dict) -> 
         msg = f"model layer is (d_out, d_in) = {tuple(shape)}, checkpoint expects {saved}"
         raise _err(path, _jpath(where), msg + f" (weight_shape {tmeta['weight_shape']})")
     check_quantized(gen, cfg, name, m, fix="ll.load(model, path, residual='subtract')")
-    _check_free(gen, name, m)
     hyper = tmeta["hyperparameters"]
     _config(path, gen, hyper, where + ("hyperparameters",), list(gen.BOUNDS))
     for k in gen.RANKS:
@@ -560,19 +551,6 @@ def _plan_target(ck: _File, gen, cfg, name: str, tmeta: dict, modules: dict) -> 
         if got != tuple(shape_k):
             raise _err(path, f"tensor {key!r}", f"has shape {got}, spec expects {tuple(shape_k)}")
     return m, cfg_t, want, tmeta
-
-
-def _check_free(gen, name: str, m: nn.Module) -> None:
-    """AttachError unless the layer can take the spec's tensors: no attribute, parameter, buffer
-    or child of those names (a PEFT-wrapped layer has `lora_A`), no lora-lite hook left behind,
-    a weight that is not on the meta device."""
-    taken = [k for k in gen.PARAMS if hasattr(m, k)]
-    hooks = (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
-    if taken or any(isinstance(h, OutputHook) for h in hooks):
-        what = ", ".join(map(repr, taken)) or "a lora-lite hook"
-        raise AttachError(f"load: {name} already has {what} (a PEFT-wrapped layer or a leftover adapter); not changed")
-    if m.weight.is_meta:
-        raise AttachError(f"load: {name}: the weight is on the meta device; load the model's weights first")
 
 
 def _read_target(ck: _File, gen, name: str, m, cfg_t, want: dict, tmeta: dict, strict: bool) -> tuple:

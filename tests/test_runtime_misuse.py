@@ -269,7 +269,7 @@ RUNTIME_CASES = {
         half_meta,
         lambda m, tmp: ll.load(m, saved(tmp)),
         ll.AttachError,
-        "a Linear weight (32, 32) is on the meta device",
+        f"{Q0}: weight is on the meta device",
     ),
     # a target already holds something with an adapter tensor's name
     "a PEFT-wrapped layer (lora_A ModuleDict)": (

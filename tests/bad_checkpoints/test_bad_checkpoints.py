@@ -212,11 +212,11 @@ def value_cases() -> list[Case]:
         C("fingerprint length", "negative norm", fp + (0,), -1.0, "fingerprint[0]: -1.0 is below the minimum 0"),
         C("empty or mistyped targets", "empty targets", ("targets",), {}, "$.targets: has 0, expected at least 1"),
         C("empty or mistyped targets", "targets a list", ("targets",), [Q], "$.targets: expected object"),
-        C("out-of-bounds hyperparameter", "config r=0", cf + ("r",), 0, "$.config.r: Config.r=0 is below its minimum"),
+        C("out-of-bounds hyperparameter", "config r=0", cf + ("r",), 0, "$.config.r: pissa.r=0 is below its minimum"),
         C("out-of-bounds hyperparameter", "config r=-3", cf + ("r",), -3, "$.config.r:"),
-        C("out-of-bounds hyperparameter", "config r bool", cf + ("r",), True, "$.config.r: Config.r: expected int"),
-        C("out-of-bounds hyperparameter", "config r float", cf + ("r",), 2.5, "$.config.r: Config.r: expected int"),
-        C("out-of-bounds hyperparameter", "target r=0", hp + ("r",), 0, f"{path_of(hp)}.r: Config.r=0 is below"),
+        C("out-of-bounds hyperparameter", "config r bool", cf + ("r",), True, "$.config.r: pissa.r: expected int"),
+        C("out-of-bounds hyperparameter", "config r float", cf + ("r",), 2.5, "$.config.r: pissa.r: expected int"),
+        C("out-of-bounds hyperparameter", "target r=0", hp + ("r",), 0, f"{path_of(hp)}.r: pissa.r=0 is below"),
         C("out-of-bounds hyperparameter", "target r > d", hp + ("r",), 33, "r: 33 exceeds min(d_in, d_out) = 32"),
         C("out-of-bounds hyperparameter", "target r huge", hp + ("r",), 2**40, "exceeds min(d_in, d_out)"),
         C("unknown key", "config key", cf + ("beta",), 1.0, "$.config.beta: unknown key for pissa"),
@@ -497,12 +497,19 @@ def model_cases() -> list[Case]:
         Case(fit, "wider", same, "model layer is (d_out, d_in) = (48, 48)", model=lambda: make_model(d=48)),
         Case(fit, "other weights", same, "base weight differs", model=lambda: make_model(seed=5)),
         Case(fit, "already attached", same, "already has a lora adapter", ll.AttachError, model=attached),
-        Case(fit, "PEFT-wrapped layer", same, f"{Q} already has 'lora_A'", ll.AttachError, model=peft_wrapped),
+        Case(
+            fit,
+            "PEFT-wrapped layer",
+            same,
+            f"{Q} already has a child module (ModuleDict) named 'lora_A'",
+            ll.AttachError,
+            model=peft_wrapped,
+        ),
         Case(
             fit,
             "crop of a shared weight",
             edit_meta(same_fingerprint),
-            "share one weight",
+            "shares its storage with",
             ll.AttachError,
             model=shared_weight,
         ),
@@ -578,9 +585,9 @@ def test_models_load_cannot_adapt_are_refused_unchanged(good):
     meta.model.layers[1].self_attn.v_proj.weight = torch.nn.Parameter(torch.empty(16, 32, device="meta"))
     plain = make_model()
     for model, fragment, ctx in [
-        (hooked, f"{Q} already has a lora-lite hook", torch.enable_grad),
-        (meta, "model.layers.1.self_attn.v_proj: the weight is on the meta device", torch.enable_grad),
-        (plain, "called under torch.inference_mode", torch.inference_mode),
+        (hooked, f"{Q} has a lora-lite hook", torch.enable_grad),
+        (meta, "model.layers.1.self_attn.v_proj: weight is on the meta device", torch.enable_grad),
+        (plain, "load: refused under torch.inference_mode", torch.inference_mode),
     ]:
         real = {k: v for k, v in model.state_dict().items() if not v.is_meta}
         snap = ({k: v.clone() for k, v in real.items()}, modes(model), len(q._forward_hooks))
