@@ -5,6 +5,7 @@ hyperparameters (`lora_lite.generated.lora.Config` is `ll.LoRAConfig`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass
 from types import ModuleType
@@ -94,16 +95,17 @@ class AdapterConfig:
                 continue
             v = getattr(self, f.name)
             want = f.type if isinstance(f.type, str) else f.type.__name__
-            if want == "float" and isinstance(v, int) and not isinstance(v, bool):
+            if want == "float" and isinstance(v, int) and not isinstance(v, bool) and abs(v) <= 2**53:
                 v = float(v)
                 set_(f.name, v)
             ok = {
                 "int": isinstance(v, int) and not isinstance(v, bool),
-                "float": isinstance(v, float),
+                "float": isinstance(v, float) and math.isfinite(v),
                 "bool": isinstance(v, bool),
             }[want]
             if not ok:
-                raise ValueError(f"{cls}.{f.name}: expected {want}, got {v!r}")
+                what = {"int": "int", "float": "finite float", "bool": "bool"}[want]
+                raise ValueError(f"{cls}.{f.name}: expected {what}, got {v!r}")
             lo, hi = gen.BOUNDS[f.name]
             if lo is not None and v < lo:
                 raise ValueError(f"{cls}.{f.name}={v!r} is below its minimum {lo}")
