@@ -11,6 +11,7 @@ and combinations that have no template fragment.
 
 from __future__ import annotations
 
+import collections
 import json
 import keyword
 import math
@@ -175,10 +176,6 @@ def shipped_specs_dir() -> Path:
     return Path(str(resources.files("lora_lite.specs")))
 
 
-class _Loader(yaml.SafeLoader):
-    """Safe loader that records the line of every key path and refuses duplicate keys."""
-
-
 # Limits on a spec document, checked before anything is built from it: a shipped spec is ~3 KiB,
 # 6 levels deep and ~400 YAML events.
 MAX_BYTES = 256 * 1024
@@ -191,18 +188,22 @@ MAX_DIM = 2**31
 _STR_TAG = "tag:yaml.org,2002:str"
 
 
-def _pre_scan(text: str, where: str) -> None:
-    """Walk the YAML event stream (no objects built, no recursion) and bound it.
+# Events come from libyaml when PyYAML has it (fast; iterative), else from PyYAML's own parser.
+_EventLoader = getattr(yaml, "CSafeLoader", None) or yaml.SafeLoader
+
+
+def _events(text: str, where: str) -> list[yaml.Event]:
+    """The YAML event stream of `text`, bounded before any object is built.
 
     Refuses aliases (`*name`: no anchor expansion, so no "billion laughs"), nesting deeper than
     MAX_DEPTH (the composer recurses per level) and more than MAX_EVENTS events.
     """
-    depth = events = 0
-    loader = _Loader(text)
+    depth, out = 0, []
+    loader = _EventLoader(text)
     try:
         while loader.check_event():
             ev = loader.get_event()
-            events += 1
+            out.append(ev)
             line = ev.start_mark.line + 1 if ev.start_mark else 0
             if isinstance(ev, yaml.AliasEvent):
                 raise SpecError([f"{where}:{line}: $: YAML aliases (*{ev.anchor}) are not allowed in a spec"])
@@ -212,10 +213,30 @@ def _pre_scan(text: str, where: str) -> None:
                     raise SpecError([f"{where}:{line}: $: nested deeper than {MAX_DEPTH} levels"])
             elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
                 depth -= 1
-            if events > MAX_EVENTS:
+            if len(out) > MAX_EVENTS:
                 raise SpecError([f"{where}:{line}: $: more than {MAX_EVENTS} YAML nodes (a spec is a few hundred)"])
     finally:
         loader.dispose()
+    return out
+
+
+class _Replay(yaml.composer.Composer, yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
+    """PyYAML's safe composer and constructor, fed from a checked event list instead of a parser."""
+
+    def __init__(self, events: list[yaml.Event]):
+        self._queue = collections.deque(events)
+        yaml.composer.Composer.__init__(self)
+        yaml.constructor.SafeConstructor.__init__(self)
+        yaml.resolver.Resolver.__init__(self)
+
+    def check_event(self, *choices) -> bool:
+        return bool(self._queue) and (not choices or isinstance(self._queue[0], choices))
+
+    def peek_event(self) -> yaml.Event:
+        return self._queue[0]
+
+    def get_event(self) -> yaml.Event:
+        return self._queue.popleft()
 
 
 def _walk(node: yaml.Node, path: tuple, lines: dict, problems: list, where: str) -> None:
@@ -279,20 +300,16 @@ def parse_yaml(text: str, where: str) -> tuple[Any, dict]:
     if len(text) > MAX_BYTES:
         raise SpecError([f"{where}: $: {len(text)} characters; a spec may hold at most {MAX_BYTES}"])
     try:
-        _pre_scan(text, where)
-        loader = _Loader(text)
-        try:
-            node = loader.get_single_node()
-            if node is None:
-                raise SpecError([f"{where}: $: empty file"])
-            lines: dict = {}
-            problems: list[str] = []
-            _walk(node, (), lines, problems, where)
-            if problems:
-                raise SpecError(problems)
-            data = loader.construct_document(node)
-        finally:
-            loader.dispose()
+        loader = _Replay(_events(text, where))
+        node = loader.get_single_node()
+        if node is None:
+            raise SpecError([f"{where}: $: empty file"])
+        lines: dict = {}
+        problems: list[str] = []
+        _walk(node, (), lines, problems, where)
+        if problems:
+            raise SpecError(problems)
+        data = loader.construct_document(node)
     except yaml.YAMLError as e:
         raise _yaml_error(e, text, where) from None
     except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as e:
@@ -354,9 +371,15 @@ def _line(lines: dict, path) -> str:
 _NUMBER_LIKE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE]\d+\Z")
 
 
+@lru_cache(maxsize=1)
+def _validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(schema())
+
+
 def _schema_problems(data: Any, lines: dict, where: str) -> list[str]:
-    validator = jsonschema.Draft202012Validator(schema())
+    validator = _validator()
     defs = schema()["$defs"]
+    target_pattern = schema()["properties"]["target"]["properties"]["names"]["items"]["pattern"]
     errors = sorted(validator.iter_errors(data), key=jsonschema.exceptions.relevance)
     out = []
     for err in errors:
@@ -375,6 +398,8 @@ def _schema_problems(data: Any, lines: dict, where: str) -> list[str]:
             )
         elif err.validator == "pattern" and err.validator_value == defs["text"]["pattern"]:
             msg = "text may not contain backslashes, triple quotes or control characters (it goes into a docstring)"
+        elif err.validator == "pattern" and err.validator_value == target_pattern:
+            msg = "a target regex may not contain line breaks or control characters"
         elif err.validator == "not":
             msg = "text may not contain triple quotes (it is copied into a docstring)"
         elif err.validator in ("maxLength", "minLength"):
@@ -419,7 +444,7 @@ def _semantic_problems(data: dict, lines: dict, where: str, stem: str | None) ->
         d = h["default"]
         want = {"int": int, "float": (int, float), "bool": bool}[h["type"]]
         if isinstance(d, bool) != (h["type"] == "bool") or not isinstance(d, want):
-            bad(p + ("default",), f"{d!r} is not a {h['type']}")
+            bad(p + ("default",), f"{d!r} is not {'an' if h['type'] == 'int' else 'a'} {h['type']}")
             continue
         if h["type"] == "bool":
             for k in ("min", "max"):
@@ -493,7 +518,7 @@ def _semantic_problems(data: dict, lines: dict, where: str, stem: str | None) ->
     for i, rx in enumerate(data["target"]["names"]):
         try:
             re.compile(rx)
-        except re.error as e:
+        except (re.error, OverflowError, RecursionError) as e:
             bad(("target", "names", i), f"bad regex {rx!r}: {e}")
     own_init = any(p["init"] == "core" for p in data["params"].values())
     missing = has_fragments(
