@@ -1,6 +1,6 @@
 """Render validated specs into hook modules under generated/.
 
-    render(spec) -> str            the module text (deterministic; ast-checked)
+    render(spec) -> str            the module text (deterministic; compiled, allow-list checked)
     generate(specs_dir, out_dir)   write changed files, remove orphans; returns changed paths
     check(specs_dir, out_dir)      render in memory; returns stale/missing/orphaned paths
 

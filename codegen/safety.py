@@ -260,12 +260,15 @@ def _names_stored(fn: ast.FunctionDef) -> set[str]:
     return names
 
 
-def _expr_problem(node: ast.AST, known: set[str], modules: set[str]) -> str | None:
+def _expr_problem(node: ast.AST, known: set[str], modules: set[str], annotation: bool = False) -> str | None:
     """What is wrong with a function body or annotation, or None."""
+    module_uses = {id(n.value) for n in ast.walk(node) if isinstance(n, ast.Attribute)}
     for n in ast.walk(node):
         line = getattr(n, "lineno", "?")
-        if isinstance(n, _BANNED):
+        if isinstance(n, _BANNED) or (annotation and isinstance(n, ast.Call)):
             return f"line {line}: {type(n).__name__} is not allowed in a generated function"
+        if isinstance(n, ast.Name) and n.id in modules and id(n) not in module_uses:
+            return f"line {line}: module {n.id!r} may only be used as {n.id}.<allowed attribute>"
         if isinstance(n, ast.Attribute):
             if n.attr.startswith("_"):
                 return f"line {line}: attribute {n.attr!r} is not allowed (private or dunder)"
@@ -278,11 +281,13 @@ def _expr_problem(node: ast.AST, known: set[str], modules: set[str]) -> str | No
         if isinstance(n, ast.Name) and n.id.startswith("_") and n.id != "_":
             return f"line {line}: name {n.id!r} is not allowed (private or dunder)"
         if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "getattr":
-            name = n.args[1] if len(n.args) > 1 else None
+            obj, name = (n.args + [None, None])[:2]
             if not (
                 isinstance(name, ast.Constant) and isinstance(name.value, str) and name.value.isidentifier()
             ) or name.value.startswith("_"):
                 return f"line {line}: getattr needs a constant public attribute name"
+            if isinstance(obj, ast.Name) and obj.id in modules:
+                return f"line {line}: getattr on module {obj.id!r} is not allowed"
     return None
 
 
@@ -295,12 +300,15 @@ def _function_problem(fn: ast.FunctionDef, globals_: set[str], modules: set[str]
     if not all(_is_literal(d) for d in defaults):
         return f"def {fn.name}: default values must be literals"
     known = globals_ | BUILTINS | _names_stored(fn)
-    for part in fn.body + [a.annotation for a in fn.args.args if a.annotation] + [fn.returns]:
-        if part is None:
-            continue
+    args = fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs + [fn.args.vararg, fn.args.kwarg]
+    for part in fn.body:
         why = _expr_problem(part, known, modules)
         if why:
             return f"def {fn.name}, {why}"
+    for part in [a.annotation for a in args if a is not None] + [fn.returns]:
+        why = part is not None and _expr_problem(part, known, modules, annotation=True)
+        if why:
+            return f"def {fn.name}, annotation {why}"
     return None
 
 
@@ -311,9 +319,12 @@ def verify(text: str) -> None:
     names; `@dataclass(frozen=True) class Config(AdapterConfig)` with `name: type = literal` fields;
     `def` of public lower-case functions without decorators and with literal defaults. Inside
     functions: names the module defines, its arguments and locals, BUILTINS; attributes of torch,
-    nn and math from MODULE_ATTRS; no private or dunder attribute; no import, global, lambda,
-    nested def or class. Importing such a module runs nothing but these definitions.
-    Raises UnsafeText naming the line and the rule.
+    nn and math from MODULE_ATTRS (a module name only as `torch.<attribute>`); no private or
+    dunder attribute; no import, global, lambda, nested def or class; annotations without calls
+    (and never evaluated: the module must import annotations from __future__). Importing such a
+    module runs nothing but these definitions. The checks on function bodies narrow what they
+    can name but are no sandbox: spec data stays out of code because it enters only through
+    literal(), doc_text() and comment_text(). Raises UnsafeText naming the line and the rule.
     """
     try:
         compile(text, "<generated>", "exec", dont_inherit=True)
@@ -356,6 +367,8 @@ def verify(text: str) -> None:
         if name in seen or name in globals_:
             raise UnsafeText(f"{where}: {name} is defined twice")
         seen.add(name)
+    if "annotations" not in globals_:  # without it, annotations would be evaluated at import
+        raise UnsafeText("the module must start with `from __future__ import annotations`")
     globals_ |= seen
     for fn in functions:
         why = _function_problem(fn, globals_, modules)

@@ -3,10 +3,17 @@
     load_spec(path) -> Spec          raises SpecError: one line per problem, best first,
                                      each `file:line: $.key.path: message`
 
-YAML is read with PyYAML's safe loader; duplicate keys are refused (PyYAML keeps the last one
-silently). The JSON Schema `specs/schema.json` catches structure and types; the checks here
-catch what a schema cannot: shape expressions, the tensors and hyperparameters a core needs,
-and combinations that have no template fragment.
+Spec text may come from untrusted hands (a checkpoint carries it), so it is checked in stages,
+each refusing with SpecError before the next runs:
+    parse_yaml       size (MAX_BYTES), then the YAML event stream: no aliases, nesting at most
+                     MAX_DEPTH, at most MAX_EVENTS events; then PyYAML's safe composer and
+                     constructor: string keys only, no duplicate keys (PyYAML would keep the last)
+    _value_problems  every string and number, whatever its field: no control characters or line
+                     separators (safety.FORBIDDEN), finite numbers of size <= 2**53, JSON types only
+    _schema_problems the JSON Schema `specs/schema.json`: structure, types, patterns, bounds
+    _semantic_problems what a schema cannot say: defaults within min/max, shape expressions,
+                     the tensors and hyperparameters a core needs, combinations with no fragment
+Nothing here raises anything but SpecError on bad input.
 """
 
 from __future__ import annotations
@@ -186,6 +193,7 @@ MAX_NUMBER = 2**53
 # A tensor dimension a shape expression may give with the defaults.
 MAX_DIM = 2**31
 _STR_TAG = "tag:yaml.org,2002:str"
+_INT_TAG = "tag:yaml.org,2002:int"
 
 
 # Events come from libyaml when PyYAML has it (fast; iterative), else from PyYAML's own parser.
@@ -260,6 +268,8 @@ def _walk(node: yaml.Node, path: tuple, lines: dict, problems: list, where: str)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             _walk(item, path + (i,), lines, problems, where)
+    elif node.tag == _INT_TAG and len(node.value) > 40:  # Python refuses ints of > 4300 digits; none is sane
+        problems.append(f"{where}:{lines[path]}: {_fmt(path)}: an integer of {len(node.value)} characters")
 
 
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_]+\Z")

@@ -233,6 +233,9 @@ HOSTILE = {
     "lambda": "def f():\n    return lambda: 1\n",
     "second Config": "class Other(AdapterConfig):\n    pass\n",
     "global": "def f():\n    global X\n",
+    "module alias": "def f():\n    t = torch\n    return t.load('x')\n",
+    "getattr on a module": "def f():\n    return getattr(torch, 'load')('x')\n",
+    "call in an annotation": "def f(x: torch.zeros(1)):\n    pass\n",
 }
 
 
@@ -242,6 +245,11 @@ def test_verify_refuses_what_generated_code_may_not_hold(label):
     with pytest.raises(UnsafeText) as e:
         verify(BASE_SRC + "\n\n" + HOSTILE[label])
     assert "\n" not in str(e.value)
+
+
+def test_verify_requires_annotations_to_stay_unevaluated():
+    with pytest.raises(UnsafeText, match="from __future__ import annotations"):
+        verify(BASE_SRC.replace("from __future__ import annotations\n", ""))
 
 
 @pytest.mark.parametrize(
