@@ -18,6 +18,7 @@ import importlib
 import linecache
 import os
 import sys
+import threading
 import types
 import warnings
 from pathlib import Path
@@ -48,6 +49,7 @@ def _is_path(name_or_path: str | os.PathLike) -> bool:
 
 # Modules compiled from spec text in this process: module name -> (verified text, module).
 _USER_MODULES: dict[str, tuple[str, ModuleType]] = {}
+_LOCK = threading.Lock()
 
 
 def _readable_copy(modname: str, text: str) -> str | None:
@@ -75,9 +77,18 @@ def _import_text(spec: Spec, text: str) -> ModuleType:
         return importlib.import_module(f"lora_lite.generated.{spec.name}")
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
     modname = f"lora_lite_user_{spec.name}_{digest}"
-    known = _USER_MODULES.get(modname)
-    if known is not None and known[0] == text and sys.modules.get(modname) is known[1]:
-        return known[1]
+    with _LOCK:  # two threads loading one spec get one module (one Config class)
+        known = _USER_MODULES.get(modname)
+        if known is not None and known[0] == text and sys.modules.get(modname) is known[1]:
+            return known[1]
+        module = _exec_text(spec, text, modname)
+        _USER_MODULES[modname] = (text, module)
+        return module
+
+
+def _exec_text(spec: Spec, text: str, modname: str) -> ModuleType:
+    """Compile `text` itself (the cache copy is never read) and run it in a fresh module object
+    registered as `modname`; tracebacks and inspect.getsource read the text from linecache."""
     filename = _readable_copy(modname, text) or f"<lora_lite spec {spec.name}>"
     code = compile(text, filename, "exec", dont_inherit=True)  # from the verified text, never the file
     linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)  # tracebacks, getsource
@@ -90,7 +101,6 @@ def _import_text(spec: Spec, text: str) -> ModuleType:
         del sys.modules[modname]
         raise SpecError([f"{spec.source}: $: generated module failed to load: {type(e).__name__}: {e}"]) from None
     module.SPEC_TEXT = spec.text
-    _USER_MODULES[modname] = (text, module)
     return module
 
 
