@@ -302,6 +302,8 @@ class GenerateError(ValueError):
 
 def is_generated(path: Path) -> bool:
     """True for a file this compiler wrote (its first line is the DO NOT EDIT header)."""
+    if not Path(path).is_file():  # a folder, FIFO or device is never ours (and a FIFO would block)
+        return False
     try:
         with open(path, encoding="utf-8") as f:
             first = f.readline()
@@ -342,6 +344,8 @@ def generate(specs_dir: str | Path, out_dir: str | Path) -> list[Path]:
 
 
 def _holds(path: Path, text: str) -> bool:
+    if not path.is_file():
+        return False
     try:
         return path.read_text(encoding="utf-8") == text
     except (OSError, UnicodeDecodeError):

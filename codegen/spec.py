@@ -22,7 +22,9 @@ import collections
 import json
 import keyword
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -610,8 +612,10 @@ def load_spec(path: str | Path, display: str | None = None) -> Spec:
     path = Path(path)
     where = display or str(path)
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block, /dev/zero never end
+            raise SpecError([f"{where}: cannot read: not a regular file"])
         with open(path, "rb") as f:
-            raw = f.read(MAX_BYTES + 1)  # never more: a huge file (or /dev/zero) is refused, not read
+            raw = f.read(MAX_BYTES + 1)  # never more: a huge file is refused, not read
     except OSError as e:
         raise SpecError([f"{where}: cannot read: {e.strerror or e}"]) from None
     if len(raw) > MAX_BYTES:

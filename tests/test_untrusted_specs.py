@@ -14,6 +14,7 @@ import collections
 import copy
 import io
 import json
+import os
 import sys
 import threading
 import tokenize
@@ -406,3 +407,10 @@ def test_from_spec_bad_override_is_a_one_line_spec_error(overrides, fragment):
     with pytest.raises(SpecError) as e:
         ll.from_spec("lora", **overrides)
     assert isinstance(e.value, ValueError) and "\n" not in str(e.value) and fragment in str(e.value)
+
+
+def test_a_spec_path_that_is_not_a_regular_file_is_refused_without_reading(tmp_path):
+    os.mkfifo(tmp_path / "fifo.yaml")  # open() would block until a writer came
+    for path in (tmp_path / "fifo.yaml", tmp_path, Path("/dev/zero")):
+        with pytest.raises(SpecError, match="not a regular file"):
+            load_spec(path)
