@@ -336,10 +336,14 @@ def _value_problems(data: Any, lines: dict, where: str) -> list[str]:
     """Every string and number in the document, whatever its field, before the schema looks.
 
     Strings (keys too) may not hold safety.FORBIDDEN characters (control characters, U+0085,
-    U+2028/2029, bidirectional overrides, lone surrogates); numbers must be finite and at most
-    MAX_NUMBER in size; YAML types JSON lacks (dates, binary, sets) are refused.
+    U+2028/2029, bidirectional overrides, lone surrogates), nor line breaks outside the
+    multi-line prose fields (Python's `$` in a schema pattern lets a trailing one through);
+    numbers must be finite and at most MAX_NUMBER in size; YAML types JSON lacks (dates, binary,
+    sets) are refused.
     """
     out: list[str] = []
+    # line breaks only where the schema takes multi-line prose ($defs/text: math, identity, notes)
+    multiline = {(k,) for k, v in schema()["properties"].items() if v.get("$ref") == "#/$defs/text"}
 
     def bad(path, msg):
         out.append(f"{where}{_line(lines, path)}: {_fmt(path)}: {msg}")
@@ -356,8 +360,10 @@ def _value_problems(data: Any, lines: dict, where: str) -> list[str]:
             for i, v in enumerate(x):
                 visit(v, path + (i,))
         elif isinstance(x, str):
-            why = forbidden_char(x)
-            if why:
+            why = forbidden_char(x, allow_newline=path in multiline)
+            if why and why.startswith("a line break"):
+                bad(path, f"text holds {why}; only {', '.join(k for (k,) in sorted(multiline))} may span lines")
+            elif why:
                 bad(path, f"text holds {why}; spec text may not contain control characters or line separators")
         elif isinstance(x, bool) or x is None:
             pass
@@ -391,7 +397,6 @@ def _validator() -> jsonschema.Draft202012Validator:
 def _schema_problems(data: Any, lines: dict, where: str) -> list[str]:
     validator = _validator()
     defs = schema()["$defs"]
-    target_pattern = schema()["properties"]["target"]["properties"]["names"]["items"]["pattern"]
     errors = sorted(validator.iter_errors(data), key=jsonschema.exceptions.relevance)
     out = []
     for err in errors:
@@ -410,8 +415,6 @@ def _schema_problems(data: Any, lines: dict, where: str) -> list[str]:
             )
         elif err.validator == "pattern" and err.validator_value == defs["text"]["pattern"]:
             msg = "text may not contain backslashes, triple quotes or control characters (it goes into a docstring)"
-        elif err.validator == "pattern" and err.validator_value == target_pattern:
-            msg = "a target regex may not contain line breaks or control characters"
         elif err.validator == "not":
             msg = "text may not contain triple quotes (it is copied into a docstring)"
         elif err.validator in ("maxLength", "minLength"):
