@@ -117,6 +117,8 @@ class AdapterConfig:
                     raise config_error(f"{cls}.{f.name}: an int of {len(str(abs(v)))} digits overflows a float")
                 v = float(v)
                 set_(f.name, v)
+            if want == "float" and isinstance(v, float) and not math.isfinite(v):
+                raise config_error(f"{cls}.{f.name}={v!r} is not finite (expected finite float)")
             ok = {
                 "int": isinstance(v, int) and not isinstance(v, bool),
                 "float": isinstance(v, float),
@@ -124,8 +126,6 @@ class AdapterConfig:
             }[want]
             if not ok:
                 raise config_error(f"{cls}.{f.name}: expected {want}, got {v!r}")
-            if want == "float" and not math.isfinite(v):
-                raise config_error(f"{cls}.{f.name}={v!r} is not finite")
             lo, hi = gen.BOUNDS[f.name]
             if lo is not None and v < lo:
                 raise config_error(f"{cls}.{f.name}={v!r} is below its minimum {lo}")
