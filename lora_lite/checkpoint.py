@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -69,7 +70,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     for name, t in st.targets.items():
         for k in t.tensors:
             tensors[f"{name}.{k}"] = getattr(t.module, k).detach().to("cpu").contiguous()
-        targets[name] = {"hyperparameters": t.cfg.hyperparameters(), **t.info}
+        targets[name] = {"hyperparameters": t.cfg.hyperparameters(), **t.info, "scale": t.scale}
     meta = {
         "format_version": FORMAT_VERSION,
         "lora_lite_version": __version__,
@@ -135,7 +136,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, residual: str | None = No
         cfg = dataclasses.replace(cfg, residual=residual)
     strict = cfg.residual in STRICT_RESIDUALS or getattr(gen, "USES_BASE_WEIGHT", False)
     modules = dict(model.named_modules())
-    per_target = {}
+    per_target, scales = {}, {}
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
         for name, tmeta in meta["targets"].items():
@@ -164,6 +165,10 @@ def load(model: nn.Module, path: str | os.PathLike, *, residual: str | None = No
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     raise CheckpointError(f"{path}: {key} holds NaN/inf values (a diverged run?); refusing to load")
                 tensors[k] = t
+            scale = tmeta.get("scale", 1.0)  # ll.scale; absent in checkpoints saved before it existed
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+                raise CheckpointError(f"{path}: targets.{name}.scale is {scale!r}, expected a finite number")
+            scales[name] = float(scale)
             info = target_info(m, base_weight(m))
             dist = fingerprint_distance(info["fingerprint"], tmeta["fingerprint"])
             tol = FINGERPRINT_TOL_QUANT if (info["quantization"] or tmeta.get("quantization")) else FINGERPRINT_TOL
@@ -178,5 +183,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, residual: str | None = No
             info["loaded_from_quantization"] = tmeta.get("quantization")  # the base it was saved on
             info["loaded_fingerprint_distance"] = round(dist, 6)
             per_target[name] = (m, cfg_t, tensors, info)
-    install(model, cfg, per_target)
+    st = install(model, cfg, per_target)
+    for name, t in st.targets.items():
+        t.scale = scales[name]
     return model

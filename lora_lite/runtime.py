@@ -63,6 +63,8 @@ class Target:
     tensors: tuple[str, ...]
     info: dict  # d_in, d_out, weight shape/dtype, quantization, fingerprint
     handle: object = None
+    scale: float = 1.0  # ll.scale: y = y_base + scale (y_adapted - y_base); saved in checkpoints
+    enabled: bool = True  # False inside ll.disabled: the hook gives the base layer's output
 
 
 @dataclass
@@ -448,22 +450,48 @@ class OutputHook:
         self.target, self.dtype = target, dtype
 
     def __call__(self, m, args, y):
-        cfg = self.target.cfg
+        t = self.target
+        cfg, v = t.cfg, (t.scale if t.enabled else 0.0)
+        if v == 0.0 and cfg.residual != "crop":
+            return None  # the layer's own output: the base model's, bit for bit
         gen = cfg.variant()
         x = args[0].to(self.dtype) if gen.CAST_INPUT else args[0]
-        return gen.forward(m, x, y, cfg)
+        if v == 1.0:
+            return gen.forward(m, x, y, cfg)
+        return scaled_output(gen, m, x, y, cfg, v)
+
+
+def scaled_output(gen: ModuleType, m: nn.Module, x: Tensor, y: Tensor, cfg: AdapterConfig, v: float) -> Tensor:
+    """y_base + v (y_adapted - y_base), (..., o) in y's dtype; v = 0 is the base layer (ll.scale).
+
+    Crop: y = x W_res^T lacks the frozen part; forward on a zero y in crop mode gives the frozen part
+    plus the change, in subtract mode the change alone, both in factored form (no (o, i) matrix),
+    so y_base is the base output within the rounding of the frozen part. Otherwise y is y_base.
+    """
+    if cfg.residual == "crop":
+        zero = torch.zeros_like(y)
+        whole = gen.forward(m, x, zero, cfg).float()  # (..., o) frozen part + change
+        change = gen.forward(m, x, zero, dataclasses.replace(cfg, residual="subtract")).float()  # (..., o)
+        return (y.float() + whole - (1.0 - v) * change).to(y.dtype)
+    adapted = gen.forward(m, x, y, cfg).float()  # (..., o)
+    return (y.float() + v * (adapted - y.float())).to(y.dtype)
 
 
 class InputHook(OutputHook):
-    """Forward pre-hook: x -> forward(m, x, cfg), cast back to x's dtype."""
+    """Forward pre-hook: x -> forward(m, x, cfg), cast back to x's dtype; with ll.scale v,
+    x -> x + v (forward(x) - x), so v = 0 (or ll.disabled) leaves the input untouched."""
 
     def __call__(self, m, args):
-        cfg = self.target.cfg
+        t = self.target
+        cfg, v = t.cfg, (t.scale if t.enabled else 0.0)
+        if v == 0.0:
+            return None
         gen = cfg.variant()
         x = args[0]
-        if not gen.CAST_INPUT:
-            return (gen.forward(m, x, cfg), *args[1:])
-        return (gen.forward(m, x.to(self.dtype), cfg).to(x.dtype), *args[1:])
+        new = gen.forward(m, x, cfg) if not gen.CAST_INPUT else gen.forward(m, x.to(self.dtype), cfg).to(x.dtype)
+        if v != 1.0:
+            new = (x.float() + v * (new.float() - x.float())).to(x.dtype)  # (..., i)
+        return (new, *args[1:])
 
 
 def _register_hook(gen: ModuleType, target: Target, dtype: torch.dtype):

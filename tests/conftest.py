@@ -101,3 +101,27 @@ def assert_unchanged(model, snap) -> None:
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert ll.state(model) is None
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def llama(seed: int = 0):
+    """Tiny random LlamaForCausalLM (fp32, biases on q/k/v/o); q 32->32, k/v 32->16, MLP 32->64->32."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attention_bias=True,
+        initializer_range=0.2,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # HF zero-initialises biases; give them values so bias handling matters
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.2)
+    return model

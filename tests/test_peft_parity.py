@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import lora_lite as ll
-from conftest import SPECS, token_batch
+from conftest import SPECS, llama, token_batch
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -49,28 +49,6 @@ KNOWN_DIVERGENCES: dict[str, str] = {
     "antipasto_corda": "upstream lora-lite's whitened CorDA: SVD of W C^1/2 and P = Vh C^-1/2, where "
     "CorDA's paper and PEFT decompose W C and keep Vh C^-1; damping cov_eps is absolute (no parity test)",
 }
-
-
-def llama(seed: int = 0):
-    """Tiny random LlamaForCausalLM (fp32, biases on q/k/v/o); q 32->32, k/v 32->16, MLP 32->64->32."""
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attention_bias=True,
-        initializer_range=0.2,
-    )
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # HF zero-initialises biases; give them values so bias handling matters
-        for n, p in model.named_parameters():
-            if n.endswith("bias"):
-                p.normal_(0, 0.2)
-    return model
 
 
 def peft_configs() -> dict:
