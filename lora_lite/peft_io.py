@@ -79,7 +79,7 @@ def _arrow(t, v):
     basis = m.lora_P if hasattr(m, "lora_P") else m.lora_Vh  # (r, i)
     b = cfg.block
     g = m.lora_g.float().clamp(max=0.0) if cfg.suppress_only else m.lora_g.float()  # (r - b,)
-    D = torch.diag(nn.functional.elu(cfg.coeff * torch.cat([torch.zeros(b), g])))  # (r, r)
+    D = torch.diag(nn.functional.elu(cfg.coeff * torch.cat([g.new_zeros(b), g])))  # (r, r)
     D[:b, :b] = cfg.coeff * m.lora_M.float()  # (b, b) the dense block
     B = (m.lora_U.float() @ D) * m.lora_S.float() * v  # (o, r)
     return {"lora_A.weight": basis.detach().float(), "lora_B.weight": B}, 1.0

@@ -188,6 +188,9 @@ def test_load_peft_gives_peft_logits(case, tmp_path):
         n for n, m in theirs.base_model.model.named_modules() if hasattr(m, "base_layer")
     )
     assert rel(out(ours), want) <= TOL, f"{case}: logits differ from PEFT by {rel(out(ours), want):.2e}"
+    ll.save(ours, tmp_path / "ours.safetensors")  # a loaded PEFT adapter is an ordinary lora-lite one
+    again = ll.load(copy.deepcopy(base), tmp_path / "ours.safetensors")
+    assert torch.equal(out(again), out(ours))
 
 
 def test_load_peft_then_export_round_trips_through_peft(tmp_path):
@@ -403,3 +406,28 @@ def test_scale_refuses_a_non_finite_value():
         ll.scale(model, float("nan"))
     with pytest.raises(ll.AttachError, match="no lora-lite adapter"):
         ll.scale(llama(), 0.5)
+
+
+def test_pissa_disabled_gives_the_base_where_peft_gives_w_res(tmp_path):
+    """The KNOWN_DIVERGENCES entry: PEFT's disable_adapter() on PiSSA leaves W_res in the layer;
+    ours gives the base model. PEFT on the converted export agrees with ours, also when rescaled."""
+    from peft import LoraConfig
+    from peft.helpers import rescale_adapter_scale
+
+    base, theirs, path = peft_made(
+        LoraConfig(r=4, lora_alpha=8, target_modules=QV, init_lora_weights="pissa"), tmp_path
+    )
+    ours = ll.load_peft(copy.deepcopy(base), path)
+    with theirs.disable_adapter():
+        peft_off = out(theirs)
+    with ll.disabled(ours):
+        ours_off = out(ours)
+    assert rel(ours_off, out(base)) <= TOL
+    assert rel(peft_off, out(base)) > 1e-2, "PEFT's disabled PiSSA is W_res, not the base"
+    ll.export_peft(ours, tmp_path / "converted")
+    converted = peft_load(base, tmp_path / "converted")
+    ll.scale(ours, 0.3)
+    with rescale_adapter_scale(converted, 0.3):
+        assert rel(out(converted), out(ours)) <= TOL
+    with converted.disable_adapter():
+        assert rel(out(converted), out(base)) <= TOL
