@@ -34,7 +34,17 @@ from torch import nn
 
 from .checkpoint import CheckpointError
 from .registry import variant_module
-from .runtime import EXCLUDE, AttachError, base_weight, check_quantized, install, is_linear_like, state, target_info
+from .runtime import (
+    EXCLUDE,
+    AttachError,
+    base_weight,
+    check_quantized,
+    install,
+    is_linear_like,
+    is_quantized,
+    state,
+    target_info,
+)
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -411,7 +421,8 @@ def load_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "defaul
     str: a regex PEFT full-matches), exclude_modules, layers_to_transform/layers_pattern,
     rank_pattern/alpha_pattern (lambda_pattern), use_rslora (as alpha sqrt(r)), use_dora,
     feedforward_modules (all or none of the targets), init_lora_weights 'pissa' (loads as our
-    pissa: W_res recomputed from this model's W, as PEFT does; A and B from the file).
+    pissa: W_res recomputed from this model's W, as PEFT does; A and B from the file; on a
+    bitsandbytes base with residual 'subtract', so the quantized W is never rewritten).
     Raises CheckpointError naming the key, leaving the model unchanged, for what lora-lite does
     not reproduce: pissa_niter_*, olora, corda, loftq, modules_to_save, bias other than "none",
     trainable_token_indices, any other option that is switched on, pickle weights
@@ -453,6 +464,8 @@ def load_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "defaul
         spec = "ia3_ff" if all(is_ff) else "ia3"
     gen = variant_module(spec)
     base = {"target_names": tuple(f"^{re.escape(n)}$" for n in found)}
+    if spec == "pissa" and any(is_quantized(modules[n]) for n in found):
+        base["residual"] = "subtract"  # W stays quantized: the hook takes s B0 A0 x out instead of cropping
     per_target = {}
     with safe_open(str(wpath), framework="pt") as f:
         keys = set(f.keys())

@@ -431,3 +431,20 @@ def test_pissa_disabled_gives_the_base_where_peft_gives_w_res(tmp_path):
         assert rel(out(converted), out(ours)) <= TOL
     with converted.disable_adapter():
         assert rel(out(converted), out(base)) <= TOL
+
+
+def test_load_peft_pissa_onto_a_quantized_base_subtracts_leaving_w_untouched(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig
+
+    from lora_lite.testing import quantize
+
+    base, theirs, path = peft_made(
+        LoraConfig(r=4, lora_alpha=8, target_modules=QV, init_lora_weights="pissa"), tmp_path
+    )
+    q = quantize(copy.deepcopy(base), "int8", device="cpu").eval()
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    ll.load_peft(q, path)
+    assert ll.state(q).cfg.residual == "subtract"
+    now = q.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in before.items()), "the quantized weights are never rewritten"
