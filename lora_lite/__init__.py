@@ -19,7 +19,16 @@ from .config import AdapterConfig  # noqa: E402
 from .merge import merge  # noqa: E402
 from .peft_io import export_peft, load_peft  # noqa: E402
 from .registry import from_spec, shipped_names, variant_module  # noqa: E402
-from .runtime import AttachError, attach, detach, set_coeff, state, trainable_parameters  # noqa: E402
+from .runtime import (  # noqa: E402
+    AttachError,
+    attach,
+    detach,
+    set_active,
+    set_coeff,
+    state,
+    states,
+    trainable_parameters,
+)
 from .scaling import disabled, scale  # noqa: E402
 
 # Typed configs, as in upstream's Quickstart: ll.LoRAConfig(r=8, alpha=16, dtype=torch.bfloat16)
@@ -62,9 +71,11 @@ __all__ = [
     "read_metadata",
     "save",
     "scale",
+    "set_active",
     "set_coeff",
     "shipped_names",
     "state",
+    "states",
     "trainable_parameters",
     "variant_module",
     *CONFIG_NAMES,

@@ -33,11 +33,13 @@ from .registry import spec_text, variant_from_text
 from .runtime import (
     AttachError,
     base_weight,
+    check_name,
     check_quantized,
     fingerprint_distance,
     install,
     is_linear_like,
     state,
+    states,
     target_info,
 )
 
@@ -58,18 +60,20 @@ class CheckpointError(ValueError):
     """A checkpoint is unreadable or does not fit the model; the model was left unchanged."""
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the attached adapter to `path` (safetensors), atomically (temp file + rename).
+def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
+    """Write the adapter attached as `name` to `path` (safetensors), atomically (temp file + rename).
+    The file holds that one adapter, in the same format whatever its name.
 
-    Raises AttachError when nothing is attached. Returns the path.
+    Raises AttachError when nothing (or no adapter `name`) is attached. Returns the path.
     """
-    st = state(model)
+    st = state(model, name)
     if st is None:
-        raise AttachError("save: no lora-lite adapter is attached to this model (nothing to save)")
+        what = "no lora-lite adapter is attached" if name == "default" else f"no adapter named {name!r} is attached"
+        raise AttachError(f"save: {what} to this model (nothing to save)")
     tensors, targets = {}, {}
     for name, t in st.targets.items():
         for k in t.tensors:
-            tensors[f"{name}.{k}"] = getattr(t.module, k).detach().to("cpu").contiguous()
+            tensors[f"{name}.{k}"] = getattr(t.holder, k).detach().to("cpu").contiguous()
         targets[name] = {"hyperparameters": t.cfg.hyperparameters(), **t.info, "scale": t.scale}
     meta = {
         "format_version": FORMAT_VERSION,
@@ -114,7 +118,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
-def load(model: nn.Module, path: str | os.PathLike, *, residual: str | None = None) -> nn.Module:
+def load(model: nn.Module, path: str | os.PathLike, *, residual: str | None = None, name: str = "default") -> nn.Module:
     """Attach the adapter saved at `path` to `model` (no calibration data needed); returns `model`.
 
     residual: None = as saved; "crop" or "subtract" switches a variant with a frozen part
@@ -126,9 +130,14 @@ def load(model: nn.Module, path: str | os.PathLike, *, residual: str | None = No
     FINGERPRINT_TOL, or FINGERPRINT_TOL_QUANT when either side is quantized (an error for
     variants whose math depends on W, else a warning). Raises CheckpointError / AttachError
     naming the layer, ValueError for a residual the variant does not take.
+    name: attach it as this adapter (see ll.attach); any checkpoint loads under any name.
     """
-    if state(model) is not None:
-        raise AttachError(f"load: model already has a {state(model).variant.NAME} adapter; call ll.detach(model) first")
+    check_name(name)
+    adapter = name  # `name` is reused below for target names
+    if state(model, name) is not None:
+        raise AttachError(
+            f"load: model already has a {state(model, name).variant.NAME} adapter named {name!r}; detach it first"
+        )
     meta = read_metadata(path)
     gen = variant_from_text(meta["spec"], meta["spec_name"])
     cfg = gen.Config(**meta["config"])
@@ -183,7 +192,19 @@ def load(model: nn.Module, path: str | os.PathLike, *, residual: str | None = No
             info["loaded_from_quantization"] = tmeta.get("quantization")  # the base it was saved on
             info["loaded_fingerprint_distance"] = round(dist, 6)
             per_target[name] = (m, cfg_t, tensors, info)
-    st = install(model, cfg, per_target)
-    for name, t in st.targets.items():
-        t.scale = scales[name]
+    _refuse_double_crop(model, cfg, per_target)
+    st = install(model, cfg, per_target, name=adapter)
+    for tname, t in st.targets.items():
+        t.scale = scales[tname]
     return model
+
+
+def _refuse_double_crop(model: nn.Module, cfg, per_target: dict) -> None:
+    if cfg.residual != "crop":
+        return
+    for other, st in states(model).items():
+        for tname, t in st.targets.items():
+            if t.cfg.residual == "crop" and tname in per_target:
+                raise AttachError(
+                    f"load: {tname} is already cropped by adapter {other!r}; load this one with residual='subtract'"
+                )

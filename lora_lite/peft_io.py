@@ -38,11 +38,13 @@ from .runtime import (
     EXCLUDE,
     AttachError,
     base_weight,
+    check_name,
     check_quantized,
     install,
     is_linear_like,
     is_quantized,
     state,
+    states,
     target_info,
 )
 
@@ -57,7 +59,7 @@ CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
 def _lowrank(t, v):
     """LoRA, EVA, DoRA: (A, B, s) as trained; v folds into B (DoRA refuses v != 1 earlier)."""
-    m, cfg = t.module, t.cfg
+    m, cfg = t.holder, t.cfg
     out = {"lora_A.weight": m.lora_A.detach(), "lora_B.weight": m.lora_B.detach() * v}
     if hasattr(m, "lora_magnitude_vector"):
         out["lora_magnitude_vector"] = m.lora_magnitude_vector.detach()
@@ -66,7 +68,7 @@ def _lowrank(t, v):
 
 def _pissa(t, v):
     """PiSSA on the original W: s B A - s B0 A0 = s [B, -B0] [A; A0] (rank 2r)."""
-    m, cfg = t.module, t.cfg
+    m, cfg = t.holder, t.cfg
     A = torch.cat([m.lora_A.detach(), m.lora_A0.detach()], 0)  # (2r, i)
     B = torch.cat([m.lora_B.detach(), -m.lora_B0.detach()], 1) * v  # (o, 2r)
     return {"lora_A.weight": A, "lora_B.weight": B}, cfg.alpha / cfg.r
@@ -74,7 +76,7 @@ def _pissa(t, v):
 
 def _gain(t, v):
     """AntiPaSTO (+CorDA): the change U diag(S_eff - S) basis."""
-    m, cfg = t.module, t.cfg
+    m, cfg = t.holder, t.cfg
     basis = m.lora_P if hasattr(m, "lora_P") else m.lora_Vh  # (r, i)
     g = m.lora_g.float().clamp(max=0.0) if cfg.suppress_only else m.lora_g.float()  # (r,)
     S = m.lora_S.float()
@@ -85,7 +87,7 @@ def _gain(t, v):
 
 def _arrow(t, v):
     """Arrow core on an SVD/CorDA basis: the change U D diag(S) basis, D = blockdiag(coeff M, ELU(coeff g))."""
-    m, cfg = t.module, t.cfg
+    m, cfg = t.holder, t.cfg
     basis = m.lora_P if hasattr(m, "lora_P") else m.lora_Vh  # (r, i)
     b = cfg.block
     g = m.lora_g.float().clamp(max=0.0) if cfg.suppress_only else m.lora_g.float()  # (r - b,)
@@ -97,7 +99,7 @@ def _arrow(t, v):
 
 def _ablate(t, v):
     """Ablation of k directions: the change U Chat diag(-coeff strength) Chat^T diag(S) Vh, rank k."""
-    m, cfg = t.module, t.cfg
+    m, cfg = t.holder, t.cfg
     c = m.lora_c.float()  # (r, k)
     Chat = c / torch.linalg.vector_norm(c) if cfg.k == 1 else torch.linalg.qr(c)[0]  # (r, k) orthonormal
     w = -cfg.coeff * torch.sigmoid(m.lora_strength_logit.float())  # (k,)
@@ -108,17 +110,17 @@ def _ablate(t, v):
 
 def _ia3(t, v):
     """IA3 / IA3-FF: gain g, scaled as 1 + v (g - 1) (y + v (y g - y) = y (1 + v (g - 1)))."""
-    g = 1.0 + v * (t.module.lora_ia3.detach().float() - 1.0)
+    g = 1.0 + v * (t.holder.lora_ia3.detach().float() - 1.0)
     return {"ia3_l": g[None, :] if t.cfg.variant().HOOK == "input" else g[:, None]}, None  # (1, i) / (o, 1)
 
 
 def _hra(t, v):
-    return {"hra_u": t.module.lora_hra_u.detach()}, None  # (i, r)
+    return {"hra_u": t.holder.lora_hra_u.detach()}, None  # (i, r)
 
 
 def _delora(t, v):
     """DeLoRA: lambda is linear in the update (B's norm is divided out), so v folds into lambda."""
-    m = t.module
+    m = t.holder
     return {
         "delora_A": m.lora_A.detach(),
         "delora_B": m.lora_B.detach(),
@@ -188,7 +190,8 @@ def _lora_layout(st, per: dict) -> tuple[dict, dict]:
 
 
 def export_peft(model: nn.Module, out_dir: str | os.PathLike, name: str | None = None) -> Path:
-    """Write the attached adapter as a PEFT adapter directory; returns `out_dir`.
+    """Write the attached adapters as PEFT adapter directories in PEFT's layout (`default` in
+    out_dir, adapter `name` in out_dir/name); name None: every attached adapter. Returns `out_dir`.
 
     Files: adapter_config.json (peft_type, r, lora_alpha, target_modules as exact module names,
     use_rslora, use_dora, rank_pattern/alpha_pattern, ...) and adapter_model.safetensors (keys
@@ -199,17 +202,31 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, name: str | None =
     on the original base model gives this model's logits (measured within 1e-6 of max|y| in
     fp32, tests/test_deploy.py). The routes per spec are in this module's docstring.
     Raises AttachError, writing nothing, when nothing is attached, `name` is not an attached
-    adapter, the adapter is switched off (ll.disabled), the spec has no route (use ll.merge), a
+    adapter, an adapter is switched off (ll.disabled), a spec has no route (use ll.merge), a
     DoRA/HRA adapter has ll.scale != 1 (not representable), or HRA ranks differ per layer (PEFT's
     HRA has no rank_pattern).
     Source: PEFT's save_pretrained layout (peft/utils/save_and_load.py) and, for PiSSA,
     LoraModel._convert_state_dict_for_initial_model (peft/tuners/lora/model.py).
     """
-    st = state(model)
-    if st is None:
+    every = states(model)
+    if not every:
         raise AttachError("export_peft: no lora-lite adapter is attached to this model")
-    if name not in (None, "default"):
-        raise AttachError(f"export_peft: no adapter named {name!r} (attached: ['default'])")
+    if name is not None and name not in every:
+        raise AttachError(f"export_peft: no adapter named {name!r} (attached: {list(every)})")
+    out = Path(out_dir)
+    files = {n: _payload(model, st) for n, st in every.items() if name in (None, n)}  # all checked first
+    for n, (flat, provenance, text) in files.items():
+        d = out if n == "default" else out / n
+        d.mkdir(parents=True, exist_ok=True)
+        meta = {"format": "pt", "lora_lite": json.dumps(provenance)}
+        _atomic(d / WEIGHTS_FILE, lambda p: save_file(flat, p, metadata=meta))
+        _atomic(d / CONFIG_FILE, lambda p: Path(p).write_text(text))
+    return out
+
+
+def _payload(model: nn.Module, st) -> tuple[dict, dict, str]:
+    """(safetensors tensors, provenance, adapter_config.json text) of one adapter; AttachError
+    when it has no PEFT form (see export_peft)."""
     spec = st.variant.NAME
     if spec not in ROUTES:
         raise AttachError(
@@ -220,7 +237,7 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, name: str | None =
     per = {}
     for n, t in st.targets.items():
         if not t.enabled:
-            raise AttachError(f"export_peft: the adapter is switched off (inside ll.disabled) at {n}")
+            raise AttachError(f"export_peft: adapter {st.name!r} is switched off (ll.disabled or ll.set_active) at {n}")
         if t.scale != 1.0 and not scalable:
             raise AttachError(
                 f"export_peft: {spec} at ll.scale {t.scale} is not a {peft_type} adapter "
@@ -278,14 +295,7 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, name: str | None =
     provenance = {"spec": spec, "route": route, "scale": [t.scale for t in st.targets.values()][0]}
     if "coeff" in st.variant.RUNTIME_KNOBS:
         provenance["coeff"] = st.cfg.coeff
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic(
-        out / WEIGHTS_FILE, lambda p: save_file(flat, p, metadata={"format": "pt", "lora_lite": json.dumps(provenance)})
-    )
-    text = json.dumps(dict(sorted({**common, **cfg}.items())), indent=2) + "\n"
-    _atomic(out / CONFIG_FILE, lambda p: Path(p).write_text(text))
-    return out
+    return flat, provenance, json.dumps(dict(sorted({**common, **cfg}.items())), indent=2) + "\n"
 
 
 def _atomic(path: Path, write) -> None:
@@ -417,12 +427,13 @@ def load_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "defaul
     lora-lite spec; returns `model`. Logits equal PEFT's on the same base (tests/test_deploy.py).
 
     peft_dir: a local directory (PEFT's layout: `default` in it, adapter `name` in peft_dir/name),
-    or a hub id when the hub is reachable. Read: target_modules (list: exact name or '.'-suffix;
-    str: a regex PEFT full-matches), exclude_modules, layers_to_transform/layers_pattern,
+    or a hub id when the hub is reachable; attached as adapter `name` (see ll.attach).
+    Read: target_modules (list: exact name or '.'-suffix; str: a regex PEFT full-matches),
+    exclude_modules, layers_to_transform/layers_pattern,
     rank_pattern/alpha_pattern (lambda_pattern), use_rslora (as alpha sqrt(r)), use_dora,
     feedforward_modules (all or none of the targets), init_lora_weights 'pissa' (loads as our
     pissa: W_res recomputed from this model's W, as PEFT does; A and B from the file; on a
-    bitsandbytes base with residual 'subtract', so the quantized W is never rewritten).
+    bitsandbytes base, or on layers another adapter crops, with residual 'subtract').
     Raises CheckpointError naming the key, leaving the model unchanged, for what lora-lite does
     not reproduce: pissa_niter_*, olora, corda, loftq, modules_to_save, bias other than "none",
     trainable_token_indices, any other option that is switched on, pickle weights
@@ -431,8 +442,9 @@ def load_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "defaul
     Source: PEFT's LoraModel/IA3Model/HRAModel/DeloraModel _create_and_replace and
     check_target_module_exists (peft/tuners/).
     """
-    if state(model) is not None:
-        raise AttachError(f"load_peft: model already has a {state(model).variant.NAME} adapter; call ll.detach(model)")
+    check_name(name)
+    if state(model, name) is not None:
+        raise AttachError(f"load_peft: model already has an adapter named {name!r}; detach it first")
     d = _resolve(peft_dir, name)
     cpath, wpath = d / CONFIG_FILE, d / WEIGHTS_FILE
     try:
@@ -464,8 +476,9 @@ def load_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "defaul
         spec = "ia3_ff" if all(is_ff) else "ia3"
     gen = variant_module(spec)
     base = {"target_names": tuple(f"^{re.escape(n)}$" for n in found)}
-    if spec == "pissa" and any(is_quantized(modules[n]) for n in found):
-        base["residual"] = "subtract"  # W stays quantized: the hook takes s B0 A0 x out instead of cropping
+    cropped = {t for st in states(model).values() for t, x in st.targets.items() if x.cfg.residual == "crop"}
+    if spec == "pissa" and any(is_quantized(modules[n]) or n in cropped for n in found):
+        base["residual"] = "subtract"  # W stays as it is (quantized, or another adapter's W_res)
     per_target = {}
     with safe_open(str(wpath), framework="pt") as f:
         keys = set(f.keys())
@@ -494,7 +507,7 @@ def load_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "defaul
             per_target[n] = (m, cfg_t, tensors, target_info(m, W))
         if keys:
             raise CheckpointError(f"{wpath}: tensor {sorted(keys)[0]} belongs to no target of adapter_config.json")
-    install(model, per_target[found[0]][1], per_target)
+    install(model, per_target[found[0]][1], per_target, name=name)
     return model
 
 

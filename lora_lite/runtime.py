@@ -35,6 +35,7 @@ import dataclasses
 import math
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -45,6 +46,8 @@ from .calibration import collect_input_stats
 from .config import AdapterConfig
 
 STATE_ATTR = "_lora_lite"
+NAMED_ATTR = "_lora_lite_named"  # {name: State} of the adapters attached with a name other than "default"
+SLOT_PREFIX = "lora_lite_"  # a named adapter's tensors live on a child module <layer>.lora_lite_<name>
 EXCLUDE = re.compile(r"(^|\.)(lm_head|embed_tokens|embed_out|wte|wpe|embeddings?)$")
 LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
 
@@ -64,7 +67,13 @@ class Target:
     info: dict  # d_in, d_out, weight shape/dtype, quantization, fingerprint
     handle: object = None
     scale: float = 1.0  # ll.scale: y = y_base + scale (y_adapted - y_base); saved in checkpoints
-    enabled: bool = True  # False inside ll.disabled: the hook gives the base layer's output
+    enabled: bool = True  # False inside ll.disabled or when set_active leaves it out
+    host: nn.Module | None = None  # where its tensors live: None = the layer (the default adapter)
+
+    @property
+    def holder(self) -> nn.Module:
+        """The module the generated forward reads (`m.lora_A`): the layer, or a named adapter's slot."""
+        return self.module if self.host is None else self.host
 
 
 @dataclass
@@ -75,6 +84,7 @@ class State:
     cfg: AdapterConfig
     targets: dict[str, Target]
     requires_grad: dict[str, bool] = field(default_factory=dict)
+    name: str = "default"
 
     @property
     def variant(self) -> ModuleType:
@@ -82,9 +92,39 @@ class State:
         return self.cfg.variant()
 
 
-def state(model: nn.Module) -> State | None:
-    """The attached adapter's state, or None."""
-    return model.__dict__.get(STATE_ATTR)
+def state(model: nn.Module, name: str = "default") -> State | None:
+    """The state of the adapter attached as `name` (the default adapter unless named), or None."""
+    if name == "default":
+        return model.__dict__.get(STATE_ATTR)
+    return model.__dict__.get(NAMED_ATTR, {}).get(name)
+
+
+def states(model: nn.Module) -> dict[str, State]:
+    """Every attached adapter's state by name, in attach order (the default adapter first)."""
+    out = {"default": model.__dict__[STATE_ATTR]} if STATE_ATTR in model.__dict__ else {}
+    return out | model.__dict__.get(NAMED_ATTR, {})
+
+
+class AdapterSlot(nn.Module):
+    """Holds a named adapter's tensors on one layer (as the child `lora_lite_<name>`). Attribute
+    reads it cannot answer go to the layer (weight, bias, in_features, ...), except `lora_*`
+    names, so a generated forward(m, ...) reads a slot as it reads the layer itself."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.__dict__["layer"] = layer  # not a submodule: no cycle in modules() or state_dict
+
+    def __getattr__(self, k: str):
+        try:
+            return super().__getattr__(k)
+        except AttributeError:
+            layer = self.__dict__.get("layer")
+            if layer is None or k.startswith("lora_"):
+                raise
+            return getattr(layer, k)
+
+    def forward(self, *args, **kwargs):  # base_forward calls m.forward on quantized layers
+        return self.__dict__["layer"].forward(*args, **kwargs)
 
 
 def is_linear_like(m: nn.Module) -> bool:
@@ -350,7 +390,9 @@ def target_info(m: nn.Module, W: Tensor) -> dict:
     }
 
 
-def attach(model: nn.Module, cfg: AdapterConfig, calibration_data=None, *, progress: bool = True) -> nn.Module:
+def attach(
+    model: nn.Module, cfg: AdapterConfig, calibration_data=None, *, progress: bool = True, name: str = "default"
+) -> nn.Module:
     """Attach the adapter `cfg` describes to every matching layer of `model`; returns `model`.
 
     calibration_data: iterable of batches (dicts of input_ids/attention_mask/..., tuples, or
@@ -359,36 +401,79 @@ def attach(model: nn.Module, cfg: AdapterConfig, calibration_data=None, *, progr
     ValueError (bad calibration data) and leaves the model unchanged. bitsandbytes 4/8-bit
     targets work with every variant whose spec says quantized_base: true; a variant with a
     frozen part needs residual='subtract' on them (crop is refused, naming the layer).
+    name: several adapters can be attached under different names (an identifier; "default"
+    keeps today's layout: tensors on the layer itself). A named adapter's tensors live on a
+    child `<layer>.lora_lite_<name>`; its hook runs after those attached before it (see the
+    README's composition table). A second cropping adapter on a layer already cropped is
+    refused (use residual='subtract'). Calibration runs with the other adapters switched off.
     """
     if not isinstance(cfg, AdapterConfig):
         raise TypeError(
             f"attach: expected a config from ll.from_spec(...) or ll.LoRAConfig(...), got {type(cfg).__name__}"
         )
-    if state(model) is not None:
+    check_name(name)
+    if state(model, name) is not None:
+        what = "" if name == "default" else f" named {name!r}"
         raise AttachError(
-            f"model already has a {state(model).variant.NAME} adapter attached; call ll.detach(model) first"
+            f"model already has a {state(model, name).variant.NAME} adapter{what} attached; "
+            f"call ll.detach(model{'' if name == 'default' else f', name={name!r}'}) first"
         )
     gen = cfg.variant()
     targets = find_targets(model, cfg)
-    for name, m in targets.items():
+    ours = {id(t) for st in states(model).values() for t in st.targets.values()}
+    cropped = {
+        id(t.module): n for n, st in states(model).items() for t in st.targets.values() if t.cfg.residual == "crop"
+    }
+    for tname, m in targets.items():
         taken = [k for k in (*m._parameters, *m._buffers) if k.startswith("lora_")]
-        hooked = any(isinstance(h, OutputHook) for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
+        if state(model) is not None and tname in state(model).targets:
+            taken = []  # the default adapter's own tensors
+        hooked = any(
+            isinstance(h, OutputHook) and id(h.target) not in ours
+            for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+        )
         if taken or hooked:
             raise AttachError(
-                f"{gen.NAME}: {name} already has a lora-lite adapter ({', '.join(taken) or 'a hook'}), "
+                f"{gen.NAME}: {tname} already has a lora-lite adapter ({', '.join(taken) or 'a hook'}), "
                 "attached through another module; detach that one first"
             )
-        check_quantized(gen, cfg, name, m, fix=f"ll.from_spec({gen.NAME!r}, residual='subtract')")
+        if cfg.residual == "crop" and id(m) in cropped:
+            raise AttachError(
+                f"{gen.NAME}: {tname} is already cropped by adapter {cropped[id(m)]!r}; a second crop would "
+                f"mix their residuals: use ll.from_spec({gen.NAME!r}, residual='subtract')"
+            )
+        check_quantized(gen, cfg, tname, m, fix=f"ll.from_spec({gen.NAME!r}, residual='subtract')")
     _warn_cpu_packed(model)
-    cfgs = {name: target_config(cfg, name, m) for name, m in targets.items()}
+    cfgs = {tname: target_config(cfg, tname, m) for tname, m in targets.items()}
     stats = None
     if gen.CALIBRATION == "required" and calibration_data is None:
         raise AttachError(f"{gen.NAME} needs calibration_data: pass ll.attach(model, cfg, calibration_data=batches)")
     if gen.CALIBRATION != "none" and calibration_data is not None:
-        stats = collect_input_stats(model, targets, calibration_data, progress=progress)
-    built = {name: _build(gen, name, m, cfgs[name], stats[name] if stats else None) for name, m in targets.items()}
-    install(model, cfg, {name: (targets[name], cfgs[name], b["tensors"], b["info"]) for name, b in built.items()})
+        with all_off(model):  # statistics of the base model, not of the other adapters
+            stats = collect_input_stats(model, targets, calibration_data, progress=progress)
+    built = {n: _build(gen, n, m, cfgs[n], stats[n] if stats else None) for n, m in targets.items()}
+    install(model, cfg, {n: (targets[n], cfgs[n], b["tensors"], b["info"]) for n, b in built.items()}, name=name)
     return model
+
+
+def check_name(name: str) -> None:
+    """An adapter name is an identifier (it becomes part of a module name); ValueError otherwise."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"adapter name must be an identifier like 'math', got {name!r}")
+
+
+@contextmanager
+def all_off(model: nn.Module):
+    """Every attached adapter switched off inside (each target's previous on/off back on exit)."""
+    targets = [t for st in states(model).values() for t in st.targets.values()]
+    before = [t.enabled for t in targets]
+    for t in targets:
+        t.enabled = False
+    try:
+        yield
+    finally:
+        for t, on in zip(targets, before):
+            t.enabled = on
 
 
 def _warn_cpu_packed(model: nn.Module) -> None:
@@ -412,30 +497,49 @@ def _warn_cpu_packed(model: nn.Module) -> None:
         )
 
 
-def install(model: nn.Module, cfg: AdapterConfig, per_target: dict) -> State:
-    """Register tensors, crop, add hooks (attach step 5; load uses it too). No input checks here."""
+def is_adapter_parameter(name: str) -> bool:
+    """A parameter some lora-lite adapter registered (its last name part starts with `lora_`)."""
+    return name.rsplit(".", 1)[-1].startswith("lora_")
+
+
+def install(model: nn.Module, cfg: AdapterConfig, per_target: dict, name: str = "default") -> State:
+    """Register tensors, crop, add hooks (attach step 5; load uses it too). No input checks here.
+
+    Freezes the base (every parameter that is not another adapter's) and records its flags as
+    they were before the first adapter (detach of the last adapter restores them)."""
     gen = cfg.variant()
-    st = State(cfg=cfg, targets={}, requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
-    for p in model.parameters():
+    base = {n: p for n, p in model.named_parameters() if not is_adapter_parameter(n)}
+    earlier = list(states(model).values())
+    flags = dict(earlier[0].requires_grad) if earlier else {n: p.requires_grad for n, p in base.items()}
+    st = State(cfg=cfg, targets={}, requires_grad=flags, name=name)
+    for p in base.values():
         p.requires_grad_(False)
-    trainable = {name: spec[2] for name, spec in gen.PARAMS.items()}
-    for name, (m, cfg_t, tensors, info) in per_target.items():
+    trainable = {k: spec[2] for k, spec in gen.PARAMS.items()}
+    for tname, (m, cfg_t, tensors, info) in per_target.items():
         device = m.weight.device if m.weight.device.type != "meta" else None
+        host = m
+        if name != "default":
+            host = AdapterSlot(m)
+            m.add_module(SLOT_PREFIX + name, host)
         for k, t in tensors.items():
             # row-major like a loaded checkpoint (SVD factors come back column-major): same GEMMs, same bits
             t = t.detach().to(device=device, dtype=cfg.dtype).clone(memory_format=torch.contiguous_format)
             if trainable[k]:
-                m.register_parameter(k, nn.Parameter(t))
+                host.register_parameter(k, nn.Parameter(t))
             else:
-                m.register_buffer(k, t)
-        target = Target(name=name, module=m, cfg=cfg_t, tensors=tuple(tensors), info=info)
+                host.register_buffer(k, t)
+        target = Target(name=tname, module=m, cfg=cfg_t, tensors=tuple(tensors), info=info)
+        target.host = None if host is m else host
         if cfg_t.residual == "crop":
             with torch.no_grad():
                 w = m.weight
-                w.copy_((w.float() - gen.frozen_weight(m, cfg_t)).to(w.dtype))
+                w.copy_((w.float() - gen.frozen_weight(host, cfg_t)).to(w.dtype))
         target.handle = _register_hook(gen, target, cfg.dtype)
-        st.targets[name] = target
-    model.__dict__[STATE_ATTR] = st
+        st.targets[tname] = target
+    if name == "default":
+        model.__dict__[STATE_ATTR] = st
+    else:
+        model.__dict__.setdefault(NAMED_ATTR, {})[name] = st
     return st
 
 
@@ -457,8 +561,8 @@ class OutputHook:
         gen = cfg.variant()
         x = args[0].to(self.dtype) if gen.CAST_INPUT else args[0]
         if v == 1.0:
-            return gen.forward(m, x, y, cfg)
-        return scaled_output(gen, m, x, y, cfg, v)
+            return gen.forward(t.holder, x, y, cfg)
+        return scaled_output(gen, t.holder, x, y, cfg, v)
 
 
 def scaled_output(gen: ModuleType, m: nn.Module, x: Tensor, y: Tensor, cfg: AdapterConfig, v: float) -> Tensor:
@@ -486,7 +590,7 @@ class InputHook(OutputHook):
         cfg, v = t.cfg, (t.scale if t.enabled else 0.0)
         if v == 0.0:
             return None
-        gen = cfg.variant()
+        gen, m = cfg.variant(), t.holder
         x = args[0]
         new = gen.forward(m, x, cfg) if not gen.CAST_INPUT else gen.forward(m, x.to(self.dtype), cfg).to(x.dtype)
         if v != 1.0:
@@ -497,17 +601,29 @@ class InputHook(OutputHook):
 def _register_hook(gen: ModuleType, target: Target, dtype: torch.dtype):
     if gen.HOOK == "output":
         return target.module.register_forward_hook(OutputHook(target, dtype))
-    return target.module.register_forward_pre_hook(InputHook(target, dtype))
+    # a later adapter wraps the layer as it was: its new input is made first (PEFT's W H_1 H_2 for HRA)
+    prepend = any(isinstance(h, InputHook) for h in target.module._forward_pre_hooks.values())
+    return target.module.register_forward_pre_hook(InputHook(target, dtype), prepend=prepend)
 
 
-def detach(model: nn.Module) -> nn.Module:
-    """Remove the adapter and give the base model back (see the module docstring); returns `model`.
+def detach(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Remove the adapter `name` (None: every adapter, the last attached first) and give the base
+    model back (see the module docstring); returns `model`. The base's requires_grad flags come
+    back when the last adapter goes.
 
-    Raises AttachError when nothing is attached.
+    Raises AttachError when nothing (or no adapter `name`) is attached.
     """
-    st = state(model)
-    if st is None:
+    every = states(model)
+    if not every:
         raise AttachError("detach: no lora-lite adapter is attached to this model")
+    if name is not None and name not in every:
+        raise AttachError(f"detach: no adapter named {name!r} (attached: {list(every)})")
+    for n in reversed(list(every)) if name is None else [name]:
+        _detach_one(model, every[n], [s for k, s in states(model).items() if k != n])
+    return model
+
+
+def _detach_one(model: nn.Module, st: State, others: list[State]) -> None:
     gen = st.variant
     for t in st.targets.values():
         m = t.module
@@ -515,17 +631,42 @@ def detach(model: nn.Module) -> nn.Module:
         if t.cfg.residual == "crop":
             with torch.no_grad():
                 w = m.weight
-                w.copy_((w.float() + gen.frozen_weight(m, t.cfg)).to(w.dtype))
-        for k in t.tensors:
-            m._parameters.pop(k, None)
-            m._buffers.pop(k, None)
+                w.copy_((w.float() + gen.frozen_weight(t.holder, t.cfg)).to(w.dtype))
+        if t.host is None:
+            for k in t.tensors:
+                m._parameters.pop(k, None)
+                m._buffers.pop(k, None)
+        else:
+            m._modules.pop(SLOT_PREFIX + st.name, None)
         m.__dict__.pop(SQNORM_ATTR, None)
-    params = dict(model.named_parameters())
-    for n, flag in st.requires_grad.items():
-        if n in params:
-            params[n].requires_grad_(flag)
-    del model.__dict__[STATE_ATTR]
-    return model
+    if not others:  # the last adapter: the base's flags from before the first attach come back
+        params = dict(model.named_parameters())
+        for n, flag in st.requires_grad.items():
+            if n in params:
+                params[n].requires_grad_(flag)
+    if st.name == "default":
+        del model.__dict__[STATE_ATTR]
+    else:
+        named = model.__dict__[NAMED_ATTR]
+        del named[st.name]
+        if not named:
+            del model.__dict__[NAMED_ATTR]
+
+
+def set_active(model: nn.Module, names: str | list[str]) -> None:
+    """Make exactly the adapters `names` active (a str or a list; [] switches all off); the
+    others stay attached, their hooks passing the base through. ll.disabled nests with it.
+
+    Raises AttachError naming an adapter that is not attached (nothing is changed then).
+    """
+    want = [names] if isinstance(names, str) else list(names)
+    every = states(model)
+    unknown = [n for n in want if n not in every]
+    if unknown:
+        raise AttachError(f"set_active: no adapter named {unknown[0]!r} (attached: {list(every)})")
+    for n, st in every.items():
+        for t in st.targets.values():
+            t.enabled = n in want
 
 
 def set_coeff(model: nn.Module, value: float) -> None:

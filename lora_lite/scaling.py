@@ -14,22 +14,23 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from .runtime import AttachError, State, state
+from .runtime import AttachError, Target, states
 
 
-def _attached(model: nn.Module, what: str, name: str | None) -> State:
-    st = state(model)
-    if st is None:
+def _targets(model: nn.Module, what: str, name: str | None) -> list[Target]:
+    every = states(model)
+    if not every:
         raise AttachError(f"{what}: no lora-lite adapter is attached to this model")
-    if name not in (None, "default"):
-        raise AttachError(f"{what}: no adapter named {name!r} (attached: ['default'])")
-    return st
+    if name is not None and name not in every:
+        raise AttachError(f"{what}: no adapter named {name!r} (attached: {list(every)})")
+    return [t for n, st in every.items() if name in (None, n) for t in st.targets.values()]
 
 
 @contextmanager
 def disabled(model: nn.Module, name: str | None = None):
-    """Context manager: inside it the model gives the base model's outputs; on exit (also after an
-    exception) each target's previous on/off state comes back, so it nests.
+    """Context manager: inside it the model gives the base model's outputs (name: only that
+    adapter is switched off); on exit (also after an exception) each target's previous on/off
+    state comes back, so it nests, also with ll.set_active.
 
     Bit for bit the base where W is not cropped (the hooks return the layer's own output or leave
     its input alone); for residual crop the hook adds the frozen part back to x W_res^T in
@@ -39,19 +40,20 @@ def disabled(model: nn.Module, name: str | None = None):
     Source: PEFT's `PeftModel.disable_adapter()` (peft/peft_model.py), which for PiSSA gives
     W_res's outputs instead (see the README's known divergences).
     """
-    st = _attached(model, "disabled", name)
-    before = {n: t.enabled for n, t in st.targets.items()}
-    for t in st.targets.values():
+    targets = _targets(model, "disabled", name)
+    before = [t.enabled for t in targets]
+    for t in targets:
         t.enabled = False
     try:
         yield model
     finally:
-        for n, t in st.targets.items():
-            t.enabled = before.get(n, True)
+        for t, on in zip(targets, before):
+            t.enabled = on
 
 
 def scale(model: nn.Module, value: float, name: str | None = None) -> None:
-    """Scale the attached adapter's effect: y = y_base + value (y_adapted - y_base) on every target.
+    """Scale an adapter's effect (name None: every attached adapter's):
+    y = y_base + value (y_adapted - y_base) on each of its targets.
 
     value 0 equals ll.disabled, 1 the adapter as trained; other values interpolate (or, above 1,
     extrapolate). Input-side variants (HRA, IA3-FF) interpolate their new input the same way:
@@ -61,8 +63,8 @@ def scale(model: nn.Module, value: float, name: str | None = None) -> None:
     Saved in checkpoints (per target) and applied by ll.merge and ll.export_peft.
     Raises AttachError when nothing is attached, ValueError for a non-finite value.
     """
-    st = _attached(model, "scale", name)
+    targets = _targets(model, "scale", name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
         raise ValueError(f"scale: value must be a finite number, got {value!r}")
-    for t in st.targets.values():
+    for t in targets:
         t.scale = float(value)

@@ -307,7 +307,7 @@ def test_merge_in_bf16_is_no_worse_than_peft_merge_and_unload():
 def test_merge_refuses_inside_disabled_leaving_the_model_adapted():
     _, model = trained("lora")
     want = out(model)
-    with ll.disabled(model), pytest.raises(ll.AttachError, match="switched off"):
+    with ll.disabled(model), pytest.raises(ll.AttachError, match="adapter 'default' is inactive"):
         ll.merge(model)
     assert ll.state(model) is not None and torch.equal(out(model), want)
 
