@@ -669,14 +669,15 @@ def set_active(model: nn.Module, names: str | list[str]) -> None:
             t.enabled = n in want
 
 
-def set_coeff(model: nn.Module, value: float) -> None:
-    """Change the `coeff` knob of an attached adapter without re-attaching (0 = identity).
+def set_coeff(model: nn.Module, value: float, name: str = "default") -> None:
+    """Change the `coeff` knob of the adapter `name` without re-attaching (0 = identity).
 
-    Raises AttachError when nothing is attached or the variant has no `coeff`.
+    Raises AttachError when nothing (or no adapter `name`) is attached or the variant has no `coeff`.
     """
-    st = state(model)
+    st = state(model, name)
     if st is None:
-        raise AttachError("set_coeff: no lora-lite adapter is attached to this model")
+        what = "no lora-lite adapter is attached" if name == "default" else f"no adapter named {name!r} is attached"
+        raise AttachError(f"set_coeff: {what} to this model")
     if "coeff" not in st.variant.RUNTIME_KNOBS:
         raise AttachError(
             f"set_coeff: {st.variant.NAME} has no runtime 'coeff' knob "

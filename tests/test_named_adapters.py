@@ -158,3 +158,17 @@ def test_calibration_of_a_second_adapter_sees_the_base_model():
     ll.attach(model, ll.from_spec("eva", r=4), calibration_data=calibration(), progress=False, name="e")
     for n, t in ll.state(alone).targets.items():
         torch.testing.assert_close(ll.state(model, "e").targets[n].holder.lora_A, t.module.lora_A)
+
+
+def test_set_coeff_reaches_a_named_adapter_only():
+    base = llama()
+    model = copy.deepcopy(base)
+    ll.attach(model, ll.from_spec("antipasto", r=4, residual="subtract"))
+    ll.attach(model, ll.from_spec("antipasto", r=4, residual="subtract"), name="gain")
+    perturb(model, scale=0.3)
+    ll.set_coeff(model, 0.0, name="gain")
+    assert ll.state(model, "gain").cfg.coeff == 0.0 and ll.state(model).cfg.coeff == 1.0
+    ll.set_active(model, "gain")
+    assert rel(out(model), out(base)) <= TOL, "coeff 0 makes the named adapter the identity"
+    with pytest.raises(ll.AttachError, match="no adapter named 'nope'"):
+        ll.set_coeff(model, 0.5, name="nope")
