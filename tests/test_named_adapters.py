@@ -98,7 +98,7 @@ def test_detach_by_name_then_all_gives_the_base_back():
     ll.detach(model, name="default")
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".lora_" not in n), "base stays frozen"
     ll.detach(model)
-    sd, flags = snap
+    sd, flags = snap.state_dict, snap.requires_grad
     now = model.state_dict()
     assert now.keys() == sd.keys()
     for k in sd:  # PiSSA restores W within fp32 rounding

@@ -38,7 +38,7 @@ KNOWN_DIVERGENCES: dict[str, str] = {
     "eva": "A is the exact top-r eigenbasis of the pooled input covariance, where PEFT runs an "
     "incremental randomized PCA until its components stop moving (same subspace, compared "
     "as one); uniform rank only (PEFT's rho=1), no rank redistribution",
-    "dora": "the norm ||W + s B A||_row is expanded: ||W_i||^2 in fp32 (cached per weight), W A^T in "
+    "dora": "the norm ||W + s B A||_row is expanded: ||W_i||^2 in fp32 (cached for 4/8-bit W), W A^T in "
     "W's dtype, the rest in fp32, where PEFT forms W + s B A in the input's dtype: identical in fp32. "
     "ll.scale interpolates DoRA's output; PEFT's rescale_adapter_scale scales s inside the norm (equal at 0 and 1)",
     "ia3": "the gain is cast to the layer's dtype and multiplies y there; PEFT multiplies in the "
