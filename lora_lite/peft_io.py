@@ -33,17 +33,19 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .checkpoint import CheckpointError
+from .codegen import SpecError
 from .registry import variant_module
 from .runtime import (
     EXCLUDE,
+    AdapterSlot,
     AttachError,
     base_weight,
+    check_model,
     check_name,
     check_quantized,
     install,
     is_linear_like,
     is_quantized,
-    state,
     states,
     target_info,
 )
@@ -212,15 +214,18 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, name: str | None =
     if not every:
         raise AttachError("export_peft: no lora-lite adapter is attached to this model")
     if name is not None and name not in every:
-        raise AttachError(f"export_peft: no adapter named {name!r} (attached: {list(every)})")
+        raise AttachError(f"export_peft: no adapter named {repr(name)[:60]} (attached: {list(every)})")
     out = Path(out_dir)
     files = {n: _payload(model, st) for n, st in every.items() if name in (None, n)}  # all checked first
     for n, (flat, provenance, text) in files.items():
         d = out if n == "default" else out / n
-        d.mkdir(parents=True, exist_ok=True)
         meta = {"format": "pt", "lora_lite": json.dumps(provenance)}
-        _atomic(d / WEIGHTS_FILE, lambda p: save_file(flat, p, metadata=meta))
-        _atomic(d / CONFIG_FILE, lambda p: Path(p).write_text(text))
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            _atomic(d / WEIGHTS_FILE, lambda p: save_file(flat, p, metadata=meta))
+            _atomic(d / CONFIG_FILE, lambda p: Path(p).write_text(text))
+        except OSError as e:
+            raise CheckpointError(f"{d}: cannot write: {e.strerror or _line(e)}") from None
     return out
 
 
@@ -438,19 +443,34 @@ def load_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "defaul
     not reproduce: pissa_niter_*, olora, corda, loftq, modules_to_save, bias other than "none",
     trainable_token_indices, any other option that is switched on, pickle weights
     (adapter_model.bin), a missing, extra or misshapen tensor, a target that is not a linear
-    layer; AttachError when an adapter is already attached.
+    layer, or anything else malformed in the directory; AttachError (before anything changes) when
+    an adapter `name` is already attached or for whatever runtime.preflight refuses.
     Source: PEFT's LoraModel/IA3Model/HRAModel/DeloraModel _create_and_replace and
     check_target_module_exists (peft/tuners/).
     """
+    check_model(model, "load_peft")
     check_name(name)
-    if state(model, name) is not None:
-        raise AttachError(f"load_peft: model already has an adapter named {name!r}; detach it first")
+    try:  # the directory is untrusted input: whatever it breaks is one CheckpointError line
+        cfg, per_target = _read_peft(model, peft_dir, name)
+    except (CheckpointError, AttachError, SpecError):
+        raise
+    except Exception as e:  # noqa: BLE001 (a malformed file or value; no other type may escape)
+        lines = str(e).strip().splitlines() or [""]
+        raise CheckpointError(
+            f"{peft_dir}: not a readable PEFT adapter ({type(e).__name__}: {lines[0][:200]})"
+        ) from None
+    install(model, cfg, per_target, op="load_peft", name=name)
+    return model
+
+
+def _read_peft(model: nn.Module, peft_dir, name: str) -> tuple:
+    """(adapter config, install's per_target) from a PEFT adapter directory; changes nothing."""
     d = _resolve(peft_dir, name)
     cpath, wpath = d / CONFIG_FILE, d / WEIGHTS_FILE
     try:
         c = json.loads(cpath.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cpath}: not a readable adapter config ({type(e).__name__}: {e})") from None
+    except (OSError, ValueError) as e:  # missing, a folder, bad UTF-8 or JSON
+        raise CheckpointError(f"{cpath}: not a readable adapter config ({type(e).__name__}: {_line(e)})") from None
     if not isinstance(c, dict):
         raise CheckpointError(f"{cpath}: expected a JSON object")
     if not wpath.exists():
@@ -461,7 +481,7 @@ def load_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "defaul
             )
         raise CheckpointError(f"{wpath}: missing")
     spec = _check_config(cpath, c)
-    modules = dict(model.named_modules())
+    modules = {n: m for n, m in model.named_modules() if not isinstance(m, AdapterSlot)}  # slots: never targets
     found = [n for n in modules if n and _matches(c, n)]
     if not found:
         raise CheckpointError(f"{cpath}: target_modules={c.get('target_modules')!r} matches no module of this model")
@@ -507,8 +527,12 @@ def load_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "defaul
             per_target[n] = (m, cfg_t, tensors, target_info(m, W))
         if keys:
             raise CheckpointError(f"{wpath}: tensor {sorted(keys)[0]} belongs to no target of adapter_config.json")
-    install(model, per_target[found[0]][1], per_target, name=name)
-    return model
+    return per_target[found[0]][1], per_target
+
+
+def _line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines() or [""]
+    return lines[0][:200]
 
 
 def _names(spec: str) -> dict[str, tuple[str, ...]]:

@@ -22,7 +22,7 @@ def _targets(model: nn.Module, what: str, name: str | None) -> list[Target]:
     if not every:
         raise AttachError(f"{what}: no lora-lite adapter is attached to this model")
     if name is not None and name not in every:
-        raise AttachError(f"{what}: no adapter named {name!r} (attached: {list(every)})")
+        raise AttachError(f"{what}: no adapter named {repr(name)[:60]} (attached: {list(every)})")
     return [t for n, st in every.items() if name in (None, n) for t in st.targets.values()]
 
 
@@ -61,10 +61,12 @@ def scale(model: nn.Module, value: float, name: str | None = None) -> None:
     `rescale_adapter_scale(model, value)` (peft/helpers.py), which multiplies `scaling`; it is
     not AntiPaSTO's `coeff`, which acts on the gain logits through ELU (ll.set_coeff).
     Saved in checkpoints (per target) and applied by ll.merge and ll.export_peft.
-    Raises AttachError when nothing is attached, ValueError for a non-finite value.
+    Raises AttachError (a ValueError) when nothing (or no adapter `name`) is attached, or for a
+    value that is not a finite number (bool, NaN, inf, an int past float range); nothing changes then.
     """
     targets = _targets(model, "scale", name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise ValueError(f"scale: value must be a finite number, got {value!r}")
+    finite = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < math.inf
+    if not finite or (isinstance(value, int) and abs(value) > 2**1023):  # float() would overflow
+        raise AttachError(f"scale: value must be a finite number, got {repr(value)[:40]}")
     for t in targets:
         t.scale = float(value)
