@@ -52,6 +52,7 @@ from .runtime import (
     AttachError,
     base_weight,
     check_model,
+    check_name,
     check_quantized,
     fingerprint_distance,
     install,
@@ -459,15 +460,18 @@ def _config(path, gen, values: dict, where: tuple, keys) -> None:
             raise _err(path, _jpath(where + (k,)), str(e)) from None
 
 
-def load(model: nn.Module, path: str | os.PathLike, *, residual: str | None = None) -> nn.Module:
+def load(model: nn.Module, path: str | os.PathLike, *, residual: str | None = None, name: str = "default") -> nn.Module:
     """Attach the adapter saved at `path` to `model` (no calibration data needed); returns `model`.
 
     residual: None = as saved; "crop" or "subtract" switches a variant with a frozen part
     between the two (the same math: W_res x + adapter, or W x - frozen part + adapter), e.g.
     "subtract" to put an adapter trained with crop on a float base onto a 4/8-bit base.
+    name: attach it as this adapter (see ll.attach); any checkpoint loads under any name. Each
+    target's saved ll.scale comes back (1.0 when the file has none).
 
     Checks, in order, before changing anything (nothing runs from the file but the spec
-    compiler's validated output): nothing attached yet, not under torch.inference_mode; a
+    compiler's validated output): `name` an identifier with no adapter attached under it, not
+    under torch.inference_mode; a
     safetensors file (never a pickle) within the size limits; format version 1 or 2; the sha256
     digest when present (format 2 always has one); no NaN/inf or control characters in the
     metadata; the metadata against checkpoint_schema.SCHEMA; every tensor in the adapter dtype
@@ -476,30 +480,33 @@ def load(model: nn.Module, path: str | os.PathLike, *, residual: str | None = No
     min(d_in, d_out); every target exists, is linear-like and has the saved shape; a quantized
     target is supported (no crop); no target already has an attribute named like an adapter
     tensor, a lora-lite hook or meta weights; crop targets do not share a weight; each target
-    has exactly the spec's tensors with the spec's shapes, finite; the base weight's
+    has exactly the spec's tensors with the spec's shapes, finite; no target already cropped by
+    another adapter when this one crops; the base weight's
     fingerprint matches within FINGERPRINT_TOL, or FINGERPRINT_TOL_QUANT when either side is
     quantized (an error for variants whose math depends on W, else a warning). Tensor bytes are
     read only after their shapes passed. Raises CheckpointError naming the file and key path or
     tensor, AttachError naming the layer (already attached, quantized target, a layer that
     cannot take the adapter), ValueError for a residual the variant does not take.
     """
-    if state(model) is not None:
-        raise AttachError(f"load: model already has a {state(model).variant.NAME} adapter; call ll.detach(model) first")
     check_model(model, "load")
+    check_name(name)
     path = Path(path)
     with _File(path) as ck:
         meta = _check_metadata(ck)
         gen = _variant(path, meta)
         cfg = _load_config(path, gen, meta["config"], residual)
         modules = dict(model.named_modules())
-        plans = {name: _plan_target(ck, gen, cfg, name, tmeta, modules) for name, tmeta in meta["targets"].items()}
-        preflight(model, cfg, {name: plan[0] for name, plan in plans.items()}, op="load")
-        extra = sorted(set(ck.table) - {f"{name}.{k}" for name, p in plans.items() for k in p[2]})
+        plans = {tname: _plan_target(ck, gen, cfg, tname, tm, modules) for tname, tm in meta["targets"].items()}
+        preflight(model, cfg, {tname: plan[0] for tname, plan in plans.items()}, op="load", name=name)
+        extra = sorted(set(ck.table) - {f"{tname}.{k}" for tname, p in plans.items() for k in p[2]})
         if extra:
             raise _err(path, f"tensor {extra[0]!r}", f"is not a tensor of {gen.NAME} ({len(extra)} extra tensors)")
         strict = cfg.residual in STRICT_RESIDUALS or getattr(gen, "USES_BASE_WEIGHT", False)
-        per_target = {name: _read_target(ck, gen, name, *plan, strict) for name, plan in plans.items()}
-    install(model, cfg, per_target)
+        per_target = {tname: _read_target(ck, gen, tname, *plan, strict) for tname, plan in plans.items()}
+    scales = {tname: float(tmeta.get("scale", 1.0)) for tname, tmeta in meta["targets"].items()}
+    st = install(model, cfg, per_target, op="load", name=name)
+    for tname, t in st.targets.items():
+        t.scale = scales[tname]
     return model
 
 
@@ -576,8 +583,10 @@ def _read_target(ck: _File, gen, name: str, m, cfg_t, want: dict, tmeta: dict, s
 # ---------------------------------------------------------------- writing
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the attached adapter to `path` (safetensors, format 2); returns `path`.
+def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
+    """Write the adapter attached as `name` to `path` (safetensors, format 2); returns `path`.
+    The file holds that one adapter (with each target's ll.scale), in the same format whatever
+    its name.
 
     Before the destination is touched: every adapter tensor must be finite and in the adapter
     dtype (CheckpointError naming the tensors), and the metadata must pass the schema. The file
@@ -589,12 +598,14 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     removes sibling temporary files left by killed saves, but only those it can lock (never a
     live one of a concurrent save). A symlink destination: the file it points to is replaced
     atomically (its temporary file sits next to it) and the link is kept.
-    Raises AttachError when nothing is attached; CheckpointError naming the path for I/O
-    errors (disk full, read-only folder, a directory as destination).
+    Raises AttachError when nothing (or no adapter `name`) is attached; CheckpointError naming
+    the path for I/O errors (disk full, read-only folder, a directory as destination).
     """
-    st = state(model)
+    check_name(name)
+    st = state(model, name)
     if st is None:
-        raise AttachError("save: no lora-lite adapter is attached to this model (nothing to save)")
+        what = "no lora-lite adapter is attached" if name == "default" else f"no adapter named {name!r} is attached"
+        raise AttachError(f"save: {what} to this model (nothing to save)")
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise _err(path, None, f"ll.load refuses {path.suffix} files (pickle); name it .safetensors")
@@ -602,7 +613,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     for name, t in st.targets.items():
         for k in t.tensors:
             key = f"{name}.{k}"
-            v = getattr(t.module, k).detach().to("cpu").contiguous()
+            v = getattr(t.holder, k).detach().to("cpu").contiguous()
             if v.dtype != st.cfg.dtype:
                 raise _err(
                     path,
@@ -613,7 +624,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
             if not bool(torch.isfinite(v).all()):
                 bad.append(key)
             tensors[key] = v
-        targets[name] = {"hyperparameters": t.cfg.hyperparameters(), **t.info}
+        targets[name] = {"hyperparameters": t.cfg.hyperparameters(), **t.info, "scale": t.scale}
     if bad:
         more = f" (and {len(bad) - 1} more: {', '.join(bad[1:4])}{', ...' if len(bad) > 4 else ''})"
         more = more if len(bad) > 1 else ""

@@ -92,6 +92,7 @@ SCHEMA = {
                     },
                     "loaded_from_quantization": _label,  # written by a save after a load
                     "loaded_fingerprint_distance": {"type": "number", "minimum": 0},
+                    "scale": {"type": "number"},  # ll.scale of the target (finite: see above); 1.0 when absent
                 },
             },
         },

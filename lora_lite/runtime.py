@@ -37,6 +37,7 @@ import dataclasses
 import math
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -48,6 +49,8 @@ from .codegen.spec import SpecError
 from .config import AdapterConfig, config_error
 
 STATE_ATTR = "_lora_lite"
+NAMED_ATTR = "_lora_lite_named"  # {name: State} of the adapters attached with a name other than "default"
+SLOT_PREFIX = "lora_lite_"  # a named adapter's tensors live on a child module <layer>.lora_lite_<name>
 EXCLUDE = re.compile(r"(^|\.)(lm_head|embed_tokens|embed_out|wte|wpe|embeddings?)$")
 LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
 
@@ -70,6 +73,14 @@ class Target:
     tensors: tuple[str, ...]
     info: dict  # d_in, d_out, weight shape/dtype, quantization, fingerprint
     handle: object = None
+    scale: float = 1.0  # ll.scale: y = y_base + scale (y_adapted - y_base); saved in checkpoints
+    enabled: bool = True  # False inside ll.disabled or when set_active leaves it out
+    host: nn.Module | None = None  # where its tensors live: None = the layer (the default adapter)
+
+    @property
+    def holder(self) -> nn.Module:
+        """The module the generated forward reads (`m.lora_A`): the layer, or a named adapter's slot."""
+        return self.module if self.host is None else self.host
 
 
 @dataclass
@@ -80,6 +91,7 @@ class State:
     cfg: AdapterConfig
     targets: dict[str, Target]
     requires_grad: dict[str, bool] = field(default_factory=dict)
+    name: str = "default"
 
     @property
     def variant(self) -> ModuleType:
@@ -87,11 +99,51 @@ class State:
         return self.cfg.variant()
 
 
-def state(model: nn.Module) -> State | None:
-    """The attached adapter's state, or None. AttachError when `model` is not an nn.Module."""
+def state(model: nn.Module, name: str = "default") -> State | None:
+    """The state of the adapter attached as `name` (the default adapter unless named), or None.
+    AttachError when `model` is not an nn.Module."""
     if not isinstance(model, nn.Module):
         raise AttachError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    return model.__dict__.get(STATE_ATTR)
+    if name == "default":
+        return model.__dict__.get(STATE_ATTR)
+    return model.__dict__.get(NAMED_ATTR, {}).get(name)
+
+
+def states(model: nn.Module) -> dict[str, State]:
+    """Every attached adapter's state by name, in attach order (the default adapter first).
+    AttachError when `model` is not an nn.Module."""
+    if not isinstance(model, nn.Module):
+        raise AttachError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    return _states_of(model)
+
+
+def _states_of(mod: nn.Module) -> dict[str, State]:
+    d = mod.__dict__
+    out = {"default": d[STATE_ATTR]} if isinstance(d.get(STATE_ATTR), State) else {}
+    named = d.get(NAMED_ATTR)
+    return out | ({k: v for k, v in named.items() if isinstance(v, State)} if isinstance(named, dict) else {})
+
+
+class AdapterSlot(nn.Module):
+    """Holds a named adapter's tensors on one layer (as the child `lora_lite_<name>`). Attribute
+    reads it cannot answer go to the layer (weight, bias, in_features, ...), except `lora_*`
+    names, so a generated forward(m, ...) reads a slot as it reads the layer itself."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.__dict__["layer"] = layer  # not a submodule: no cycle in modules() or state_dict
+
+    def __getattr__(self, k: str):
+        try:
+            return super().__getattr__(k)
+        except AttributeError:
+            layer = self.__dict__.get("layer")
+            if layer is None or k.startswith("lora_"):
+                raise
+            return getattr(layer, k)
+
+    def forward(self, *args, **kwargs):  # base_forward calls m.forward on quantized layers
+        return self.__dict__["layer"].forward(*args, **kwargs)
 
 
 def is_linear_like(m: nn.Module) -> bool:
@@ -118,8 +170,8 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> dict[str, nn.Module]:
             raise AttachError(f"{gen.NAME}: target_names: bad regex {p!r}: {e}") from None
     found, linear = {}, []
     for name, m in model.named_modules():
-        if not name or not is_linear_like(m) or EXCLUDE.search(name):
-            continue
+        if not name or isinstance(m, AdapterSlot) or not is_linear_like(m) or EXCLUDE.search(name):
+            continue  # a named adapter's slot reads like its layer but is never a target
         linear.append(name)
         if not any(rx.search(name) for rx in regexes):
             continue
@@ -304,21 +356,33 @@ def check_model(model: nn.Module, op: str) -> None:
         raise AttachError(f"{op}: refused under torch.inference_mode (its tensors cannot be trained); call it outside")
 
 
-def preflight(model: nn.Module, cfg: AdapterConfig, targets: dict[str, nn.Module], op: str = "attach") -> None:
-    """Every check attach and load make on the model before changing anything (both call it).
+def preflight(
+    model: nn.Module, cfg: AdapterConfig, targets: dict[str, nn.Module], op: str = "attach", name: str = "default"
+) -> None:
+    """Every check attach and load make on the model before changing anything (both call it,
+    and install again); `name` is the adapter about to be attached.
 
     AttachError, one line naming the layer or tensor, for: a model that is not an nn.Module, or
-    a call under torch.inference_mode; a parameter made under inference_mode (its flag could not
-    be restored); a target whose weight is on the meta device; a target adapted through another
-    module, or holding something (parameter, buffer, child module, attribute) with an adapter
-    tensor's name (a PEFT-wrapped layer has a `lora_A` ModuleDict); a quantized target the
-    config cannot handle (check_quantized); under residual crop, a target weight whose storage
-    another parameter or buffer shares (tied weights, or two targets on one weight), since crop
-    would rewrite both; lora-lite tensors or hooks anywhere in the model that no attached
-    adapter accounts for (left by a failed attach, a copied state, a half-detached copy).
+    a call under torch.inference_mode; a name that is not an identifier, or one already attached;
+    a parameter made under inference_mode (its flag could not be restored); a target whose
+    weight is on the meta device; a target adapted through another module, or holding something
+    (parameter, buffer, child module, attribute) with an adapter tensor's name (a PEFT-wrapped
+    layer has a `lora_A` ModuleDict) or the new adapter's slot name; a quantized target the
+    config cannot handle (check_quantized); under residual crop, a target another attached
+    adapter already crops, or whose weight storage another parameter or buffer shares (tied
+    weights, or two targets on one weight), since crop would rewrite both; lora-lite tensors or
+    hooks anywhere in the model that no attached adapter (of any name) accounts for (left by a
+    failed attach, a copied state, a half-detached copy).
     """
     check_model(model, op)
+    check_name(name)
     gen = cfg.variant()
+    mine = states(model)
+    if name in mine:
+        what, how = ("", "model") if name == "default" else (f" named {name!r}", f"model, name={name!r}")
+        raise AttachError(
+            f"{op}: model already has a {mine[name].variant.NAME} adapter{what} attached; call ll.detach({how}) first"
+        )
     fix = f"ll.from_spec({gen.NAME!r}, residual='subtract')" if op == "attach" else f"ll.{op}(..., residual='subtract')"
     made_inference = next((n for n, p in model.named_parameters() if p.is_inference()), None)
     if made_inference is not None:
@@ -333,25 +397,38 @@ def preflight(model: nn.Module, cfg: AdapterConfig, targets: dict[str, nn.Module
             f"{op}: {stray}, which no attached lora-lite adapter accounts for (left by a failed attach, "
             "a copied state, or an adapter on a model that contains this one); remove it or use a fresh model"
         )
-    for name, m in targets.items():
+    own_tensors, own_hooks = _accounted_by(mine.values())
+    cropped = {id(t.module): n for n, st in mine.items() for t in st.targets.values() if t.cfg.residual == "crop"}
+    for tname, m in targets.items():
         dims = (m.in_features, m.out_features)
         if not all(isinstance(d, int) and d > 0 for d in dims):
-            raise AttachError(f"{gen.NAME}: {name}: (in_features, out_features) = {dims}, expected positive integers")
+            raise AttachError(f"{gen.NAME}: {tname}: (in_features, out_features) = {dims}, expected positive integers")
         if m.weight.is_meta:
-            raise AttachError(f"{gen.NAME}: {name}: weight is on the meta device (not loaded); load the weights first")
-        ours = [k for k in (*m._parameters, *m._buffers) if k.startswith("lora_") and (id(m), k) in tensors]
-        if ours or any(id(getattr(h, "target", None)) in hooks for h in _hooks(m)):
+            raise AttachError(f"{gen.NAME}: {tname}: weight is on the meta device (not loaded); load the weights first")
+        elsewhere = lambda key: key in tensors and key not in own_tensors  # noqa: E731
+        ours = [k for k in (*m._parameters, *m._buffers) if k.startswith("lora_") and elsewhere((id(m), k))]
+        if ours or any(id(h.target) in hooks and id(h.target) not in own_hooks for h in _hooks(m)):
             raise AttachError(
-                f"{gen.NAME}: {name} already has a lora-lite adapter ({', '.join(ours) or 'a hook'}), "
+                f"{gen.NAME}: {tname} already has a lora-lite adapter ({', '.join(ours) or 'a hook'}), "
                 "attached through another module; detach that one first"
             )
-        taken = [k for k in gen.PARAMS if _has(m, k)]
+        taken = [k for k in gen.PARAMS if _has(m, k) and (id(m), k) not in own_tensors]
         if taken:
             raise AttachError(
-                f"{gen.NAME}: {name} already has {_kind(m, taken[0])} named {taken[0]!r} (a PEFT-wrapped layer?), "
+                f"{gen.NAME}: {tname} already has {_kind(m, taken[0])} named {taken[0]!r} (a PEFT-wrapped layer?), "
                 "which the adapter's tensor would replace; attach to the unwrapped model"
             )
-        check_quantized(gen, cfg, name, m, fix=fix)
+        if name != "default" and _has(m, SLOT_PREFIX + name):
+            raise AttachError(
+                f"{gen.NAME}: {tname} already has {_kind(m, SLOT_PREFIX + name)} named {SLOT_PREFIX + name!r}, "
+                f"where adapter {name!r} would keep its tensors; remove it or choose another name"
+            )
+        if cfg.residual == "crop" and id(m) in cropped:
+            raise AttachError(
+                f"{gen.NAME}: {tname} is already cropped by adapter {cropped[id(m)]!r}; a second crop would "
+                f"mix their residuals: use residual='subtract' ({fix})"
+            )
+        check_quantized(gen, cfg, tname, m, fix=fix)
     if cfg.residual == "crop":
         _check_crop_weights(gen, model, targets, fix)
 
@@ -377,15 +454,17 @@ def _kind(m: nn.Module, k: str) -> str:
 
 
 def _accounted(model: nn.Module) -> tuple[set, set]:
-    """What attached adapters (on the model or any submodule) installed: {(id(module), tensor
-    name)} and {id(Target)} (each hook holds its Target)."""
+    """What attached adapters (of any name, on the model or any submodule) installed:
+    {(id(module holding it), tensor name)} and {id(Target)} (each hook holds its Target)."""
+    return _accounted_by(st for mod in model.modules() for st in _states_of(mod).values())
+
+
+def _accounted_by(sts) -> tuple[set, set]:
     tensors, hooks = set(), set()
-    for mod in model.modules():
-        st = mod.__dict__.get(STATE_ATTR)
-        if isinstance(st, State):
-            for t in st.targets.values():
-                tensors.update((id(t.module), k) for k in t.tensors)
-                hooks.add(id(t))
+    for st in sts:
+        for t in st.targets.values():
+            tensors.update((id(t.holder), k) for k in t.tensors)
+            hooks.add(id(t))
     return tensors, hooks
 
 
@@ -515,43 +594,69 @@ def target_info(m: nn.Module, W: Tensor) -> dict:
     }
 
 
-def attach(model: nn.Module, cfg: AdapterConfig, calibration_data=None, *, progress: bool = True) -> nn.Module:
+def attach(
+    model: nn.Module, cfg: AdapterConfig, calibration_data=None, *, progress: bool = True, name: str = "default"
+) -> nn.Module:
     """Attach the adapter `cfg` describes to every matching layer of `model`; returns `model`.
 
     calibration_data: iterable of batches (dicts of input_ids/attention_mask/..., tuples, or
     tensors) for data-driven bases; ignored by variants that need none. Every check runs before
     anything changes, and any refusal leaves the model exactly as it was: AttachError, one line
     naming the layer or value, for a model that is not an nn.Module or a cfg that is not a
-    config, an adapter already attached, no targets, everything `preflight` refuses (meta
-    weights, PEFT-wrapped layers, tied weights under crop, stray lora-lite tensors or hooks,
+    config, a name that is not an identifier, an adapter of that name already attached, no
+    targets, everything `preflight` refuses (meta weights, PEFT-wrapped layers, tied weights
+    under crop, a second crop on a cropped layer, stray lora-lite tensors or hooks,
     torch.inference_mode, crop on a quantized layer), missing or bad calibration data
     (calibration.collect_input_stats), and a variant's init refusing a layer. bitsandbytes
     4/8-bit targets work with every variant whose spec says quantized_base: true; a variant
     with a frozen part needs residual='subtract' on them.
+    name: several adapters can be attached under different names (an identifier; "default"
+    keeps today's layout: tensors on the layer itself). A named adapter's tensors live on a
+    child `<layer>.lora_lite_<name>`; its hook runs after those attached before it (see the
+    README's composition table). Calibration runs with the other adapters switched off.
     """
     check_model(model, "attach")
     if not isinstance(cfg, AdapterConfig):
         raise AttachError(
             f"attach: expected a config from ll.from_spec(...) or ll.LoRAConfig(...), got {type(cfg).__name__}"
         )
-    if state(model) is not None:
-        raise AttachError(
-            f"model already has a {state(model).variant.NAME} adapter attached; call ll.detach(model) first"
-        )
+    check_name(name)
     gen = cfg.variant()
     targets = find_targets(model, cfg)
-    preflight(model, cfg, targets, op="attach")
+    preflight(model, cfg, targets, op="attach", name=name)
     _warn_cpu_packed(model)
-    cfgs = {name: target_config(cfg, name, m) for name, m in targets.items()}
+    cfgs = {tname: target_config(cfg, tname, m) for tname, m in targets.items()}
     stats = None
     if gen.CALIBRATION == "required" and calibration_data is None:
         raise AttachError(f"{gen.NAME} needs calibration_data: pass ll.attach(model, cfg, calibration_data=batches)")
     if gen.CALIBRATION != "none" and calibration_data is not None:
-        stats = collect_input_stats(model, targets, calibration_data, progress=progress)
-    built = {name: _build(gen, name, m, cfgs[name], stats[name] if stats else None) for name, m in targets.items()}
-    per_target = {name: (targets[name], cfgs[name], b["tensors"], b["info"]) for name, b in built.items()}
-    install(model, cfg, per_target, op="attach")
+        with all_off(model):  # statistics of the base model, not of the other adapters
+            stats = collect_input_stats(model, targets, calibration_data, progress=progress)
+    built = {n: _build(gen, n, m, cfgs[n], stats[n] if stats else None) for n, m in targets.items()}
+    per_target = {n: (targets[n], cfgs[n], b["tensors"], b["info"]) for n, b in built.items()}
+    install(model, cfg, per_target, op="attach", name=name)
     return model
+
+
+def check_name(name: str) -> None:
+    """An adapter name is an identifier (it becomes part of a module name); AttachError (a
+    ValueError) otherwise."""
+    if not isinstance(name, str) or not name.isidentifier() or len(name) > 64:
+        raise AttachError(f"adapter name must be an identifier like 'math', got {_short_name(name)}")
+
+
+@contextmanager
+def all_off(model: nn.Module):
+    """Every attached adapter switched off inside (each target's previous on/off back on exit)."""
+    targets = [t for st in states(model).values() for t in st.targets.values()]
+    before = [t.enabled for t in targets]
+    for t in targets:
+        t.enabled = False
+    try:
+        yield
+    finally:
+        for t, on in zip(targets, before):
+            t.enabled = on
 
 
 def _warn_cpu_packed(model: nn.Module) -> None:
@@ -575,56 +680,76 @@ def _warn_cpu_packed(model: nn.Module) -> None:
         )
 
 
-def install(model: nn.Module, cfg: AdapterConfig, per_target: dict, op: str = "load") -> State:
+def is_adapter_parameter(name: str) -> bool:
+    """A parameter some lora-lite adapter registered (its last name part starts with `lora_`)."""
+    return name.rsplit(".", 1)[-1].startswith("lora_")
+
+
+def install(model: nn.Module, cfg: AdapterConfig, per_target: dict, op: str = "load", name: str = "default") -> State:
     """Register tensors, crop, add hooks (attach step 5; load uses it too); returns the State.
 
-    per_target: {name: (module, its config, {tensor name: tensor}, info)}. Runs `preflight`
-    first (a second time for attach: it is cheap), then converts every tensor before touching
-    the model, so running out of memory there changes nothing. A failure after that (a
-    variant's frozen_weight raising while cropping) takes everything back out: tensors, hooks
-    and requires_grad flags exactly, already cropped weights within the weight dtype's
-    rounding (as detach does).
+    per_target: {target name: (module, its config, {tensor name: tensor}, info)}. Runs
+    `preflight` first (a second time for attach: it is cheap), then converts every tensor before
+    touching the model, so running out of memory there changes nothing. Freezes the base (every
+    parameter that is not another adapter's) and records its flags as they were before the first
+    adapter (detach of the last adapter restores them). A failure after that (a variant's
+    frozen_weight raising while cropping) takes everything back out: tensors, slots, hooks and
+    requires_grad flags exactly, already cropped weights within the weight dtype's rounding (as
+    detach does).
     """
-    preflight(model, cfg, {name: v[0] for name, v in per_target.items()}, op=op)
+    preflight(model, cfg, {tname: v[0] for tname, v in per_target.items()}, op=op, name=name)
     gen = cfg.variant()
-    trainable = {name: spec[2] for name, spec in gen.PARAMS.items()}
+    trainable = {k: spec[2] for k, spec in gen.PARAMS.items()}
     ready = {}
-    for name, (m, _, tensors, _) in per_target.items():
+    for tname, (m, _, tensors, _) in per_target.items():
         device = m.weight.device if m.weight.device.type != "meta" else None
         # row-major like a loaded checkpoint (SVD factors come back column-major): same GEMMs, same bits
-        ready[name] = {
+        ready[tname] = {
             k: t.detach().to(device=device, dtype=cfg.dtype).clone(memory_format=torch.contiguous_format)
             for k, t in tensors.items()
         }
-    st = State(cfg=cfg, targets={}, requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
+    before = {n: p.requires_grad for n, p in model.named_parameters()}  # what a rollback restores
+    base = {n: p for n, p in model.named_parameters() if not is_adapter_parameter(n)}
+    earlier = list(states(model).values())
+    flags = dict(earlier[0].requires_grad) if earlier else {n: p.requires_grad for n, p in base.items()}
+    st = State(cfg=cfg, targets={}, requires_grad=flags, name=name)
     cropped: set[str] = set()
     try:
-        for p in model.parameters():
+        for p in base.values():
             p.requires_grad_(False)
-        for name, (m, cfg_t, tensors, info) in per_target.items():
-            target = Target(name=name, module=m, cfg=cfg_t, tensors=tuple(tensors), info=info)
-            st.targets[name] = target
-            for k, t in ready[name].items():
+        for tname, (m, cfg_t, tensors, info) in per_target.items():
+            target = Target(name=tname, module=m, cfg=cfg_t, tensors=tuple(tensors), info=info)
+            st.targets[tname] = target
+            host = m
+            if name != "default":
+                host = AdapterSlot(m)
+                m.add_module(SLOT_PREFIX + name, host)
+                target.host = host
+            for k, t in ready[tname].items():
                 if trainable[k]:
-                    m.register_parameter(k, nn.Parameter(t))
+                    host.register_parameter(k, nn.Parameter(t))
                 else:
-                    m.register_buffer(k, t)
+                    host.register_buffer(k, t)
             if cfg_t.residual == "crop":
                 with torch.no_grad():
                     w = m.weight
-                    w.copy_((w.float() - gen.frozen_weight(m, cfg_t)).to(w.dtype))
-                cropped.add(name)
+                    w.copy_((w.float() - gen.frozen_weight(host, cfg_t)).to(w.dtype))
+                cropped.add(tname)
             target.handle = _register_hook(gen, target, cfg.dtype)
     except BaseException:
-        _uninstall(model, st, cropped)
+        _uninstall(model, st, cropped, before)
         raise
-    model.__dict__[STATE_ATTR] = st
+    if name == "default":
+        model.__dict__[STATE_ATTR] = st
+    else:
+        model.__dict__.setdefault(NAMED_ATTR, {})[name] = st
     return st
 
 
-def _uninstall(model: nn.Module, st: State, cropped) -> None:
+def _uninstall(model: nn.Module, st: State, cropped, flags: dict | None) -> None:
     """Take out what install put in: hooks, W restored for the targets in `cropped` (W_res +
-    frozen_weight(), within the weight dtype's rounding), tensors, requires_grad flags."""
+    frozen_weight(), within the weight dtype's rounding), tensors (a named adapter's slot),
+    the State; then the requires_grad `flags` (None: leave every flag as it is)."""
     gen = st.variant
     for t in st.targets.values():
         m = t.module
@@ -633,16 +758,28 @@ def _uninstall(model: nn.Module, st: State, cropped) -> None:
         if t.name in cropped:
             with torch.no_grad():
                 w = m.weight
-                w.copy_((w.float() + gen.frozen_weight(m, t.cfg)).to(w.dtype))
-        for k in t.tensors:
-            m._parameters.pop(k, None)
-            m._buffers.pop(k, None)
+                w.copy_((w.float() + gen.frozen_weight(t.holder, t.cfg)).to(w.dtype))
+        if t.host is None:
+            for k in t.tensors:
+                m._parameters.pop(k, None)
+                m._buffers.pop(k, None)
+        elif m._modules.get(SLOT_PREFIX + st.name) is t.host:
+            del m._modules[SLOT_PREFIX + st.name]
         m.__dict__.pop(SQNORM_ATTR, None)
-    params = dict(model.named_parameters())
-    for n, flag in st.requires_grad.items():
-        if n in params:
-            params[n].requires_grad_(flag)
-    model.__dict__.pop(STATE_ATTR, None)
+    if flags is not None:
+        params = dict(model.named_parameters())
+        for n, flag in flags.items():
+            if n in params:
+                params[n].requires_grad_(flag)
+    if st.name == "default":
+        if model.__dict__.get(STATE_ATTR) is st:
+            del model.__dict__[STATE_ATTR]
+    else:
+        named = model.__dict__.get(NAMED_ATTR, {})
+        if named.get(st.name) is st:
+            del named[st.name]
+        if not named:
+            model.__dict__.pop(NAMED_ATTR, None)
 
 
 class OutputHook:
@@ -656,67 +793,138 @@ class OutputHook:
         self.target, self.dtype = target, dtype
 
     def __call__(self, m, args, y):
-        cfg = self.target.cfg
+        t = self.target
+        cfg, v = t.cfg, (t.scale if t.enabled else 0.0)
+        if v == 0.0 and cfg.residual != "crop":
+            return None  # the layer's own output: the base model's, bit for bit
         gen = cfg.variant()
         x = args[0].to(self.dtype) if gen.CAST_INPUT else args[0]
-        return gen.forward(m, x, y, cfg)
+        if v == 1.0:
+            return gen.forward(t.holder, x, y, cfg)
+        return scaled_output(gen, t.holder, x, y, cfg, v)
+
+
+def scaled_output(gen: ModuleType, m: nn.Module, x: Tensor, y: Tensor, cfg: AdapterConfig, v: float) -> Tensor:
+    """y_base + v (y_adapted - y_base), (..., o) in y's dtype; v = 0 is the base layer (ll.scale).
+
+    Crop: y = x W_res^T lacks the frozen part; forward on a zero y in crop mode gives the frozen part
+    plus the change, in subtract mode the change alone, both in factored form (no (o, i) matrix),
+    so y_base is the base output within the rounding of the frozen part. Otherwise y is y_base.
+    """
+    if cfg.residual == "crop":
+        zero = torch.zeros_like(y)
+        whole = gen.forward(m, x, zero, cfg).float()  # (..., o) frozen part + change
+        change = gen.forward(m, x, zero, dataclasses.replace(cfg, residual="subtract")).float()  # (..., o)
+        return (y.float() + whole - (1.0 - v) * change).to(y.dtype)
+    adapted = gen.forward(m, x, y, cfg).float()  # (..., o)
+    return (y.float() + v * (adapted - y.float())).to(y.dtype)
 
 
 class InputHook(OutputHook):
-    """Forward pre-hook: x -> forward(m, x, cfg), cast back to x's dtype."""
+    """Forward pre-hook: x -> forward(m, x, cfg), cast back to x's dtype; with ll.scale v,
+    x -> x + v (forward(x) - x), so v = 0 (or ll.disabled) leaves the input untouched."""
 
     def __call__(self, m, args):
-        cfg = self.target.cfg
-        gen = cfg.variant()
+        t = self.target
+        cfg, v = t.cfg, (t.scale if t.enabled else 0.0)
+        if v == 0.0:
+            return None
+        gen, m = cfg.variant(), t.holder
         x = args[0]
-        if not gen.CAST_INPUT:
-            return (gen.forward(m, x, cfg), *args[1:])
-        return (gen.forward(m, x.to(self.dtype), cfg).to(x.dtype), *args[1:])
+        new = gen.forward(m, x, cfg) if not gen.CAST_INPUT else gen.forward(m, x.to(self.dtype), cfg).to(x.dtype)
+        if v != 1.0:
+            new = (x.float() + v * (new.float() - x.float())).to(x.dtype)  # (..., i)
+        return (new, *args[1:])
 
 
 def _register_hook(gen: ModuleType, target: Target, dtype: torch.dtype):
     if gen.HOOK == "output":
         return target.module.register_forward_hook(OutputHook(target, dtype))
-    return target.module.register_forward_pre_hook(InputHook(target, dtype))
+    # a later adapter wraps the layer as it was: its new input is made first (PEFT's W H_1 H_2 for HRA)
+    prepend = any(isinstance(h, InputHook) for h in target.module._forward_pre_hooks.values())
+    return target.module.register_forward_pre_hook(InputHook(target, dtype), prepend=prepend)
 
 
-def detach(model: nn.Module) -> nn.Module:
-    """Remove the adapter and give the base model back (see the module docstring); returns `model`.
+def detach(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Remove the adapter `name` (None: every adapter, the last attached first) and give the base
+    model back (see the module docstring); returns `model`. The base's requires_grad flags come
+    back when the last adapter goes.
 
     Checks first, changes nothing on refusal: AttachError when `model` is not an nn.Module,
-    under torch.inference_mode, when nothing is attached, or when a cropping target lacks a
-    tensor its W needs back (removed by hand after attach).
+    under torch.inference_mode, when nothing (or no adapter `name`) is attached, or when a
+    cropping target lacks a tensor its W needs back (removed by hand after attach).
     """
     check_model(model, "detach")
-    st = state(model)
-    if st is None:
+    every = states(model)
+    if not every:
         raise AttachError("detach: no lora-lite adapter is attached to this model")
-    for t in st.targets.values():
-        if t.cfg.residual != "crop":
-            continue
-        gone = [k for k in t.tensors if k not in t.module._parameters and k not in t.module._buffers]
-        if gone:
-            raise AttachError(
-                f"detach: {t.name} lacks {gone[0]}, which restoring its cropped weight needs; "
-                "put it back (or ll.load the adapter's checkpoint into a fresh model)"
-            )
-    _uninstall(model, st, {t.name for t in st.targets.values() if t.cfg.residual == "crop"})
+    if name is not None and name not in every:
+        raise AttachError(f"detach: no adapter named {_short_name(name)} (attached: {list(every)})")
+    order = list(reversed(every)) if name is None else [name]
+    for n in order:
+        for t in every[n].targets.values():
+            if t.cfg.residual != "crop":
+                continue
+            gone = [k for k in t.tensors if k not in t.holder._parameters and k not in t.holder._buffers]
+            if gone:
+                raise AttachError(
+                    f"detach: {t.name} lacks {gone[0]}, which restoring its cropped weight needs; "
+                    "put it back (or ll.load the adapter's checkpoint into a fresh model)"
+                )
+    for n in order:
+        st, last = every[n], len(states(model)) == 1
+        cropped = {t.name for t in st.targets.values() if t.cfg.residual == "crop"}
+        # the last adapter gives back the base's flags from before the first attach
+        _uninstall(model, st, cropped, st.requires_grad if last else None)
     return model
 
 
-def set_coeff(model: nn.Module, value: float) -> None:
-    """Change the `coeff` knob of an attached adapter without re-attaching (0 = identity).
+def set_active(model: nn.Module, names: str | list[str]) -> None:
+    """Make exactly the adapters `names` active (a str or a list; [] switches all off); the
+    others stay attached, their hooks passing the base through. ll.disabled nests with it.
 
-    Raises AttachError when `model` is not an nn.Module, nothing is attached or the variant has
-    no `coeff`; SpecError (a ValueError) for a value that is not a finite number within the
-    spec's bounds. Nothing changes on refusal. Allowed under torch.inference_mode (no tensor
-    changes: the hooks read the new value on their next call).
+    Raises AttachError naming an adapter that is not attached, or for `names` that is not a
+    str or a list of str (nothing is changed then).
+    """
+    every = states(model)
+    if isinstance(names, str):
+        want = [names]
+    elif isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+        want = list(names)
+    else:
+        raise AttachError(f"set_active: expected an adapter name or a list of names, got {_short_name(names)}")
+    unknown = [n for n in want if n not in every]
+    if unknown:
+        raise AttachError(f"set_active: no adapter named {_short_name(unknown[0])} (attached: {list(every)})")
+    for n, st in every.items():
+        for t in st.targets.values():
+            t.enabled = n in want
+
+
+def _short_name(name) -> str:
+    """repr of a user-given adapter name, cut to one short line."""
+    text = repr(name)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def set_coeff(model: nn.Module, value: float, name: str = "default") -> None:
+    """Change the `coeff` knob of the adapter `name` without re-attaching (0 = identity).
+
+    Raises AttachError when `model` is not an nn.Module, nothing (or no adapter `name`) is
+    attached or the variant has no `coeff`; SpecError (a ValueError) for a value that is not a
+    finite number within the spec's bounds. Nothing changes on refusal. Allowed under
+    torch.inference_mode (no tensor changes: the hooks read the new value on their next call).
     """
     if not isinstance(model, nn.Module):
         raise AttachError(f"set_coeff: expected a torch.nn.Module, got {type(model).__name__}")
-    st = state(model)
+    st = state(model, name) if isinstance(name, str) else None
     if st is None:
-        raise AttachError("set_coeff: no lora-lite adapter is attached to this model")
+        what = (
+            "no lora-lite adapter is attached"
+            if name == "default"
+            else f"no adapter named {_short_name(name)} is attached"
+        )
+        raise AttachError(f"set_coeff: {what} to this model")
     if "coeff" not in st.variant.RUNTIME_KNOBS:
         raise AttachError(
             f"set_coeff: {st.variant.NAME} has no runtime 'coeff' knob "
@@ -727,12 +935,12 @@ def set_coeff(model: nn.Module, value: float) -> None:
         raise config_error(f"set_coeff: coeff must be a finite number, got {repr(value)[:40]}")
     try:  # the config checks the spec's bounds; build every new config before assigning any
         cfg = dataclasses.replace(st.cfg, coeff=float(value))
-        per_target = {name: dataclasses.replace(t.cfg, coeff=float(value)) for name, t in st.targets.items()}
+        per_target = {tname: dataclasses.replace(t.cfg, coeff=float(value)) for tname, t in st.targets.items()}
     except SpecError as e:
         raise config_error(f"set_coeff: {_first_line(e)}") from None
     st.cfg = cfg
-    for name, t in st.targets.items():
-        t.cfg = per_target[name]
+    for tname, t in st.targets.items():
+        t.cfg = per_target[tname]
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

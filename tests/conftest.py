@@ -96,6 +96,7 @@ class Snapshot(NamedTuple):
     attributes: dict  # module name -> sorted names in its __dict__ (no stray caches or state)
     state: object  # ll.state(model): the attached adapter's State, or None
     configs: object  # that State's config and each target's, or None
+    adapters: dict  # every attached adapter (named ones too): name -> (id(State), config, per-target knobs)
 
 
 def _hooks(m) -> tuple:
@@ -111,6 +112,13 @@ def _configs(st) -> tuple | None:
     return None if st is None else (st.cfg, {n: t.cfg for n, t in st.targets.items()})
 
 
+def _adapters(model) -> dict:
+    return {
+        n: (id(st), st.cfg, {k: (t.cfg, t.scale, t.enabled, t.handle) for k, t in st.targets.items()})
+        for n, st in ll.states(model).items()
+    }
+
+
 def snapshot(model) -> Snapshot:
     """Everything assert_unchanged compares, copied now."""
     return Snapshot(
@@ -121,13 +129,15 @@ def snapshot(model) -> Snapshot:
         {n: sorted(vars(m)) for n, m in model.named_modules()},
         ll.state(model),
         _configs(ll.state(model)),
+        _adapters(model),
     )
 
 
 def assert_unchanged(model, snap: Snapshot) -> None:
     """State_dict bitwise equal (same keys, dtypes, values), the same requires_grad flags, every
     submodule's own train/eval flag, the same hooks (no new ones, none removed), no new module
-    attributes, and the same adapter state and configs (None when nothing was attached)."""
+    attributes, and the same adapter state and configs (None when nothing was attached), for
+    every attached adapter by name (config, ll.scale, on/off, hook)."""
     now = model.state_dict()
     assert now.keys() == snap.state_dict.keys()
     for k, v in snap.state_dict.items():
@@ -139,3 +149,28 @@ def assert_unchanged(model, snap: Snapshot) -> None:
     assert {n: sorted(vars(m)) for n, m in model.named_modules()} == snap.attributes
     assert ll.state(model) is snap.state
     assert _configs(ll.state(model)) == snap.configs
+    assert _adapters(model) == snap.adapters
+
+
+def llama(seed: int = 0):
+    """Tiny random LlamaForCausalLM (fp32, biases on q/k/v/o); q 32->32, k/v 32->16, MLP 32->64->32."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attention_bias=True,
+        initializer_range=0.2,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # HF zero-initialises biases; give them values so bias handling matters
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.2)
+    return model

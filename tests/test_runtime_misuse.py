@@ -168,6 +168,35 @@ def crop_tensor_removed():
     return model
 
 
+def named(spec: str = "lora", adapter: str = "math", **kw):
+    """A mixed model with a default lora adapter and a named `spec` adapter."""
+    model = attached()
+    ll.attach(model, small_cfg(spec, **kw), calibration_data=calibration(), progress=False, name=adapter)
+    return model
+
+
+def lost_named_state():
+    """A named adapter's slot tensors left with no state accounting for them (hooks removed)."""
+    model = named()
+    for t in model.__dict__.pop(rt.NAMED_ATTR)["math"].targets.values():
+        t.handle.remove()
+    return model
+
+
+def peft_dir(tmp_path, config=None, weights=None):
+    """A PEFT adapter directory exported from a lora adapter, then broken: `config` replaces
+    adapter_config.json's bytes, `weights` adapter_model.safetensors' (b"" removes the file)."""
+    source = attached()
+    out = tmp_path / "peft"
+    ll.export_peft(source, out)
+    for name, data in (("adapter_config.json", config), ("adapter_model.safetensors", weights)):
+        if data == b"":
+            (out / name).unlink()
+        elif data is not None:
+            (out / name).write_bytes(data)
+    return out
+
+
 def saved(tmp_path, name: str = "lora"):
     model = attached(name)
     return ll.save(model, tmp_path / f"{name}.safetensors")
@@ -378,6 +407,121 @@ RUNTIME_CASES = {
         "set_coeff: coeff must be a finite number, got 1000",
     ),
     "set_coeff a bool": (lambda: attached("antipasto"), lambda m, _: ll.set_coeff(m, True), ll.SpecError, "got True"),
+    # named adapters, ll.set_active, ll.scale, ll.export_peft, ll.load_peft
+    "attach: a name that is not an identifier": (
+        attached,
+        lambda m, _: ll.attach(m, ll.IA3Config(), name="my adapter"),
+        ll.AttachError,
+        "adapter name must be an identifier like 'math', got 'my adapter'",
+    ),
+    "attach: a name already attached": (
+        named,
+        lambda m, _: ll.attach(m, ll.IA3Config(), name="math"),
+        ll.AttachError,
+        "already has a lora adapter named 'math' attached; call ll.detach(model, name='math') first",
+    ),
+    "attach: a second crop on a cropped layer": (
+        lambda: attached("pissa"),
+        lambda m, _: ll.attach(m, small_cfg("pissa"), name="more"),
+        ll.AttachError,
+        f"pissa: {Q0} is already cropped by adapter 'default'",
+    ),
+    "attach: a named adapter's tensors left without its state": (
+        lost_named_state,
+        lambda m, _: ll.attach(m, ll.IA3Config(), name="other"),
+        ll.AttachError,
+        f"attach: {Q0}.lora_lite_math holds lora_A, which no attached lora-lite adapter accounts for",
+    ),
+    "load: a name already attached": (
+        named,
+        lambda m, p: ll.load(m, saved(p), name="math"),
+        ll.AttachError,
+        "load: model already has a lora adapter named 'math' attached",
+    ),
+    "detach: an unknown name": (
+        named,
+        lambda m, _: ll.detach(m, name="code"),
+        ll.AttachError,
+        "detach: no adapter named 'code' (attached: ['default', 'math'])",
+    ),
+    "set_active: an unknown name": (
+        named,
+        lambda m, _: ll.set_active(m, ["math", "code"]),
+        ll.AttachError,
+        "set_active: no adapter named 'code' (attached: ['default', 'math'])",
+    ),
+    "set_active: not a name": (
+        named,
+        lambda m, _: ll.set_active(m, 3),
+        ll.AttachError,
+        "set_active: expected an adapter name or a list of names, got 3",
+    ),
+    "scale nan": (
+        attached,
+        lambda m, _: ll.scale(m, NAN),
+        ll.AttachError,
+        "scale: value must be a finite number, got nan",
+    ),
+    "scale inf": (named, lambda m, _: ll.scale(m, -INF, name="math"), ll.AttachError, "got -inf"),
+    "scale a bool": (attached, lambda m, _: ll.scale(m, True), ll.AttachError, "got True"),
+    "scale an int past float range": (attached, lambda m, _: ll.scale(m, 10**400), ll.AttachError, "got 1000"),
+    "scale an unknown name": (
+        named,
+        lambda m, _: ll.scale(m, 0.5, name="code"),
+        ll.AttachError,
+        "no adapter named 'code'",
+    ),
+    "scale with nothing attached": (mixed_model, lambda m, _: ll.scale(m, 0.5), ll.AttachError, "scale: no lora-lite"),
+    "export_peft with nothing attached": (
+        mixed_model,
+        lambda m, p: ll.export_peft(m, p / "out"),
+        ll.AttachError,
+        "export_peft: no lora-lite adapter is attached to this model",
+    ),
+    "load_peft: an empty directory": (
+        mixed_model,
+        lambda m, p: ll.load_peft(m, p),
+        ll.CheckpointError,
+        "adapter_config.json: not a readable adapter config (FileNotFoundError",
+    ),
+    "load_peft: a config that is not JSON": (
+        mixed_model,
+        lambda m, p: ll.load_peft(m, peft_dir(p, config=b'{"r": 8,\n')),
+        ll.CheckpointError,
+        "adapter_config.json: not a readable adapter config (JSONDecodeError",
+    ),
+    "load_peft: a config that is not UTF-8": (
+        mixed_model,
+        lambda m, p: ll.load_peft(m, peft_dir(p, config=b'{"r": "\xff"}')),
+        ll.CheckpointError,
+        "adapter_config.json: not a readable adapter config (UnicodeDecodeError",
+    ),
+    "load_peft: a rank that is not a number": (
+        mixed_model,
+        lambda m, p: ll.load_peft(
+            m, peft_dir(p, config=b'{"peft_type": "LORA", "r": "x", "target_modules": ["q_proj"]}')
+        ),
+        ll.CheckpointError,
+        "not a readable PEFT adapter (ValueError: invalid literal for int()",
+    ),
+    "load_peft: weights that are not safetensors": (
+        mixed_model,
+        lambda m, p: ll.load_peft(m, peft_dir(p, weights=b"\x80\x04 not safetensors")),
+        ll.CheckpointError,
+        "not a readable PEFT adapter (SafetensorError",
+    ),
+    "load_peft: the weights missing": (
+        mixed_model,
+        lambda m, p: ll.load_peft(m, peft_dir(p, weights=b"")),
+        ll.CheckpointError,
+        "adapter_model.safetensors: missing",
+    ),
+    "load_peft: a name already attached": (
+        attached,
+        lambda m, p: ll.load_peft(m, peft_dir(p)),
+        ll.AttachError,
+        "load_peft: model already has a lora adapter attached; call ll.detach(model) first",
+    ),
     "set_coeff a string": (lambda: attached("antipasto"), lambda m, _: ll.set_coeff(m, "1"), ll.SpecError, "got '1'"),
     "set_coeff a tensor": (
         lambda: attached("antipasto"),
@@ -566,6 +710,19 @@ def test_a_crop_failing_on_the_third_layer_takes_everything_back_out(name, monke
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, snap.state_dict[k], atol=1e-6, rtol=0)
     assert_unchanged(model, snap._replace(state_dict=model.state_dict()))  # tensors, hooks, flags: exact
+
+
+def test_a_named_adapter_failing_midway_leaves_the_other_adapters_as_they_were(monkeypatch):
+    gen = ll.variant_module("pissa")
+    monkeypatch.setattr(gen, "frozen_weight", failing_on_call(gen.frozen_weight, 3, RuntimeError("out of memory")))
+    model = attached()  # a default lora adapter, its tensors trainable
+    snap = snapshot(model)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        ll.attach(model, small_cfg("pissa"), progress=False, name="math")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, snap.state_dict[k], atol=1e-6, rtol=0)
+    assert_unchanged(model, snap._replace(state_dict=model.state_dict()))  # no slot left, flags as they were
+    assert any(p.requires_grad for p in ll.trainable_parameters(model))
 
 
 def test_subtract_may_share_a_weight_that_crop_may_not():
