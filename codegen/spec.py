@@ -34,7 +34,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from .safety import FORBIDDEN, forbidden_char
+from .safety import FORBIDDEN, forbidden_char, regex_problem
 from .shapes import eval_shape_expr, names_in, parse_shape_expr
 
 # What one_line() escapes in a message: line breaks and every character spec text may not hold.
@@ -535,6 +535,9 @@ def _semantic_problems(data: dict, lines: dict, where: str, stem: str | None) ->
             re.compile(rx)
         except (re.error, OverflowError, RecursionError) as e:
             bad(("target", "names", i), f"bad regex {rx!r}: {e}")
+            continue
+        if problem := regex_problem(rx):
+            bad(("target", "names", i), f"regex {rx!r}: {problem}")
     own_init = any(p["init"] == "core" for p in data["params"].values())
     missing = has_fragments(
         data["core"]["kind"],

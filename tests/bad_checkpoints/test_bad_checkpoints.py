@@ -455,7 +455,7 @@ def spec_cases() -> list[Case]:
             "spec injection",
             "shape expression",
             sub("shape: [r, d_in]", "shape: [__import__('os'), d_in]"),
-            "is not allowed",
+            "$.params.lora_A.shape[0]: \"__import__('os')\" does not match",
         ),
         Case("spec injection", "default", sub("default: 8,", "default: '__import__(\"os\")',"), "$.spec:"),
         Case(

@@ -1,0 +1,43 @@
+"""Found by an adversarial review that saw only the README and the public API: a spec whose
+target regex backtracks exponentially must be refused before attach runs it on module names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import lora_lite as ll
+from conftest import make_model
+
+SPECS = Path(__file__).resolve().parents[1] / "specs"
+
+# Each would take minutes to hours of re.search on a 30-character module name that has no `!`.
+CATASTROPHIC = ["([a-z_.0-9]+)+!", "(a|a)*!", "(.*)*!", ".*.*.*.*.*!"]
+
+
+@pytest.mark.parametrize("rx", CATASTROPHIC)
+def test_spec_with_a_backtracking_target_regex_is_refused_before_attach(tmp_path, rx):
+    text = (SPECS / "lora.yaml").read_text().replace("name: lora", "name: redos")
+    text = text.replace("names: ['\\.q_proj$', '\\.v_proj$']", f"names: ['{rx}']")
+    path = tmp_path / "redos.yaml"
+    path.write_text(text)
+    with pytest.raises(ll.SpecError) as e:
+        ll.from_spec(str(path))
+    assert "\n" not in str(e.value) and "$.target.names[0]" in str(e.value) and str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("rx", CATASTROPHIC)
+def test_backtracking_target_names_override_is_refused(rx):
+    with pytest.raises(ll.SpecError, match=r"lora\.target_names: regex"):
+        ll.from_spec("lora", target_names=[rx])
+
+
+ORDINARY = [r"\.q_proj$", r"layers\.\d+\.self_attn\.(q|v)_proj$", r".*\.mlp\..*_proj$", "[qv]_proj"]
+
+
+@pytest.mark.parametrize("rx", ORDINARY)
+def test_ordinary_target_regexes_still_work(rx):
+    model = make_model()
+    ll.attach(model, ll.from_spec("lora", target_names=[rx]))
+    assert ll.trainable_parameters(model)
