@@ -587,7 +587,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     file stays whole until the new one is complete, and a failed save removes its temporary
     file. While writing, the save holds an flock on its temporary file; a later successful save
     removes sibling temporary files left by killed saves, but only those it can lock (never a
-    live one of a concurrent save). A symlink destination: the file it points to is replaced
+    live one of a concurrent save), named as save names them and holding only the start of a
+    checkpoint (never a user's own `.tmp` file). A symlink destination: the file it points to is replaced
     atomically (its temporary file sits next to it) and the link is kept.
     Raises AttachError when nothing is attached; CheckpointError naming the path for I/O
     errors (disk full, read-only folder, a directory as destination).
@@ -709,11 +710,26 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+# How every file save writes begins, after the 8-byte header length (safetensors puts
+# __metadata__ first): a sibling .tmp file that does not begin so is not ours and is never removed.
+_SAVE_START = b'{"__metadata__":{"lora_lite":'
+
+
+def _is_partial_save(head: bytes) -> bool:
+    """Whether `head` (a file's first bytes) can be the start of a file save wrote: a prefix of a
+    header length below MAX_HEADER_BYTES (little-endian: bytes 3 to 7 are zero), then of _SAVE_START."""
+    if any(head[3:8]):
+        return False
+    body = head[8 : 8 + len(_SAVE_START)]
+    return body == _SAVE_START[: len(body)]
+
+
 def _remove_stale_temps(real: Path) -> None:
-    """Remove `<name>.<random>.tmp` siblings of killed saves: only those not locked by a live save."""
+    """Remove `<name>.<random>.tmp` siblings of killed saves: only those not locked by a live save
+    and holding nothing but the start of a checkpoint (a user's own `.tmp` file is never removed)."""
     if fcntl is None:
         return
-    pattern = re.compile(re.escape(real.name) + r"\.[A-Za-z0-9_]{8,32}\.tmp")
+    pattern = re.compile(re.escape(real.name) + r"\.[0-9a-f]{16}\.tmp")  # as _open_temp names them
     try:
         names = [p for p in os.listdir(real.parent) if pattern.fullmatch(p)]
     except OSError:
@@ -727,7 +743,8 @@ def _remove_stale_temps(real: Path) -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             here, there = os.fstat(fd), os.lstat(p)
-            if stat.S_ISREG(here.st_mode) and (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino):
+            same = stat.S_ISREG(here.st_mode) and (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+            if same and _is_partial_save(os.pread(fd, 8 + len(_SAVE_START), 0)):
                 os.unlink(p)
         except OSError:  # locked by a live save (BlockingIOError) or gone
             pass

@@ -1,5 +1,6 @@
 """Found by an adversarial review that saw only the README and the public API: a spec whose
-target regex backtracks exponentially must be refused before attach runs it on module names."""
+target regex backtracks exponentially must be refused before attach runs it on module names,
+and a save must never remove a user's own `.tmp` file that merely sits next to the checkpoint."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import lora_lite as ll
-from conftest import make_model
+from conftest import attach_small, make_model
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
 
@@ -41,3 +42,20 @@ def test_ordinary_target_regexes_still_work(rx):
     model = make_model()
     ll.attach(model, ll.from_spec("lora", target_names=[rx]))
     assert ll.trainable_parameters(model)
+
+
+def test_save_keeps_a_users_own_tmp_files_next_to_the_checkpoint(tmp_path):
+    model = make_model()
+    attach_small(model, "lora")
+    path = tmp_path / "a.safetensors"
+    ll.save(model, path)
+    copy = path.read_bytes()
+    mine = {
+        "a.safetensors.backup01.tmp": copy,  # a user's copy of the checkpoint, 8 characters as mkstemp
+        "a.safetensors.abcdef12.tmp": b"notes",
+        "a.safetensors.0123456789abcdef.tmp": b"precious data",  # the name a save uses, other content
+    }
+    for name, data in mine.items():
+        (tmp_path / name).write_bytes(data)
+    ll.save(model, path)
+    assert {n: (tmp_path / n).read_bytes() for n in mine} == mine
