@@ -622,8 +622,10 @@ def load_spec(path: str | Path, display: str | None = None) -> Spec:
             raise SpecError([f"{where}: cannot read: not a regular file"])
         with open(path, "rb") as f:
             raw = f.read(MAX_BYTES + 1)  # never more: a huge file is refused, not read
-    except OSError as e:
-        raise SpecError([f"{where}: cannot read: {e.strerror or e}"]) from None
+    except SpecError:
+        raise
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise SpecError([f"{where}: cannot read: {getattr(e, 'strerror', None) or e}"]) from None
     if len(raw) > MAX_BYTES:
         raise SpecError([f"{where}: $: larger than {MAX_BYTES // 1024} KiB; a spec is a few KiB"])
     try:

@@ -175,8 +175,8 @@ class _File:
             raise _err(path, None, msg)
         try:  # O_NONBLOCK: a FIFO must not hang the open; regular files ignore it
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-        except OSError as e:
-            raise _err(path, None, f"cannot read: {e.strerror or e}") from None
+        except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+            raise _err(path, None, f"cannot read: {getattr(e, 'strerror', None) or e}") from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):  # a folder, FIFO, device: never read
             os.close(fd)
             raise _err(path, None, "not a regular file")
@@ -642,11 +642,19 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _temp_prefix(real: Path) -> str:
+    """`real`'s name, cut so that `<prefix>.<16 hex>.tmp` fits the usual 255-byte name limit."""
+    name = real.name
+    while len(os.fsencode(name)) > 255 - len(".0123456789abcdef.tmp"):
+        name = name[:-1]
+    return name
+
+
 def _open_temp(real: Path) -> tuple[Path, int]:
     """A new, exclusively created, locked temporary sibling of `real`: (path, fd)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):
-        tmp = real.with_name(f"{real.name}.{secrets.token_hex(8)}.tmp")
+        tmp = real.with_name(f"{_temp_prefix(real)}.{secrets.token_hex(8)}.tmp")
         fd = os.open(tmp, flags, 0o666)  # the umask applies, as for any new file
         if fcntl is None:
             return tmp, fd
@@ -661,6 +669,8 @@ def _open_temp(real: Path) -> tuple[Path, int]:
 
 
 def _write_atomic(path: Path, blob: bytes) -> None:
+    if "\0" in str(path):
+        raise _err(path, None, "cannot write: the path holds a NUL byte")
     real = Path(os.path.realpath(path))  # a symlink: replace the file it points to
     try:
         if real.is_dir():
@@ -729,7 +739,7 @@ def _remove_stale_temps(real: Path) -> None:
     and holding nothing but the start of a checkpoint (a user's own `.tmp` file is never removed)."""
     if fcntl is None:
         return
-    pattern = re.compile(re.escape(real.name) + r"\.[0-9a-f]{16}\.tmp")  # as _open_temp names them
+    pattern = re.compile(re.escape(_temp_prefix(real)) + r"\.[0-9a-f]{16}\.tmp")  # as _open_temp names them
     try:
         names = [p for p in os.listdir(real.parent) if pattern.fullmatch(p)]
     except OSError:

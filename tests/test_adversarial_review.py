@@ -59,3 +59,25 @@ def test_save_keeps_a_users_own_tmp_files_next_to_the_checkpoint(tmp_path):
         (tmp_path / name).write_bytes(data)
     ll.save(model, path)
     assert {n: (tmp_path / n).read_bytes() for n in mine} == mine
+
+
+def test_a_nul_byte_in_a_path_is_a_one_line_refusal_naming_it(tmp_path):
+    model = make_model()
+    with pytest.raises(ll.CheckpointError, match="cannot read: embedded null byte"):
+        ll.load(model, str(tmp_path / "a\0b.safetensors"))
+    with pytest.raises(ll.SpecError, match="cannot read: embedded null byte"):
+        ll.from_spec(str(tmp_path / "my\0spec.yaml"))
+    attach_small(model, "lora")
+    with pytest.raises(ll.CheckpointError, match="cannot write: the path holds a NUL byte"):
+        ll.save(model, str(tmp_path / "a\0b.safetensors"))
+
+
+def test_save_to_a_name_near_the_length_limit(tmp_path):
+    # <name>.<16 hex>.tmp would pass the 255-byte limit: the temporary name is cut, the file is not
+    model = make_model()
+    attach_small(model, "lora")
+    path = tmp_path / ("n" * 240 + ".safetensors")
+    ll.save(model, path)
+    ll.save(model, path)  # over the old one, cleaning up after itself
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    assert ll.read_metadata(path)["spec_name"] == "lora"
