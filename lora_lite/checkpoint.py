@@ -582,14 +582,15 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     Before the destination is touched: every adapter tensor must be finite and in the adapter
     dtype (CheckpointError naming the tensors), and the metadata must pass the schema. The file
     is written to a temporary sibling `<name>.<random>.tmp` (created exclusively, never through
-    a symlink, with the usual umask mode; an existing destination's mode is kept), flushed to
-    disk, read back and validated like load does, then renamed over the destination: the old
-    file stays whole until the new one is complete, and a failed save removes its temporary
-    file. While writing, the save holds an flock on its temporary file; a later successful save
-    removes sibling temporary files left by killed saves, but only those it can lock (never a
-    live one of a concurrent save), named as save names them and holding only the start of a
-    checkpoint (never a user's own `.tmp` file). A symlink destination: the file it points to is replaced
-    atomically (its temporary file sits next to it) and the link is kept.
+    a symlink, with the usual umask mode; an existing destination's mode is kept, and its owner
+    where permitted), flushed to disk, read back and validated like load does, then renamed over
+    the destination: the old file stays whole until the new one is complete, and a failed save
+    removes its temporary file. While writing, the save holds an flock on its temporary file; a
+    later successful save removes sibling temporary files left by killed saves, but only those
+    it can lock (never a live one of a concurrent save), named as save names them and holding
+    only the start of a checkpoint (never a user's own `.tmp` file). A symlink destination: the
+    file it points to is replaced atomically (its temporary file sits next to it) and the link
+    is kept.
     Raises AttachError when nothing is attached; CheckpointError naming the path for I/O
     errors (disk full, read-only folder, a directory as destination).
     """
@@ -677,9 +678,9 @@ def _write_atomic(path: Path, blob: bytes) -> None:
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
         real.parent.mkdir(parents=True, exist_ok=True)
         try:
-            mode = stat.S_IMODE(os.stat(real).st_mode)
+            old = os.stat(real)
         except FileNotFoundError:
-            mode = None
+            old = None
         tmp, fd = _open_temp(real)
     except OSError as e:
         raise _err(path, None, f"cannot write: {e.strerror or e}") from None
@@ -688,8 +689,9 @@ def _write_atomic(path: Path, blob: bytes) -> None:
         os.fsync(fd)
         with _File(tmp) as ck:  # read back: never put a file ll.load would refuse in place of a good one
             _check_metadata(ck)
-        if mode is not None:  # after the read-back, which a mode like 0o200 would forbid
-            os.fchmod(fd, mode)
+        if old is not None:  # after the read-back, which a mode like 0o200 would forbid
+            _keep_owner(fd, old)
+            os.fchmod(fd, stat.S_IMODE(old.st_mode))
         os.replace(tmp, real)
     except BaseException as e:
         try:
@@ -705,6 +707,17 @@ def _write_atomic(path: Path, blob: bytes) -> None:
     os.close(fd)
     _fsync_dir(real.parent)
     _remove_stale_temps(real)
+
+
+def _keep_owner(fd: int, old: os.stat_result) -> None:
+    """Give the new file the old one's owner and group where we may (root saving over a user's
+    checkpoint must not leave it root's); elsewhere a file we may replace keeps ours."""
+    new = os.fstat(fd)
+    if (new.st_uid, new.st_gid) != (old.st_uid, old.st_gid):
+        try:
+            os.fchown(fd, old.st_uid, old.st_gid)
+        except OSError:  # not permitted (not root): as any editor's atomic save
+            pass
 
 
 def _fsync_dir(folder: Path) -> None:

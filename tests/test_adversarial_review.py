@@ -4,6 +4,8 @@ and a save must never remove a user's own `.tmp` file that merely sits next to t
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,16 @@ def test_save_to_a_name_near_the_length_limit(tmp_path):
     ll.save(model, path)  # over the old one, cleaning up after itself
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
     assert ll.read_metadata(path)["spec_name"] == "lora"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="only root may give a file to another user")
+def test_save_over_another_users_checkpoint_keeps_its_owner_and_mode(tmp_path):
+    model = make_model()
+    attach_small(model, "lora")
+    path = tmp_path / "a.safetensors"
+    ll.save(model, path)
+    os.chown(path, 1234, 2345)
+    os.chmod(path, 0o600)
+    ll.save(model, path)
+    st = os.stat(path)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 2345, 0o600)
