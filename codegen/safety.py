@@ -6,6 +6,7 @@
                                 are escaped; the one escaping function for docstrings
     comment_text(text) -> str   prose for a trailing `# ...` comment: one checked line, unchanged
     verify(text)                compile the module and check it against the allow-list below
+    regex_problem(rx) -> str    why a target regex could backtrack for minutes, or None
 
 A spec is data from possibly untrusted hands (checkpoints carry their spec text). Templates never
 put spec text between quotes or after `#` themselves: the compiler passes every value through
@@ -21,10 +22,62 @@ import math
 import re
 import unicodedata
 
+try:  # the regex parser re.compile uses (Python 3.11+; sre_parse before)
+    import re._parser as _sre
+except ImportError:  # pragma: no cover
+    import sre_parse as _sre  # type: ignore[no-redef]
+
 # Characters no spec text may hold: C0 controls but LF, DEL, C1 controls (U+0085 NEL among them),
 # the Unicode line and paragraph separators, bidirectional overrides (text that displays in an
 # order other than the one Python reads), the byte-order mark and lone surrogates.
 FORBIDDEN = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ufeff\ud800-\udfff]")
+
+
+# A target regex runs (re.search) on every module name of the model. Backtracking makes a repeat
+# of a group that can match in several ways (`([a-z.]+)+!`, `(a|a)*x`) exponential in the name's
+# length and each unbounded repeat another factor of it, so a spec from untrusted hands could hang
+# attach for hours. Repeats may only repeat one character class, at most MAX_REGEX_REPEATS of them.
+MAX_REGEX_REPEATS = 3
+_ONE_CHAR = {_sre.LITERAL, _sre.NOT_LITERAL, _sre.ANY, _sre.IN, _sre.CATEGORY}
+_REPEATS = {_sre.MAX_REPEAT, _sre.MIN_REPEAT, getattr(_sre, "POSSESSIVE_REPEAT", _sre.MAX_REPEAT)}
+
+
+def regex_problem(rx: str) -> str | None:
+    """Why `rx` could take exponential or high-polynomial time on a module name, or None.
+
+    Refuses a repeat (`*`, `+`, `{m,n}` with n > 1) of anything but one character class
+    (`.*`, `\\d+`, `[a-z_]+` are fine; `(ab)+`, `(q|v)*`, `(a+)+` are not) and more than
+    MAX_REGEX_REPEATS unbounded repeats. A pattern re.compile rejects gives None (reported
+    separately, with re's message).
+    """
+    try:
+        parsed = _sre.parse(rx)
+    except (re.error, OverflowError, RecursionError):
+        return None
+    unbounded = 0
+    stack = [list(parsed)]
+    while stack:
+        for op, av in stack.pop():
+            if op in _REPEATS:
+                lo, hi, sub = av
+                body = list(sub)
+                if hi != 1 and not (len(body) == 1 and body[0][0] in _ONE_CHAR):
+                    return "a repeated group can backtrack exponentially; repeat only one character class"
+                unbounded += hi == _sre.MAXREPEAT
+                stack.append(body)
+            elif op == _sre.SUBPATTERN:
+                stack.append(list(av[-1]))
+            elif op == _sre.BRANCH:
+                stack.extend(list(b) for b in av[1])
+            elif op in (_sre.ASSERT, _sre.ASSERT_NOT):
+                stack.append(list(av[1]))
+            elif op == getattr(_sre, "ATOMIC_GROUP", None):
+                stack.append(list(av))
+            elif op == _sre.GROUPREF_EXISTS:
+                stack.extend(list(b) for b in av[1:] if b is not None)
+    if unbounded > MAX_REGEX_REPEATS:
+        return f"{unbounded} unbounded repeats (at most {MAX_REGEX_REPEATS}): matching could take minutes"
+    return None
 
 
 class UnsafeText(ValueError):

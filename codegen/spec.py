@@ -34,7 +34,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from .safety import FORBIDDEN, forbidden_char
+from .safety import FORBIDDEN, forbidden_char, regex_problem
 from .shapes import eval_shape_expr, names_in, parse_shape_expr
 
 # What one_line() escapes in a message: line breaks and every character spec text may not hold.
@@ -535,6 +535,9 @@ def _semantic_problems(data: dict, lines: dict, where: str, stem: str | None) ->
             re.compile(rx)
         except (re.error, OverflowError, RecursionError) as e:
             bad(("target", "names", i), f"bad regex {rx!r}: {e}")
+            continue
+        if problem := regex_problem(rx):
+            bad(("target", "names", i), f"regex {rx!r}: {problem}")
     own_init = any(p["init"] == "core" for p in data["params"].values())
     missing = has_fragments(
         data["core"]["kind"],
@@ -619,8 +622,10 @@ def load_spec(path: str | Path, display: str | None = None) -> Spec:
             raise SpecError([f"{where}: cannot read: not a regular file"])
         with open(path, "rb") as f:
             raw = f.read(MAX_BYTES + 1)  # never more: a huge file is refused, not read
-    except OSError as e:
-        raise SpecError([f"{where}: cannot read: {e.strerror or e}"]) from None
+    except SpecError:
+        raise
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise SpecError([f"{where}: cannot read: {getattr(e, 'strerror', None) or e}"]) from None
     if len(raw) > MAX_BYTES:
         raise SpecError([f"{where}: $: larger than {MAX_BYTES // 1024} KiB; a spec is a few KiB"])
     try:

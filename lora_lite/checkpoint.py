@@ -176,8 +176,8 @@ class _File:
             raise _err(path, None, msg)
         try:  # O_NONBLOCK: a FIFO must not hang the open; regular files ignore it
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-        except OSError as e:
-            raise _err(path, None, f"cannot read: {e.strerror or e}") from None
+        except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+            raise _err(path, None, f"cannot read: {getattr(e, 'strerror', None) or e}") from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):  # a folder, FIFO, device: never read
             os.close(fd)
             raise _err(path, None, "not a regular file")
@@ -591,15 +591,17 @@ def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Pa
     Before the destination is touched: every adapter tensor must be finite and in the adapter
     dtype (CheckpointError naming the tensors), and the metadata must pass the schema. The file
     is written to a temporary sibling `<name>.<random>.tmp` (created exclusively, never through
-    a symlink, with the usual umask mode; an existing destination's mode is kept), flushed to
-    disk, read back and validated like load does, then renamed over the destination: the old
-    file stays whole until the new one is complete, and a failed save removes its temporary
-    file. While writing, the save holds an flock on its temporary file; a later successful save
-    removes sibling temporary files left by killed saves, but only those it can lock (never a
-    live one of a concurrent save). A symlink destination: the file it points to is replaced
-    atomically (its temporary file sits next to it) and the link is kept.
-    Raises AttachError when nothing (or no adapter `name`) is attached; CheckpointError naming
-    the path for I/O errors (disk full, read-only folder, a directory as destination).
+    a symlink, with the usual umask mode; an existing destination's mode is kept, and its owner
+    where permitted), flushed to disk, read back and validated like load does, then renamed over
+    the destination: the old file stays whole until the new one is complete, and a failed save
+    removes its temporary file. While writing, the save holds an flock on its temporary file; a
+    later successful save removes sibling temporary files left by killed saves, but only those
+    it can lock (never a live one of a concurrent save), named as save names them and holding
+    only the start of a checkpoint (never a user's own `.tmp` file). A symlink destination: the
+    file it points to is replaced atomically (its temporary file sits next to it) and the link
+    is kept.
+    Raises AttachError when nothing (or no adapter `name`) is attached; CheckpointError naming the path for I/O
+    errors (disk full, read-only folder, a directory as destination).
     """
     check_name(name)
     st = state(model, name)
@@ -652,11 +654,19 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _temp_prefix(real: Path) -> str:
+    """`real`'s name, cut so that `<prefix>.<16 hex>.tmp` fits the usual 255-byte name limit."""
+    name = real.name
+    while len(os.fsencode(name)) > 255 - len(".0123456789abcdef.tmp"):
+        name = name[:-1]
+    return name
+
+
 def _open_temp(real: Path) -> tuple[Path, int]:
     """A new, exclusively created, locked temporary sibling of `real`: (path, fd)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):
-        tmp = real.with_name(f"{real.name}.{secrets.token_hex(8)}.tmp")
+        tmp = real.with_name(f"{_temp_prefix(real)}.{secrets.token_hex(8)}.tmp")
         fd = os.open(tmp, flags, 0o666)  # the umask applies, as for any new file
         if fcntl is None:
             return tmp, fd
@@ -671,15 +681,17 @@ def _open_temp(real: Path) -> tuple[Path, int]:
 
 
 def _write_atomic(path: Path, blob: bytes) -> None:
+    if "\0" in str(path):
+        raise _err(path, None, "cannot write: the path holds a NUL byte")
     real = Path(os.path.realpath(path))  # a symlink: replace the file it points to
     try:
         if real.is_dir():
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
         real.parent.mkdir(parents=True, exist_ok=True)
         try:
-            mode = stat.S_IMODE(os.stat(real).st_mode)
+            old = os.stat(real)
         except FileNotFoundError:
-            mode = None
+            old = None
         tmp, fd = _open_temp(real)
     except OSError as e:
         raise _err(path, None, f"cannot write: {e.strerror or e}") from None
@@ -688,8 +700,9 @@ def _write_atomic(path: Path, blob: bytes) -> None:
         os.fsync(fd)
         with _File(tmp) as ck:  # read back: never put a file ll.load would refuse in place of a good one
             _check_metadata(ck)
-        if mode is not None:  # after the read-back, which a mode like 0o200 would forbid
-            os.fchmod(fd, mode)
+        if old is not None:  # after the read-back, which a mode like 0o200 would forbid
+            _keep_owner(fd, old)
+            os.fchmod(fd, stat.S_IMODE(old.st_mode))
         os.replace(tmp, real)
     except BaseException as e:
         try:
@@ -707,6 +720,17 @@ def _write_atomic(path: Path, blob: bytes) -> None:
     _remove_stale_temps(real)
 
 
+def _keep_owner(fd: int, old: os.stat_result) -> None:
+    """Give the new file the old one's owner and group where we may (root saving over a user's
+    checkpoint must not leave it root's); elsewhere a file we may replace keeps ours."""
+    new = os.fstat(fd)
+    if (new.st_uid, new.st_gid) != (old.st_uid, old.st_gid):
+        try:
+            os.fchown(fd, old.st_uid, old.st_gid)
+        except OSError:  # not permitted (not root): as any editor's atomic save
+            pass
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -720,11 +744,26 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+# How every file save writes begins, after the 8-byte header length (safetensors puts
+# __metadata__ first): a sibling .tmp file that does not begin so is not ours and is never removed.
+_SAVE_START = b'{"__metadata__":{"lora_lite":'
+
+
+def _is_partial_save(head: bytes) -> bool:
+    """Whether `head` (a file's first bytes) can be the start of a file save wrote: a prefix of a
+    header length below MAX_HEADER_BYTES (little-endian: bytes 3 to 7 are zero), then of _SAVE_START."""
+    if any(head[3:8]):
+        return False
+    body = head[8 : 8 + len(_SAVE_START)]
+    return body == _SAVE_START[: len(body)]
+
+
 def _remove_stale_temps(real: Path) -> None:
-    """Remove `<name>.<random>.tmp` siblings of killed saves: only those not locked by a live save."""
+    """Remove `<name>.<random>.tmp` siblings of killed saves: only those not locked by a live save
+    and holding nothing but the start of a checkpoint (a user's own `.tmp` file is never removed)."""
     if fcntl is None:
         return
-    pattern = re.compile(re.escape(real.name) + r"\.[A-Za-z0-9_]{8,32}\.tmp")
+    pattern = re.compile(re.escape(_temp_prefix(real)) + r"\.[0-9a-f]{16}\.tmp")  # as _open_temp names them
     try:
         names = [p for p in os.listdir(real.parent) if pattern.fullmatch(p)]
     except OSError:
@@ -738,7 +777,8 @@ def _remove_stale_temps(real: Path) -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             here, there = os.fstat(fd), os.lstat(p)
-            if stat.S_ISREG(here.st_mode) and (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino):
+            same = stat.S_ISREG(here.st_mode) and (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+            if same and _is_partial_save(os.pread(fd, 8 + len(_SAVE_START), 0)):
                 os.unlink(p)
         except OSError:  # locked by a live save (BlockingIOError) or gone
             pass

@@ -26,6 +26,7 @@ from types import ModuleType
 
 from lora_lite.codegen import load_spec, render
 from lora_lite.codegen.atomic import write_atomic
+from lora_lite.codegen.safety import regex_problem
 from lora_lite.codegen.spec import Spec, SpecError, parse_spec, shipped_specs_dir
 
 
@@ -153,6 +154,10 @@ def from_spec(name_or_path: str | os.PathLike, **overrides):
     for key in overrides:
         if key not in allowed:
             raise SpecError([f"{module.NAME}: unknown override {key!r}; allowed: {', '.join(allowed)}"])
+    names = overrides.get("target_names")
+    for rx in (names,) if isinstance(names, str) else names if isinstance(names, (list, tuple)) else ():
+        if isinstance(rx, str) and (problem := regex_problem(rx)):
+            raise SpecError([f"{module.NAME}.target_names: regex {rx!r}: {problem}"])
     try:
         return module.Config(**overrides)
     except (TypeError, ValueError) as e:

@@ -162,18 +162,17 @@ def test_a_file_that_would_not_load_back_is_never_put_in_place(tmp_path, monkeyp
 @pytest.mark.skipif(fcntl is None, reason="flock is POSIX")
 def test_stale_temporary_files_are_removed_and_a_live_locked_one_is_kept(tmp_path):
     model, path = saved(tmp_path)
-    stale = [
-        tmp_path / "a.safetensors.0123456789abcdef.tmp",
-        tmp_path / "a.safetensors.k3j_x9QZ.tmp",
-    ]  # ours, mkstemp's
+    partial = path.read_bytes()[:40]  # what a save killed while writing leaves
+    stale = [tmp_path / "a.safetensors.0123456789abcdef.tmp", tmp_path / "a.safetensors.fedcba9876543211.tmp"]
     live = tmp_path / "a.safetensors.fedcba9876543210.tmp"
     others = [tmp_path / "a.safetensors.keep.tmp", tmp_path / "b.safetensors.0123456789abcdef.tmp"]
     for p in [*stale, live, *others]:
-        p.write_bytes(b"partial")
+        p.write_bytes(partial)
+    stale[1].write_bytes(b"")  # killed before its first write
     with open(live, "rb") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # a concurrent save still writing it
         ll.save(model, path)
-        assert live.read_bytes() == b"partial"
+        assert live.read_bytes() == partial
     assert not any(p.exists() for p in stale) and all(p.exists() for p in others)
     ll.save(model, path)  # no longer locked: a killed save's leftover now
     assert not live.exists()
