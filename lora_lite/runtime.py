@@ -552,7 +552,27 @@ def target_config(cfg: AdapterConfig, name: str, m: nn.Module, warn: bool = True
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
+# The largest adapter tensor attach builds, in entries: this many times the layer's own weight
+# (plus 2**20). Shipped cores stay far below it (HRA's (d_in, r) is at most d_in / d_out times
+# W); it stops a spec whose shapes would exhaust memory (a [65536, 65536] tensor on a 64 x 64 layer).
+MAX_TENSOR_RATIO = 16
+
+
+def _check_sizes(gen: ModuleType, name: str, want: dict, d_in: int, d_out: int) -> None:
+    """AttachError, before anything is allocated, for an adapter tensor out of proportion to its layer."""
+    limit = MAX_TENSOR_RATIO * d_in * d_out + 2**20
+    for k, shape in want.items():
+        n = math.prod(shape)
+        if n > limit:
+            raise AttachError(
+                f"{gen.NAME}: {name}: {k} would have shape {tuple(shape)} ({n:,} entries), more than "
+                f"{MAX_TENSOR_RATIO}x the layer's ({d_out}, {d_in}) weight; check the spec's shapes and hyperparameters"
+            )
+
+
 def _build(gen: ModuleType, name: str, m: nn.Module, cfg_t: AdapterConfig, stats: dict | None) -> dict:
+    want = gen.shapes(cfg_t, m.in_features, m.out_features)
+    _check_sizes(gen, name, want, m.in_features, m.out_features)
     W = base_weight(m)
     try:
         tensors = gen.init(W, cfg_t, stats)
@@ -566,7 +586,6 @@ def _build(gen: ModuleType, name: str, m: nn.Module, cfg_t: AdapterConfig, stats
         raise AttachError(f"{gen.NAME}: {name}: {_first_line(e)}") from None
     except Exception as e:  # anything else a (user's) variant raises: name the layer, keep the cause
         raise AttachError(f"{gen.NAME}: {name}: init failed: {type(e).__name__}: {_first_line(e)}") from e
-    want = gen.shapes(cfg_t, m.in_features, m.out_features)
     if set(tensors) != set(want):
         raise AttachError(f"{gen.NAME}: {name}: init returned {sorted(tensors)}, spec declares {sorted(want)}")
     for k, t in tensors.items():

@@ -756,3 +756,22 @@ def test_set_coeff_keeps_to_the_specs_bounds_and_changes_nothing_on_refusal(monk
     assert_unchanged(model, snap)  # the state's config and every target's
     ll.set_coeff(model, -1)
     assert {t.cfg.coeff for t in ll.state(model).targets.values()} == {ll.state(model).cfg.coeff} == {-1.0}
+
+
+def test_a_spec_whose_tensors_dwarf_the_layer_is_refused_before_allocating(tmp_path, monkeypatch):
+    """A user spec may declare any shape within 2**31 per dimension; attach refuses a tensor far
+    larger than the layer's weight before calling init, so no spec can exhaust memory."""
+    monkeypatch.setenv("LORA_LITE_CACHE", str(tmp_path / "cache"))
+    spec = ll.registry.shipped_specs_dir() / "lora.yaml"
+    text = (
+        spec.read_text(encoding="utf-8")
+        .replace("name: lora", "name: bomb")
+        .replace("max: 65536, rank: true", "max: 1048576")
+    )
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text, encoding="utf-8")
+    cfg = ll.from_spec(path, r=1_000_000)
+    model = make_model()
+    snap = snapshot(model)
+    refused(ll.AttachError, "more than 16x the layer's", ll.attach, model, cfg)
+    assert_unchanged(model, snap)
