@@ -3,14 +3,15 @@
 Map of the generator (read top to bottom):
 
     spec.py      load YAML (safe loader, line numbers, duplicate keys refused)
-                 -> validate against specs/schema.json (jsonschema, draft 2020-12)
-                 -> semantic checks (shape expressions, tensors the core needs)
+                 -> round-one spellings read as compositions (upgrade)
+                 -> validate against specs/schema.json (jsonschema, draft 2020-12; enums from parts/)
+                 -> the composition's rules, then params and hyperparameters against what it reads
                  -> a frozen `Spec` dataclass
+    algebra.py   part definitions (parts/<axis>/<name>.j2: metadata + code blocks), compose()
+                 and its rules, the typed basis -> core hand-off, the matrix of cells
     shapes.py    the safe shape-expression evaluator (names, ints, + - * //)
-    compiler.py  Spec -> template context (all branching happens here, in Python)
-                 -> Jinja2 render (StrictUndefined) from fragments in templates/
+    compiler.py  Spec -> the composition's blocks in order -> templates/module.py.j2
                  -> ast.parse check -> write only if changed, remove orphans
-    templates/   module.py.j2 plus fragments: basis/<source>.j2, core/<kind>_*.j2
 
 Installed as `lora_lite.codegen`; the CLI entry is `lora-lite gen`.
 """

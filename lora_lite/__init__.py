@@ -15,6 +15,7 @@ from .codegen import SpecError  # noqa: E402
 from .config import AdapterConfig  # noqa: E402
 from .registry import from_spec, shipped_names, variant_module  # noqa: E402
 from .runtime import AttachError, attach, detach, set_coeff, state, trainable_parameters  # noqa: E402
+from .variant import Variant  # noqa: E402
 
 # Typed configs, as in upstream's Quickstart: ll.LoRAConfig(r=8, alpha=16, dtype=torch.bfloat16)
 CONFIG_NAMES = {
@@ -45,6 +46,7 @@ __all__ = [
     "AttachError",
     "CheckpointError",
     "SpecError",
+    "Variant",
     "attach",
     "detach",
     "from_spec",

@@ -133,7 +133,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, residual: str | None = No
     cfg = gen.Config(**meta["config"])
     if residual is not None:
         cfg = dataclasses.replace(cfg, residual=residual)
-    strict = cfg.residual in STRICT_RESIDUALS or getattr(gen, "USES_BASE_WEIGHT", False)
+    strict = cfg.residual in STRICT_RESIDUALS or gen.USES_BASE_WEIGHT
     modules = dict(model.named_modules())
     per_target = {}
     with safe_open(str(path), framework="pt") as f:

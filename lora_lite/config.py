@@ -77,7 +77,7 @@ class AdapterConfig:
                 raise ValueError(f"{cls}.layers: expected integers, got {self.layers!r}")
             set_("layers", layers)
         gen = self.variant()
-        allowed = getattr(gen, "RESIDUALS", (gen.RESIDUAL,))
+        allowed = gen.RESIDUALS
         if self.residual is None:
             set_("residual", gen.RESIDUAL)
         elif self.residual not in RESIDUAL_MODES:

@@ -257,7 +257,7 @@ def check_quantized(gen: ModuleType, cfg: AdapterConfig, name: str, m: nn.Module
     if not is_quantized(m):
         return
     q = quantization(m)
-    if not getattr(gen, "QUANTIZED_BASE", False):
+    if not gen.QUANTIZED_BASE:
         raise AttachError(
             f"{gen.NAME}: {name} is quantized ({q}) and the spec declares quantized_base: false; use a float base"
         )
