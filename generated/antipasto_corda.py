@@ -128,7 +128,6 @@ def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     # crop: y = x W_res^T (+ bias) lacks the top-r part, add U S_eff P x back;
     # subtract: y = x W^T (+ bias) is whole, add only the change U (S_eff - S) P x (0 at init)
     gain = S_eff - m.lora_S if cfg.residual == "subtract" else S_eff  # (r,)
-
     h = (x @ m.lora_P.T) * gain  # (..., r)
     delta = h @ m.lora_U.T  # (..., o)
     return y + delta.to(y.dtype)  # (..., o)

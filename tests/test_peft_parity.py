@@ -46,6 +46,7 @@ KNOWN_DIVERGENCES: dict[str, str] = {
     "adapter's dtype and back: identical in fp32",
     "pissa": "singular vectors get canonical signs (largest entry positive), so A and B may differ "
     "from PEFT's by a sign per direction; B A, W_res and every output agree",
+    "pissa_dora": "as pissa (canonical signs) and dora (the norm expanded, here of W_res + s B A)",
     "antipasto_corda": "upstream lora-lite's whitened CorDA: SVD of W C^1/2 and P = Vh C^-1/2, where "
     "CorDA's paper and PEFT decompose W C and keep Vh C^-1; damping cov_eps is absolute (no parity test)",
 }
@@ -82,6 +83,14 @@ def peft_configs() -> dict:
     return {
         "lora": (LoraConfig(**lora), dict(r=4, alpha=8.0), ab, {}),
         "pissa": (LoraConfig(**lora, init_lora_weights="pissa"), dict(r=4, alpha=8.0), ab, {}),
+        "olora": (LoraConfig(**lora, init_lora_weights="olora"), dict(r=4, alpha=8.0), ab, {}),
+        "rslora": (LoraConfig(**lora, use_rslora=True), dict(r=4, alpha=8.0), ab, {}),
+        "pissa_dora": (
+            LoraConfig(**lora, use_dora=True, init_lora_weights="pissa"),
+            dict(r=4, alpha=8.0),
+            {**ab, "lora_magnitude_vector": "lora_magnitude_vector.default.weight"},
+            {},
+        ),
         "dora": (
             LoraConfig(**lora, use_dora=True),
             dict(r=4, alpha=8.0),
@@ -157,7 +166,7 @@ def test_same_logits_and_gradients_as_peft(name):
         m = ll.state(ours).targets[target].module
         for ours_k, path in frozen.items():
             assert rel_err(getattr(m, ours_k), peft_tensor(layer, path).reshape(-1)) < RTOL, (target, ours_k)
-        if name == "pissa":
+        if name in ("pissa", "olora", "pissa_dora"):  # the cropped W_res
             assert rel_err(m.weight, layer.base_layer.weight) < RTOL, target
     # same non-zero trainable values: move PEFT's off init, copy them into ours
     g = torch.Generator().manual_seed(3)
