@@ -3,6 +3,7 @@
 lora-lite gen [--check] [--specs DIR] [--out DIR]   compile specs -> generated modules
 lora-lite validate PATH...                          validate spec files (exit 1 on error)
 lora-lite example [--variant NAME] [--steps N]      attach, train, save, detach, load
+lora-lite matrix [--json]                           every basis x core x modifiers cell: works or refused
 """
 
 from __future__ import annotations
@@ -57,6 +58,26 @@ def _validate(args) -> int:
     return 1 if bad else 0
 
 
+def _matrix(args) -> int:
+    import json
+
+    from lora_lite.codegen.algebra import matrix
+    from lora_lite.codegen.spec import load_spec, shipped_specs_dir
+
+    combos = [tuple(m["kind"] for m in s.modifiers) for s in map(load_spec, sorted(shipped_specs_dir().glob("*.yaml")))]
+    rows = matrix(extra=[c for c in combos if len(c) > 1])
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        mods = "+".join(r["modifiers"]) or "-"
+        status = "works" if r["status"] == "works" else f"refused: {r['rule']}"
+        print(f"{r['basis']:10} {r['core']:12} {mods:10} {r['residual']:9} {r['hook']:7} {status}")
+    works = sum(r["status"] == "works" for r in rows)
+    print(f"{works} of {len(rows)} cells work", file=sys.stderr)
+    return 0
+
+
 def _example(args) -> int:
     from lora_lite.example import run
 
@@ -85,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--steps", type=int, default=20)
     e.add_argument("--out", default="example-out", help="folder for the adapter checkpoint")
     e.set_defaults(fn=_example)
+    mx = sub.add_parser("matrix", help="list every basis x core x modifiers x residual x hook cell and its status")
+    mx.add_argument("--json", action="store_true", help="one JSON object per cell")
+    mx.set_defaults(fn=_matrix)
     sub.add_parser("bench", help="train and evaluate variants on a causal LM and GSM8K (lora-lite bench --help)")
     args = parser.parse_args(argv)
     return args.fn(args)
