@@ -1,7 +1,7 @@
 """The spec language as an algebra: basis x core x modifiers, each part defined once in parts/.
 
-A part file `parts/<axis>/<name>.j2` is YAML metadata, a line `---`, then Jinja2 blocks (its
-code fragments, indented as function bodies). Metadata keys:
+A part file `parts/<axis>/<name>.j2` is YAML metadata, then sections `--- <block>`, each a
+Jinja2 template (its code fragments, indented as function bodies). Metadata keys:
 
     basis     produces (a HANDOFFS key), vin (name of the input side, Vh or P), select (allowed
               selections, first = default), calibration (none | optional | required, or by
@@ -21,6 +21,8 @@ rule it breaks; matrix() lists every cell with `works` or `refused: <rule>`.
 from __future__ import annotations
 
 import ast
+import itertools
+import re
 import textwrap
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -39,8 +41,12 @@ HANDOFFS = {
     "p": {"P": ("r", "d_in")},
 }
 FROZEN_RESIDUALS = ("crop", "subtract")
-_env = jinja2.Environment(
-    undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True
+ENV = jinja2.Environment(  # parts and templates/module.py.j2
+    loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
 )
 
 
@@ -49,19 +55,14 @@ class Part:
     axis: str
     name: str
     meta: dict
-    template: jinja2.Template = field(repr=False)
+    blocks: dict[str, jinja2.Template] = field(repr=False)
 
     def has(self, block: str) -> bool:
-        return block in self.template.blocks
+        return block in self.blocks
 
     def render(self, block: str, **ctx) -> str:
         """The block's text rendered with `ctx` ('' when the part has no such block)."""
-        if not self.has(block):
-            return ""
-        return "".join(self.template.blocks[block](self.template.new_context(ctx))).rstrip("\n")
-
-    def hyper(self) -> dict[str, list]:
-        return self.meta.get("hyper", {})
+        return self.blocks[block].render(**ctx).rstrip("\n") if block in self.blocks else ""
 
 
 @lru_cache(maxsize=1)
@@ -71,8 +72,9 @@ def parts() -> dict[str, dict[str, Part]]:
     for axis in AXES:
         out[axis] = {}
         for path in sorted((PARTS / axis).glob("*.j2")):
-            head, body = path.read_text(encoding="utf-8").split("\n---\n", 1)
-            out[axis][path.stem] = Part(axis, path.stem, yaml.safe_load(head) or {}, _env.from_string(body))
+            head, *sections = re.split(r"^--- (\w+)\n", path.read_text(encoding="utf-8"), flags=re.M)
+            blocks = {k: ENV.from_string(v) for k, v in zip(sections[::2], sections[1::2])}
+            out[axis][path.stem] = Part(axis, path.stem, yaml.safe_load(head) or {}, blocks)
     return out
 
 
@@ -104,9 +106,9 @@ class Composition:
     @property
     def frozen(self) -> bool:
         """True when the adapter holds part of W (a frozen part to crop or subtract)."""
-        if self.core.meta.get("spectral"):
-            return True
-        return bool(self.core.meta.get("handoffs", {}).get(self.handoff, {}).get("frozen"))
+        return self.core.meta.get("spectral") or bool(
+            self.core.meta.get("handoffs", {}).get(self.handoff, {}).get("frozen")
+        )
 
     @property
     def calibration(self) -> str:
@@ -114,16 +116,11 @@ class Composition:
         return c.get(self.select, "none") if isinstance(c, dict) else c
 
     def ctx(self) -> dict:
-        """Variables every part block sees."""
+        """Variables every part block sees (and each modifier's options)."""
         opts = {k: v for _, o in self.mods.values() for k, v in o.items()}
+        x = "xd" if "dropout" in self.mods else "x"  # the adapter's input
         return dict(
-            select=self.select,
-            handoff=self.handoff,
-            vin=self.vin,
-            hook=self.hook,
-            frozen=self.frozen,
-            x="xd" if "dropout" in self.mods else "x",
-            **opts,
+            select=self.select, handoff=self.handoff, vin=self.vin, hook=self.hook, frozen=self.frozen, x=x, **opts
         )
 
     def all_parts(self) -> list[Part]:
@@ -140,7 +137,7 @@ class Composition:
         """Hyperparameters the composition reads: name -> [type, default(, runtime)]."""
         out = {"r": ["int", 8]} if self.handoff != "none" else {}
         for p in self.all_parts():
-            out.update(p.hyper())
+            out.update(p.meta.get("hyper", {}))
         return out
 
     def replaced(self) -> set[str]:
@@ -170,12 +167,7 @@ class Composition:
 def _modifier_problems(comp: Composition, i: int, part: Part, opts: dict) -> list:
     """Rules a modifier breaks on this composition: (path, rule, message)."""
     path, core, bad = ("modifiers", i, "kind"), comp.core, []
-    have = {
-        "scaled": bool(core.meta.get("scaled")),
-        "factors": core.has("factors"),
-        "freezable": bool(core.meta.get("freezable")),
-        "dropout": bool(core.meta.get("dropout")),
-    }
+    have = {k: bool(core.meta.get(k)) for k in ("scaled", "freezable", "dropout")} | {"factors": core.has("factors")}
     for need in part.meta.get("cores", {}):
         if not have[need]:
             bad.append((path, "modifier-core", f"{part.name} needs a core with {need} (core {core.name!r} has none)"))
@@ -217,40 +209,31 @@ def compose(basis: str, select, core: str, modifiers: list[dict], residual: str,
     b, c = P["basis"][basis], P["core"][core]
     selects = b.meta.get("select")
     comp = Composition(b, select or (selects[0] if selects else None), c, {}, residual, hook)
-    bad = comp.problems
+    no = lambda path, rule, msg: comp.problems.append((path, rule, msg))  # noqa: E731
     if select and not selects:
-        bad.append((("basis", "select"), "select-basis", f"basis {basis!r} has no selection (select: {select!r})"))
+        no(("basis", "select"), "select-basis", f"basis {basis!r} has no selection (select: {select!r})")
     elif selects and comp.select not in selects:
-        bad.append((("basis", "select"), "select-basis", f"basis {basis!r} selects one of {selects}"))
+        no(("basis", "select"), "select-basis", f"basis {basis!r} selects one of {selects}")
     if hook not in c.meta["hooks"]:
-        bad.append((("hook",), "core-hook", f"core {core!r} works with hook {c.meta['hooks']}, not {hook!r}"))
+        no(("hook",), "core-hook", f"core {core!r} works with hook {c.meta['hooks']}, not {hook!r}")
     takes = ["usv"] if c.meta.get("spectral") else list(c.meta.get("handoffs", {}))
     if comp.handoff not in takes:
         fits = sorted(n for n, p in P["basis"].items() if p.meta["produces"] in takes)
-        bad.append((("basis", "source"), "core-basis", f"core {core!r} needs a basis in {fits}, not {basis!r}"))
+        no(("basis", "source"), "core-basis", f"core {core!r} needs a basis in {fits}, not {basis!r}")
     elif residual in FROZEN_RESIDUALS and not comp.frozen:
-        bad.append(
-            (("residual",), "residual-without-frozen-part", f"{residual} needs a basis the core takes part of W from")
-        )
+        no(("residual",), "residual-without-frozen-part", f"{residual} needs a basis the core takes part of W from")
     elif residual == "none" and comp.frozen:
-        bad.append(
-            (
-                ("residual",),
-                "residual-counts-twice",
-                f"basis {basis!r} puts part of W into the {core!r} core; residual none would count it twice "
-                "(not identity at init): use crop or subtract",
-            )
-        )
+        msg = f"basis {basis!r} puts part of W into the {core!r} core; residual none would count it twice"
+        no(("residual",), "residual-counts-twice", msg + " (not identity at init): use crop or subtract")
     for i, m in enumerate(modifiers):
-        opts = {k: v for k, v in m.items() if k != "kind"}
         if m["kind"] in comp.mods:
-            bad.append((("modifiers", i, "kind"), "modifier-twice", f"{m['kind']} is given twice"))
-        comp.mods[m["kind"]] = (P["modifier"][m["kind"]], opts)
+            no(("modifiers", i, "kind"), "modifier-twice", f"{m['kind']} is given twice")
+        comp.mods[m["kind"]] = (P["modifier"][m["kind"]], {k: v for k, v in m.items() if k != "kind"})
     if c.meta.get("scaled") and "scale" not in comp.mods and "scale" not in comp.replaced():
         comp.mods = {"scale": (P["modifier"]["scale"], {"rule": "alpha_over_r"}), **comp.mods}  # LoRA's default
     for i, (kind, (part, opts)) in enumerate(comp.mods.items()):
         at = next((j for j, m in enumerate(modifiers) if m["kind"] == kind), i)
-        bad += _modifier_problems(comp, at, part, opts)
+        comp.problems += _modifier_problems(comp, at, part, opts)
     return comp
 
 
@@ -265,14 +248,13 @@ def binds(text: str) -> set[str]:
     return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
 
 
-def handoff_names(comp: Composition) -> set[str]:
-    return {comp.vin if k == "vin" else k for k in HANDOFFS[comp.handoff]}
-
-
 def handoff_problems(comp: Composition) -> list[str]:
     """The basis must bind every name of its hand-off; the core may read only those."""
     out = []
-    made, want = binds(comp.basis.render("init", **comp.ctx())), handoff_names(comp)
+    made, want = (
+        binds(comp.basis.render("init", **comp.ctx())),
+        {comp.vin if k == "vin" else k for k in HANDOFFS[comp.handoff]},
+    )
     if not want <= made:
         out.append(f"basis {comp.basis.name} does not bind {sorted(want - made)}")
     every = {n for h in HANDOFFS.values() for n in h} | {"Vh", "P"}
@@ -283,30 +265,19 @@ def handoff_problems(comp: Composition) -> list[str]:
 
 
 # -- the matrix: each core with no modifier and with each single one, plus shipped combinations --
-SELECTS = {"svd": ("top", "minor", "wanda")}
-
-
 def cells(extra: list[tuple[str, ...]] = ()) -> list[dict]:
     """Every cell: basis, select, core, modifiers (tuple of kinds), residual, hook."""
     mods = [()] + [(m,) for m in names("modifier")] + sorted(set(extra))
-    out = []
-    for basis in names("basis"):
-        for select in SELECTS.get(basis, (None,)):
-            for core in names("core"):
-                for ms in mods:
-                    for residual in ("none", "crop", "subtract"):
-                        for hook in ("output", "input"):
-                            out.append(
-                                dict(basis=basis, select=select, core=core, modifiers=ms, residual=residual, hook=hook)
-                            )
-    return out
+    bases = [(b, s) for b in names("basis") for s in parts()["basis"][b].meta.get("select", [None])]
+    keys = ("basis", "select", "core", "modifiers", "residual", "hook")
+    grid = itertools.product(bases, names("core"), mods, ("none", "crop", "subtract"), ("output", "input"))
+    return [dict(zip(keys, (*b, *rest))) for b, *rest in grid]
 
 
 def modifier_entry(kind: str, core: Part) -> dict:
     """A modifier with its default options (frozen: the core's first freezable factor)."""
-    opts = parts()["modifier"][kind].meta.get("options", {})
     out = {"kind": kind}
-    for key, allowed in opts.items():
+    for key, allowed in parts()["modifier"][kind].meta.get("options", {}).items():
         out[key] = [core.meta.get("freezable", ["?"])[0]] if allowed == "freezable" else allowed[0]
     if kind == "scale":
         out["rule"] = "alpha_over_sqrt_r"  # the default rule is the cell with no modifier
@@ -314,51 +285,32 @@ def modifier_entry(kind: str, core: Part) -> dict:
 
 
 def cell_composition(cell: dict) -> Composition:
-    core = parts()["core"][cell["core"]]
-    return compose(
-        cell["basis"],
-        cell["select"],
-        cell["core"],
-        [modifier_entry(k, core) for k in cell["modifiers"]],
-        cell["residual"],
-        cell["hook"],
-    )
+    mods = [modifier_entry(k, parts()["core"][cell["core"]]) for k in cell["modifiers"]]
+    return compose(cell["basis"], cell["select"], cell["core"], mods, cell["residual"], cell["hook"])
 
 
 def cell_spec(cell: dict, name: str) -> dict:
     """A complete spec (as parsed YAML) for a working cell, with every tensor at its default init."""
     comp = cell_composition(cell)
-    hypers = {}
-    for n, (typ, default, *flags) in comp.hypers().items():
-        h = {"type": typ, "default": default, "doc": f"{n} (default of its part)"}
-        if n == "r":
-            h.update(min=1, rank=True)
-        if "runtime" in flags:
-            h["runtime"] = True
-        hypers[n] = h
-    params = {}
-    for n, (shape, trainable, inits) in comp.tensors().items():
-        params[n] = {"shape": list(shape), "init": inits[0], "trainable": trainable}
-        if inits[0] == "constant":
-            params[n]["value"] = -2.944439
-    basis = {"source": cell["basis"], **({"select": cell["select"]} if cell["select"] else {})}
+    rank = {"r": {"min": 1, "rank": True}}
+    hypers = {
+        n: {"type": t, "default": d, "doc": f"{n} (its part's default)", **rank.get(n, {}), **{f: True for f in flags}}
+        for n, (t, d, *flags) in comp.hypers().items()
+    }
+    values = {n: t["value"] for n, t in comp.core.meta.get("tensors", {}).items() if "value" in t}
+    params = {
+        n: {"shape": list(shape), "init": inits[0], "trainable": tr, **({"value": values[n]} if n in values else {})}
+        for n, (shape, tr, inits) in comp.tensors().items()
+    }
+    targets = ["\\.q_proj$", "\\.v_proj$"] if cell["hook"] == "output" else ["\\.down_proj$"]
     mods = [modifier_entry(k, comp.core) for k in cell["modifiers"]]
     return {
-        "name": name,
-        "title": name,
-        "summary": "one cell of the spec matrix.",
-        "references": [],
-        "identity": "the core starts at the identity.",
-        "hyperparameters": hypers,
-        "target": {"names": ["\\.q_proj$", "\\.v_proj$"] if cell["hook"] == "output" else ["\\.down_proj$"]},
-        "basis": basis,
+        **dict(name=name, title=name, summary="one cell of the spec matrix.", references=[]),
+        **dict(identity="the core starts at the identity.", hyperparameters=hypers, target={"names": targets}),
+        "basis": {"source": cell["basis"], **({"select": cell["select"]} if cell["select"] else {})},
         "core": {"kind": cell["core"]},
         **({"modifiers": mods} if mods else {}),
-        "residual": cell["residual"],
-        "hook": cell["hook"],
-        "params": params,
-        "train": {"lr": 1.0e-3},
-        "quantized_base": True,
+        **dict(residual=cell["residual"], hook=cell["hook"], params=params, train={"lr": 1.0e-3}, quantized_base=True),
     }
 
 
@@ -368,13 +320,13 @@ def matrix(extra: list[tuple[str, ...]] = ()) -> list[dict]:
     for cell in cells(extra):
         comp = cell_composition(cell)
         rule = comp.problems[0][1] if comp.problems else None
+        row = {k: cell[k] for k in ("core", "residual", "hook")}
+        basis = cell["basis"] + (f"+{cell['select']}" if cell["select"] else "")
         rows.append(
             {
-                "basis": cell["basis"] + (f"+{cell['select']}" if cell["select"] else ""),
-                "core": cell["core"],
+                "basis": basis,
+                **row,
                 "modifiers": list(cell["modifiers"]),
-                "residual": cell["residual"],
-                "hook": cell["hook"],
                 "status": "refused" if rule else "works",
                 "rule": rule,
             }

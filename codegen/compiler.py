@@ -18,23 +18,11 @@ import re
 import textwrap
 from pathlib import Path
 
-import jinja2
-
-from .algebra import FROZEN_RESIDUALS, reads
+from .algebra import ENV, FROZEN_RESIDUALS, reads
 from .shapes import parse_shape_expr, to_python
 from .spec import schema_text
 
-TEMPLATES = Path(__file__).parent / "templates"
 HEADER_CMD = "just gen"  # printed in every header
-
-_env = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-    undefined=jinja2.StrictUndefined,
-    keep_trailing_newline=True,
-    trim_blocks=True,
-    lstrip_blocks=True,
-    autoescape=False,
-)
 
 
 def py(value) -> str:
@@ -161,12 +149,23 @@ def _bodies(spec, comp) -> dict[str, str]:
     }
 
 
-def _quantized_line(spec) -> str:
-    if not spec.quantized_base:
-        return "QUANTIZED_BASE = False  # attach refuses bitsandbytes 4/8-bit targets"
-    if spec.residual in FROZEN_RESIDUALS:
-        return "QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work with residual subtract (crop is refused)"
-    return "QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (the hook runs on their own forward)"
+# The comment after each contract constant (lora_lite.Variant), by its value.
+COMMENTS = {
+    ("HOOK", "output"): "forward hook: forward() returns the layer's new output",
+    ("HOOK", "input"): "forward pre-hook: forward() returns the layer's new input",
+    ("CAST_INPUT", True): "the hook casts x to cfg.dtype for forward() (an input hook casts the result back)",
+    ("CAST_INPUT", False): "forward() works in the layer's dtype: the hook casts nothing",
+    ("RESIDUAL", "none"): "the base weight is never modified",
+    ("RESIDUAL", "crop"): "default: while attached the base weight holds W_res = W - frozen_weight()",
+    ("RESIDUAL", "subtract"): "default: W is never modified; forward() takes frozen_weight() x out",
+    ("CALIBRATION", "required"): "attach raises without calibration data",
+    ("CALIBRATION", "optional"): "calibration data refines the basis when given",
+    ("CALIBRATION", "none"): "calibration data is accepted and ignored",
+    ("QUANTIZED_BASE", False): "attach refuses bitsandbytes 4/8-bit targets",
+    ("QUANTIZED_BASE", True): "bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)",
+    ("USES_BASE_WEIGHT", True): "the math reads W: load refuses a base whose weights differ",
+    ("USES_BASE_WEIGHT", False): "the math never reads W after init",
+}
 
 
 def context(spec, display: str) -> dict:
@@ -178,18 +177,25 @@ def context(spec, display: str) -> dict:
         source=display,
         regen=HEADER_CMD,
         docstring=_docstring(spec, comp),
-        name=py(spec.name),
-        title=py(spec.title),
         config_doc=prose(f"{spec.title} hyperparameters (defaults from {display})."),
         hook=spec.hook,
         cast=cast,
-        residual=spec.residual,
-        residuals=py(FROZEN_RESIDUALS if comp.frozen else ("none",)),
-        calibration=comp.calibration,
-        target_names=py(spec.target_names),
-        lr=py(spec.lr),
-        quantized_line=_quantized_line(spec),
-        uses_base_weight=any(p.meta.get("base_weight") for p in comp.all_parts()),
+        constants=[
+            (k, py(v), COMMENTS.get((k, v), what))
+            for k, v, what in (
+                ("NAME", spec.name, "the spec's name"),
+                ("TITLE", spec.title, "its title"),
+                ("HOOK", spec.hook, ""),
+                ("CAST_INPUT", cast, ""),
+                ("RESIDUAL", spec.residual, ""),
+                ("RESIDUALS", FROZEN_RESIDUALS if comp.frozen else ("none",), "the values cfg.residual may take"),
+                ("CALIBRATION", comp.calibration, ""),
+                ("TARGET_NAMES", spec.target_names, "default targets: re.search on module names"),
+                ("LR", spec.lr, "recommended AdamW learning rate"),
+                ("QUANTIZED_BASE", spec.quantized_base, ""),
+                ("USES_BASE_WEIGHT", any(p.meta.get("base_weight") for p in comp.all_parts()), ""),
+            )
+        ],
         fields=[(h.name, h.type, py(h.default), prose(h.doc, comment=True)) for h in spec.hyperparameters],
         params=[
             (py(p.name), py(tuple(p.shape)), py(p.init), p.trainable, prose(p.doc, comment=True) if p.doc else "")
@@ -210,7 +216,7 @@ def render(spec, display: str | None = None) -> str:
     display = display or spec.source
     ctx = context(spec, display)
     body = "\n".join(ctx[k] for k in ("init", "forward", "frozen"))
-    text = _env.get_template("module.py.j2").render(**ctx, import_math=bool(re.search(r"\bmath\.", body)))
+    text = ENV.get_template("module.py.j2").render(**ctx, import_math=bool(re.search(r"\bmath\.", body)))
     try:
         ast.parse(text)
     except SyntaxError as e:
@@ -240,6 +246,12 @@ def _render_all(specs_dir: Path) -> dict[str, str]:
     if problems:
         raise SpecError(problems)
     return out
+
+
+def _schema(specs_dir) -> tuple[Path, bool]:
+    """specs_dir/schema.json and whether its enums differ from the part definitions."""
+    schema = Path(specs_dir) / "schema.json"
+    return schema, schema.is_file() and schema_text(schema.read_text()) != schema.read_text()
 
 
 INIT_TEXT = '''# Code generated by lora_lite.codegen. DO NOT EDIT.
@@ -273,8 +285,7 @@ def generate(specs_dir: str | Path, out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     files = _render_all(Path(specs_dir))
     files["__init__.py"] = INIT_TEXT
-    schema = Path(specs_dir) / "schema.json"
-    stale_schema = schema.is_file() and schema_text(schema.read_text()) != schema.read_text()
+    schema, stale_schema = _schema(specs_dir)
     clash = [str(out_dir / n) for n in sorted(files) if (out_dir / n).exists() and not is_generated(out_dir / n)]
     if clash:
         raise GenerateError(f"refusing to overwrite hand-written file(s) {', '.join(clash)}: move them or pick --out")
@@ -314,7 +325,7 @@ def check(specs_dir: str | Path, out_dir: str | Path) -> list[str]:
     for path in sorted(out_dir.glob("*.py")):
         if path.name not in files and is_generated(path):
             problems.append(f"orphaned: {path}")
-    schema = Path(specs_dir) / "schema.json"
-    if schema.is_file() and schema_text(schema.read_text()) != schema.read_text():
+    schema, stale_schema = _schema(specs_dir)
+    if stale_schema:
         problems.append(f"stale: {schema} (enums differ from codegen/parts)")
     return problems

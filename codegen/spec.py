@@ -5,8 +5,8 @@
 
 YAML is read with PyYAML's safe loader; duplicate keys are refused (PyYAML keeps the last one
 silently). The JSON Schema `specs/schema.json` catches structure and types; the checks here
-catch what a schema cannot: shape expressions, the tensors and hyperparameters a core needs,
-and combinations that have no template fragment.
+catch what a schema cannot: shape expressions, the composition's rules (algebra.py), and the
+tensors and hyperparameters it reads.
 """
 
 from __future__ import annotations
@@ -29,12 +29,8 @@ from .shapes import eval_shape_expr, names_in, parse_shape_expr
 # Config fields and methods (lora_lite.config.AdapterConfig); a hyperparameter may not shadow them.
 RESERVED = {"target_names", "layers", "dtype", "residual", "variant", "hyperparameters", "to_dict"}
 # Round-one spellings, read as their compositions (checkpoints carry the spec text they were saved with).
-LEGACY_CORES = {
-    "dora": ("lowrank", "magnitude"),
-    "delora": ("lowrank", "delora"),
-    "ia3": ("vector",),
-    "hra": ("householder",),
-}
+LEGACY_CORES = {"dora": ("lowrank", "magnitude"), "delora": ("lowrank", "delora"), "ia3": ("vector",)}
+LEGACY_CORES["hra"] = ("householder",)
 
 
 class SpecError(ValueError):
@@ -69,7 +65,7 @@ class Param:
 
 @dataclass(frozen=True)
 class Spec:
-    """A validated spec; `raw` is the parsed YAML (kept for checkpoints and reports)."""
+    """A validated spec; `text` is its YAML (kept for checkpoints and reports)."""
 
     name: str
     title: str
@@ -92,10 +88,6 @@ class Spec:
     quantized_base: bool
     source: str  # where it was read from, for messages and the generated header
     text: str  # the YAML text itself (checkpoints carry it, so custom specs reload anywhere)
-
-    @property
-    def raw(self) -> dict:
-        return yaml.safe_load(self.text)
 
     def composition(self) -> Composition:
         return compose(self.basis, self.select, self.core, list(self.modifiers), self.residual, self.hook)
@@ -246,10 +238,8 @@ def _schema_problems(data: Any, lines: dict, where: str) -> list[str]:
 
 def _same_shape(a: str, b: str, hypers: list[str]) -> bool:
     """Symbolic equality of two shape expressions: equal at three environments of distinct primes."""
-    envs = [
-        dict(zip(["d_in", "d_out", *hypers], primes))
-        for primes in ((101, 103, *range(3, 200, 7)), (211, 223, *range(5, 300, 11)), (307, 311, *range(7, 400, 13)))
-    ]
+    seeds = ((101, 103, *range(3, 200, 7)), (211, 223, *range(5, 300, 11)), (307, 311, *range(7, 400, 13)))
+    envs = [dict(zip(["d_in", "d_out", *hypers], primes)) for primes in seeds]
     try:
         return all(eval_shape_expr(parse_shape_expr(a), e) == eval_shape_expr(parse_shape_expr(b), e) for e in envs)
     except (KeyError, ValueError):
@@ -302,12 +292,9 @@ def _semantic_problems(data: dict, lines: dict, where: str, stem: str | None) ->
                 tree = parse_shape_expr(expr)
                 unknown = [n for n in names_in(tree) if n not in env]
                 used.update(names_in(tree))
+                known = f"known: d_in, d_out and int hyperparameters {sorted(set(env) - {'d_in', 'd_out'})}"
                 if unknown:
-                    bad(
-                        path + ("shape", i),
-                        f"unknown name {unknown[0]!r} in {expr!r} "
-                        f"(known: d_in, d_out and int hyperparameters {sorted(set(env) - {'d_in', 'd_out'})})",
-                    )
+                    bad(path + ("shape", i), f"unknown name {unknown[0]!r} in {expr!r} ({known})")
                 elif eval_shape_expr(tree, env) < 1:
                     bad(path + ("shape", i), f"{expr!r} is not positive with the defaults")
             except ValueError as e:
@@ -355,22 +342,12 @@ def parse_spec(text: str, where: str = "<spec>", stem: str | None = None) -> Spe
     if problems:
         raise SpecError(problems)
     hypers = tuple(
-        Hyperparameter(
-            name=n,
-            type=h["type"],
-            default=float(h["default"]) if h["type"] == "float" else h["default"],
-            doc=h["doc"],
-            min=h.get("min"),
-            max=h.get("max"),
-            rank=h.get("rank", False),
-            runtime=h.get("runtime", False),
-        )
+        Hyperparameter(n, h["type"], float(h["default"]) if h["type"] == "float" else h["default"], h["doc"],
+                       h.get("min"), h.get("max"), h.get("rank", False), h.get("runtime", False))
         for n, h in data["hyperparameters"].items()
-    )
+    )  # fmt: skip
     params = tuple(
-        Param(
-            n, tuple(str(s) for s in p["shape"]), p["init"], p.get("trainable", True), p.get("value"), p.get("doc", "")
-        )
+        Param(n, tuple(map(str, p["shape"])), p["init"], p.get("trainable", True), p.get("value"), p.get("doc", ""))
         for n, p in data["params"].items()
     )
     return Spec(

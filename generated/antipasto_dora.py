@@ -36,16 +36,16 @@ from torch import Tensor, nn
 from lora_lite.config import AdapterConfig
 from lora_lite.runtime import base_forward, base_row_sqnorm  # read W through the layer (float or 4/8-bit)
 
-NAME = "antipasto_dora"
-TITLE = "AntiPaSTO-DoRA"
+NAME = "antipasto_dora"  # the spec's name
+TITLE = "AntiPaSTO-DoRA"  # its title
 HOOK = "output"  # forward hook: forward() returns the layer's new output
-CAST_INPUT = True  # the hook casts x to cfg.dtype for forward()
+CAST_INPUT = True  # the hook casts x to cfg.dtype for forward() (an input hook casts the result back)
 RESIDUAL = "crop"  # default: while attached the base weight holds W_res = W - frozen_weight()
 RESIDUALS = ("crop", "subtract")  # the values cfg.residual may take
 CALIBRATION = "optional"  # calibration data refines the basis when given
 TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.005  # recommended AdamW learning rate
-QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work with residual subtract (crop is refused)
+QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)
 USES_BASE_WEIGHT = True  # the math reads W: load refuses a base whose weights differ
 RUNTIME_KNOBS = ("coeff",)  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)

@@ -32,16 +32,16 @@ from torch import Tensor, nn
 
 from lora_lite.config import AdapterConfig
 
-NAME = "delora"
-TITLE = "DeLoRA"
+NAME = "delora"  # the spec's name
+TITLE = "DeLoRA"  # its title
 HOOK = "output"  # forward hook: forward() returns the layer's new output
-CAST_INPUT = True  # the hook casts x to cfg.dtype for forward()
+CAST_INPUT = True  # the hook casts x to cfg.dtype for forward() (an input hook casts the result back)
 RESIDUAL = "none"  # the base weight is never modified
 RESIDUALS = ("none",)  # the values cfg.residual may take
 CALIBRATION = "none"  # calibration data is accepted and ignored
 TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.001  # recommended AdamW learning rate
-QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (the hook runs on their own forward)
+QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)
 USES_BASE_WEIGHT = True  # the math reads W: load refuses a base whose weights differ
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)

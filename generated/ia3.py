@@ -29,16 +29,16 @@ from torch import Tensor, nn
 
 from lora_lite.config import AdapterConfig
 
-NAME = "ia3"
-TITLE = "IA3"
+NAME = "ia3"  # the spec's name
+TITLE = "IA3"  # its title
 HOOK = "output"  # forward hook: forward() returns the layer's new output
-CAST_INPUT = False  # forward() works in the layer's dtype: the hook passes x uncast
+CAST_INPUT = False  # forward() works in the layer's dtype: the hook casts nothing
 RESIDUAL = "none"  # the base weight is never modified
 RESIDUALS = ("none",)  # the values cfg.residual may take
 CALIBRATION = "none"  # calibration data is accepted and ignored
 TARGET_NAMES = ("\\.k_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.003  # recommended AdamW learning rate
-QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (the hook runs on their own forward)
+QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)
 USES_BASE_WEIGHT = False  # the math never reads W after init
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ()  # hyperparameters clamped per target to min(d_in, d_out)

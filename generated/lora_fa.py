@@ -31,16 +31,16 @@ from torch import Tensor, nn
 
 from lora_lite.config import AdapterConfig
 
-NAME = "lora_fa"
-TITLE = "LoRA-FA"
+NAME = "lora_fa"  # the spec's name
+TITLE = "LoRA-FA"  # its title
 HOOK = "output"  # forward hook: forward() returns the layer's new output
-CAST_INPUT = True  # the hook casts x to cfg.dtype for forward()
+CAST_INPUT = True  # the hook casts x to cfg.dtype for forward() (an input hook casts the result back)
 RESIDUAL = "none"  # the base weight is never modified
 RESIDUALS = ("none",)  # the values cfg.residual may take
 CALIBRATION = "none"  # calibration data is accepted and ignored
 TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.0001  # recommended AdamW learning rate
-QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (the hook runs on their own forward)
+QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)
 USES_BASE_WEIGHT = False  # the math never reads W after init
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)

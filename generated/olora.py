@@ -33,16 +33,16 @@ from torch import Tensor, nn
 
 from lora_lite.config import AdapterConfig
 
-NAME = "olora"
-TITLE = "OLoRA"
+NAME = "olora"  # the spec's name
+TITLE = "OLoRA"  # its title
 HOOK = "output"  # forward hook: forward() returns the layer's new output
-CAST_INPUT = True  # the hook casts x to cfg.dtype for forward()
+CAST_INPUT = True  # the hook casts x to cfg.dtype for forward() (an input hook casts the result back)
 RESIDUAL = "crop"  # default: while attached the base weight holds W_res = W - frozen_weight()
 RESIDUALS = ("crop", "subtract")  # the values cfg.residual may take
 CALIBRATION = "none"  # calibration data is accepted and ignored
 TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.0001  # recommended AdamW learning rate
-QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work with residual subtract (crop is refused)
+QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)
 USES_BASE_WEIGHT = False  # the math never reads W after init
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
