@@ -65,10 +65,8 @@ def _simple_init(p) -> list[str]:
     if p.init == "constant":
         return [f"    {key} = torch.full(({dims},), {py(p.value)}){c}"]
     if p.init == "kaiming_uniform":
-        return [
-            f"    {key} = torch.empty({dims}){c}",
-            f"    nn.init.kaiming_uniform_({key}, a=math.sqrt(5))  # as nn.Linear (PEFT's lora_A init)",
-        ]
+        kaiming = f"    nn.init.kaiming_uniform_({key}, a=math.sqrt(5))  # as nn.Linear (PEFT's lora_A init)"
+        return [f"    {key} = torch.empty({dims}){c}", kaiming]
     return []  # basis / core: a part's block computes it
 
 
@@ -84,6 +82,9 @@ def _docstring(spec, comp) -> str:
     formula += [p.render("formula", **comp.ctx()) for p, _ in comp.mods.values() if not p.has("wrap")]
     if "update" not in comp.replaced():
         formula.append(comp.core.render("formula", **comp.ctx()))
+    if comp.core.meta.get("spectral"):  # h: the core's (..., r) output on the S-scaled coordinates
+        formula.append("y = x W_res^T + h U^T        (residual crop: W_res stored in the layer)")
+        formula.append(f"y = x W^T + (h - h0) U^T     (residual subtract, h0 = (x {comp.vin}^T) * S: W untouched)")
     formula += [p.render("formula", **comp.ctx()) for p, _ in comp.mods.values() if p.has("wrap")]
     mods = ", ".join(k + "".join(f" {v}" for v in o.values()) for k, (_, o) in comp.mods.items())
     other = {"crop": " (or subtract: cfg.residual)", "subtract": " (or crop: cfg.residual)"}.get(spec.residual, "")
@@ -142,11 +143,7 @@ def _bodies(spec, comp) -> dict[str, str]:
     else:
         frozen = f"    raise ValueError({py(spec.name + ' has no frozen part (residual none)')})"
     join = lambda xs: "\n".join(x for x in xs if x)  # noqa: E731
-    return {
-        "init": _with_scale(comp, join(init)),
-        "forward": _with_scale(comp, join(fwd)),
-        "frozen": _with_scale(comp, frozen),
-    }
+    return {k: _with_scale(comp, v) for k, v in (("init", join(init)), ("forward", join(fwd)), ("frozen", frozen))}
 
 
 # The comment after each contract constant (lora_lite.Variant), by its value.

@@ -92,11 +92,6 @@ class Spec:
     def composition(self) -> Composition:
         return compose(self.basis, self.select, self.core, list(self.modifiers), self.residual, self.hook)
 
-    @property
-    def calibration(self) -> str:
-        """'none', 'optional' (used when given) or 'required'."""
-        return self.composition().calibration
-
     def hyper(self, name: str) -> Hyperparameter | None:
         return next((h for h in self.hyperparameters if h.name == name), None)
 
@@ -120,14 +115,10 @@ def schema_text(text: str) -> str:
     return text
 
 
-def schema_path() -> Path:
-    return Path(str(resources.files("lora_lite.specs").joinpath("schema.json")))
-
-
 @lru_cache(maxsize=1)
 def schema() -> dict:
     """The JSON Schema every spec obeys (shipped as package data in lora_lite.specs), enums from the parts."""
-    return json.loads(schema_text(schema_path().read_text()))
+    return json.loads(schema_text((shipped_specs_dir() / "schema.json").read_text()))
 
 
 def upgrade(data: dict) -> dict:

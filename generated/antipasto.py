@@ -13,8 +13,9 @@ Formula (from the composition):
         with calibration data the r directions are re-selected among all min(d_in, d_out) by
         S_k * rms(X Vh_k^T) = S_k * sqrt(Vh_k C Vh_k^T), C = E[x x^T], and kept in S order
     S_eff = S * (1 + ELU(coeff * g))             (g <= 0 when suppress_only)
-    y = x W_res^T + ((x Vh^T) * S_eff) U^T        (residual crop: W_res stored in the layer)
-    y = x W^T + ((x Vh^T) * (S_eff - S)) U^T      (residual subtract: W untouched, e.g. 4/8-bit)
+    h = (x Vh^T) * S_eff
+    y = x W_res^T + h U^T        (residual crop: W_res stored in the layer)
+    y = x W^T + (h - h0) U^T     (residual subtract, h0 = (x Vh^T) * S: W untouched)
 
 Identity at init: g = 0 (or coeff = 0) gives S_eff = S, and W_res is formed from
 the stored (rounded) U, S, Vh, so W_res + U diag(S) Vh = W in any adapter dtype.

@@ -14,8 +14,8 @@ Formula (from the composition):
     Chat = orthonormal columns of c (QR)         (r, k)
     strength = sigmoid(strength_logit)           (k,) in (0, 1)
     h <- h - coeff * ((h Chat) * strength) Chat^T
-    y = x W_res^T + h U^T                        (residual crop: W_res stored in the layer)
-    y = x W^T + (h - h0) U^T                     (residual subtract, h0 = (x Vh^T) * S: W untouched)
+    y = x W_res^T + h U^T        (residual crop: W_res stored in the layer)
+    y = x W^T + (h - h0) U^T     (residual subtract, h0 = (x Vh^T) * S: W untouched)
 
 Identity at init: only with coeff = 0. strength starts at sigmoid(-2.944) = 0.05,
 not 0 (upstream also starts at 0.05), so that c gets a gradient at step 0; this removes 5%

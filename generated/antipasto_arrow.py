@@ -15,8 +15,8 @@ Formula (from the composition):
     h = (x Vh^T) * S                             (..., r) S-scaled coordinates, largest S first
     h[:b] <- h[:b] (I + coeff * M)^T             (b, b) dense block on the top-b directions
     h[b:] <- h[b:] * (1 + ELU(coeff * g))        (r - b,) bounded gain on the rest
-    y = x W_res^T + h U^T                        (residual crop: W_res stored in the layer)
-    y = x W^T + (h - h0) U^T                     (residual subtract, h0 = (x Vh^T) * S: W untouched)
+    y = x W_res^T + h U^T        (residual crop: W_res stored in the layer)
+    y = x W^T + (h - h0) U^T     (residual subtract, h0 = (x Vh^T) * S: W untouched)
 
 Identity at init: M = 0 and g = 0 (or coeff = 0) make the core I, and W_res is
 formed from the stored (rounded) U, S, Vh, so W_res + U diag(S) Vh = W.

@@ -12,8 +12,9 @@ Formula (from the composition):
     C = E[x x^T] + cov_eps I                     (non-padding calibration tokens; eps on eigenvalues)
     U S Vh = SVD(W C^1/2),  P = Vh_r C^-1/2      (fp32; W = U_r diag(S_r) P + W_res)
     S_eff = S * (1 + ELU(coeff * g))             (g <= 0 when suppress_only)
-    y = x W_res^T + ((x P^T) * S_eff) U^T        (residual crop: W_res stored in the layer)
-    y = x W^T + ((x P^T) * (S_eff - S)) U^T      (residual subtract: W untouched, e.g. 4/8-bit)
+    h = (x P^T) * S_eff
+    y = x W_res^T + h U^T        (residual crop: W_res stored in the layer)
+    y = x W^T + (h - h0) U^T     (residual subtract, h0 = (x P^T) * S: W untouched)
 
 Identity at init: g = 0 (or coeff = 0) gives S_eff = S, and W_res is formed from
 the stored (rounded) U, S, P, so W_res + U diag(S) P = W in any adapter dtype.

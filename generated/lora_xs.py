@@ -9,8 +9,9 @@ Reference implementation: none in PEFT (the paper's code keeps A = U S and B = V
 Formula (from the composition):
 
     W = U diag(S) Vh + W_res    (top-r singular directions of W, fp32)
-    y = x W_res^T + (((x Vh^T) (I + M)^T) * S) U^T    (residual crop: W_res stored in the layer)
-    y = x W^T + (((x Vh^T) M^T) * S) U^T              (residual subtract; U diag(S) M Vh is LoRA-XS's A R B)
+    h = ((x Vh^T) (I + M)^T) * S    (so U diag(S) M Vh is LoRA-XS's A R B)
+    y = x W_res^T + h U^T        (residual crop: W_res stored in the layer)
+    y = x W^T + (h - h0) U^T     (residual subtract, h0 = (x Vh^T) * S: W untouched)
 
 Identity at init: M = 0, so the added change U diag(S) M Vh is zero (residual subtract leaves W as it is).
 

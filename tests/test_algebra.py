@@ -18,7 +18,7 @@ from conftest import calibration, lm_loss, logits, make_model, token_batch
 from lora_lite.cli import main
 from lora_lite.codegen import SpecError, load_spec, render
 from lora_lite.codegen.algebra import cell_composition, cell_spec, handoff_problems, matrix, parts
-from lora_lite.codegen.spec import parse_spec, schema_path, schema_text, shipped_specs_dir
+from lora_lite.codegen.spec import parse_spec, schema_text, shipped_specs_dir
 from lora_lite.variant import MEMBERS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def test_the_runtime_reads_nothing_a_module_may_omit():
 
 
 def test_schema_enums_are_the_part_definitions():
-    text = schema_path().read_text()
+    text = (shipped_specs_dir() / "schema.json").read_text()
     assert schema_text(text) == text  # lora-lite gen rewrites them from codegen/parts
     defs = json.loads(text)["$defs"]
     assert defs["core_kind"]["enum"] == sorted(parts()["core"], key=lambda n: (n != "lowrank", n))
