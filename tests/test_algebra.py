@@ -187,3 +187,77 @@ def test_works_cell_passes_the_property_checks(row, tmp_path, monkeypatch):
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], atol=1e-6, rtol=1e-6, msg=k)
     torch.testing.assert_close(logits(model), base, atol=1e-5, rtol=1e-5)
+
+
+# Defining properties of the compositions shipped as specs (where PEFT has no such method) -----
+
+
+def _trained(name: str, steps: int = 3, **over):
+    model = make_model()
+    ll.attach(model, ll.from_spec(name, **{"r": 4, **over}), calibration_data=calibration(n=2), progress=False)
+    opt = torch.optim.AdamW(ll.trainable_parameters(model), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        lm_loss(model, token_batch(seed=3)).backward()
+        opt.step()
+    return model
+
+
+def test_lora_fa_never_changes_lora_a():
+    torch.manual_seed(0)
+    model = make_model()
+    ll.attach(model, ll.from_spec("lora_fa", r=4))
+    A0 = {n: st.module.lora_A.clone() for n, st in ll.state(model).targets.items()}
+    opt = torch.optim.AdamW(ll.trainable_parameters(model), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        lm_loss(model, token_batch(seed=3)).backward()
+        opt.step()
+    for n, st in ll.state(model).targets.items():
+        assert torch.equal(st.module.lora_A, A0[n]) and not st.module.lora_A.requires_grad
+        assert st.module.lora_B.abs().sum() > 0  # B did train
+
+
+def test_lora_xs_update_lies_in_the_span_of_the_frozen_u_and_vh():
+    model = _trained("lora_xs")
+    for name, st in ll.state(model).targets.items():
+        m = st.module
+        U, Vh = m.lora_U, m.lora_Vh  # (o, r), (r, i)
+        eye = torch.eye(m.in_features)
+        delta = m(eye) - eye @ m.weight.T - (m.bias if m.bias is not None else 0)  # (i, o) rows: the update on e_j
+        dW = delta.T.detach()  # (o, i)
+        assert dW.abs().max() > 1e-4, name
+        inside = U @ (U.T @ dW @ Vh.T) @ Vh  # projection onto span(U) x span(Vh)
+        torch.testing.assert_close(inside, dW, atol=1e-5, rtol=1e-4)
+
+
+def test_milora_takes_the_smallest_singular_directions_and_crops_them():
+    base = make_model()
+    model = make_model()
+    ll.attach(model, ll.from_spec("milora", r=4))
+    for name, st in ll.state(model).targets.items():
+        W = base.get_submodule(name).weight.detach()
+        S = torch.linalg.svdvals(W)
+        frozen = ll.state(model).variant.frozen_weight(st.module, st.cfg)
+        torch.testing.assert_close(torch.linalg.svdvals(frozen)[:4], S[-4:], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(st.module.weight + frozen, W, atol=1e-5, rtol=1e-5)  # W_res + minor part = W
+
+
+def test_antipasto_dora_is_antipasto_with_each_row_renormalised_by_its_magnitude():
+    """With m set to the row norms of the adapted weight the magnitude is a no-op: antipasto_dora
+    equals antipasto with the same gain g."""
+    torch.manual_seed(0)
+    a, b = make_model(), make_model()
+    ll.attach(a, ll.from_spec("antipasto", r=4), calibration_data=calibration(n=2), progress=False)
+    ll.attach(b, ll.from_spec("antipasto_dora", r=4), calibration_data=calibration(n=2), progress=False)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, st in ll.state(a).targets.items():
+            mb = ll.state(b).targets[name].module
+            st.module.lora_g.copy_(0.5 * torch.randn(st.module.lora_g.shape, generator=g))
+            mb.lora_g.copy_(st.module.lora_g)
+            S_eff = mb.lora_S * (1 + torch.nn.functional.elu(mb.lora_g))
+            W_adapted = mb.weight + (mb.lora_U * S_eff) @ mb.lora_Vh  # W_res + U diag(S_eff) Vh
+            mb.lora_magnitude_vector.copy_(torch.linalg.vector_norm(W_adapted, dim=1))
+    torch.testing.assert_close(logits(b), logits(a), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits(a), logits(make_model()), atol=1e-3)
