@@ -58,6 +58,20 @@ def _validate(args) -> int:
     return 1 if bad else 0
 
 
+def matrix_markdown(rows: list[dict]) -> str:
+    """The works cells as a table: a row per basis, a column per core, the modifiers that work."""
+    bases = list(dict.fromkeys(r["basis"] for r in rows))
+    cores = list(dict.fromkeys(r["core"] for r in rows))
+    cell = {}
+    for r in rows:
+        if r["status"] == "works":  # residual crop and subtract (or hook output and input) share a cell
+            cell.setdefault((r["basis"], r["core"]), {})["+".join(r["modifiers"]) or "plain"] = None
+    lines = ["| basis | " + " | ".join(cores) + " |", "|---" * (len(cores) + 1) + "|"]
+    for b in bases:
+        lines.append(f"| {b} | " + " | ".join(", ".join(cell.get((b, c), [])) or "-" for c in cores) + " |")
+    return "\n".join(lines)
+
+
 def _matrix(args) -> int:
     import json
 
@@ -68,6 +82,9 @@ def _matrix(args) -> int:
     rows = matrix(extra=[c for c in combos if len(c) > 1])
     if args.json:
         print(json.dumps(rows, indent=1))
+        return 0
+    if args.markdown:
+        print(matrix_markdown(rows))
         return 0
     for r in rows:
         mods = "+".join(r["modifiers"]) or "-"
@@ -108,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     e.set_defaults(fn=_example)
     mx = sub.add_parser("matrix", help="list every basis x core x modifiers x residual x hook cell and its status")
     mx.add_argument("--json", action="store_true", help="one JSON object per cell")
+    mx.add_argument("--markdown", action="store_true", help="the works cells as the README's table")
     mx.set_defaults(fn=_matrix)
     sub.add_parser("bench", help="train and evaluate variants on a causal LM and GSM8K (lora-lite bench --help)")
     args = parser.parse_args(argv)

@@ -261,3 +261,18 @@ def test_antipasto_dora_is_antipasto_with_each_row_renormalised_by_its_magnitude
             mb.lora_magnitude_vector.copy_(torch.linalg.vector_norm(W_adapted, dim=1))
     torch.testing.assert_close(logits(b), logits(a), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(logits(a), logits(make_model()), atol=1e-3)
+
+
+def test_readme_shows_the_matrix_and_names_every_part():
+    from lora_lite.cli import matrix_markdown
+
+    combos = [tuple(m["kind"] for m in load_spec(p).modifiers) for p in sorted(shipped_specs_dir().glob("*.yaml"))]
+    rows = matrix(extra=[c for c in combos if len(c) > 1])
+    section = (ROOT / "README.md").read_text().split("## How a variant is made", 1)[1].split("\n## ", 1)[0]
+    assert matrix_markdown(rows) in section, "README's matrix is stale: paste `lora-lite matrix --markdown`"
+    works = [r for r in rows if r["status"] == "works"]
+    distinct = len({(r["basis"], r["core"], tuple(r["modifiers"])) for r in works})
+    assert f"Of {len(rows):,} cells, {len(works)} work, in {distinct} distinct" in " ".join(section.split())
+    for axis, named in parts().items():
+        for name in named:
+            assert f"`{name}`" in section, f"README does not describe the {axis} {name!r}"
