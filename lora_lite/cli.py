@@ -49,8 +49,8 @@ def _validate(args) -> int:
         try:
             spec = load_spec(path)
             print(
-                f"{path}: ok ({spec.title}: basis={spec.basis}, core={spec.core}, residual={spec.residual}, "
-                f"hook={spec.hook})"
+                f"{path}: ok ({spec.title}: basis={spec.basis}, core={spec.core}, "
+                f"modifiers={[m['kind'] for m in spec.modifiers]}, residual={spec.residual}, hook={spec.hook})"
             )
         except SpecError as e:
             print(e, file=sys.stderr)

@@ -276,3 +276,20 @@ def test_readme_shows_the_matrix_and_names_every_part():
     for axis, named in parts().items():
         for name in named:
             assert f"`{name}`" in section, f"README does not describe the {axis} {name!r}"
+
+
+def test_dropout_modifier_drops_the_adapter_input_only_in_training_mode(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_LITE_CACHE", str(tmp_path / "cache"))
+    cell = dict(basis="none", select=None, core="lowrank", modifiers=("dropout",), residual="none", hook="output")
+    (tmp_path / "drop.yaml").write_text(yaml.safe_dump(cell_spec(cell, "drop"), sort_keys=False))
+    model = make_model()
+    ll.attach(model, ll.from_spec(tmp_path / "drop.yaml", r=4, dropout=0.5))
+    with torch.no_grad():
+        for st in ll.state(model).targets.values():
+            st.module.lora_B.normal_()
+    assert torch.equal(logits(model), logits(model))  # eval: no dropout
+    model.train()
+    assert not torch.equal(logits(model), logits(model))  # train: a fresh mask each call
+    model.eval()
+    ll.detach(model)
+    torch.testing.assert_close(logits(model), logits(make_model()))  # detach gives the base back
