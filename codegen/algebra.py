@@ -244,6 +244,7 @@ def reads(text: str) -> set[str]:
 
 
 def binds(text: str) -> set[str]:
+    """Names a fragment assigns (a basis must bind its whole hand-off)."""
     tree = ast.parse(textwrap.dedent(text) or "pass")
     return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
 
@@ -285,6 +286,7 @@ def modifier_entry(kind: str, core: Part) -> dict:
 
 
 def cell_composition(cell: dict) -> Composition:
+    """compose() for one cell, its modifiers at their default options."""
     mods = [modifier_entry(k, parts()["core"][cell["core"]]) for k in cell["modifiers"]]
     return compose(cell["basis"], cell["select"], cell["core"], mods, cell["residual"], cell["hook"])
 

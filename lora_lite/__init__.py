@@ -32,6 +32,13 @@ CONFIG_NAMES = {
     "AntiPaSTOAblateConfig": "antipasto_ablate",
     "AntiPaSTOArrowConfig": "antipasto_arrow",
     "CorDAArrowConfig": "corda_arrow",
+    "OLoRAConfig": "olora",
+    "RsLoRAConfig": "rslora",
+    "PiSSADoRAConfig": "pissa_dora",
+    "LoRAFAConfig": "lora_fa",
+    "MiLoRAConfig": "milora",
+    "LoRAXSConfig": "lora_xs",
+    "AntiPaSTODoRAConfig": "antipasto_dora",
 }
 
 
