@@ -1,47 +1,44 @@
 """Render validated specs into hook modules under generated/.
 
-    render(spec) -> str            the module text (deterministic; ast-checked)
+    render(spec) -> str            the module text (deterministic; compiled, allow-list checked)
     generate(specs_dir, out_dir)   write changed files, remove orphans; returns changed paths
     check(specs_dir, out_dir)      render in memory; returns stale/missing/orphaned paths
 
 A spec is a composition (algebra.py): each part's code fragments live in its one definition
 file, parts/<axis>/<name>.j2. Here the composition's blocks are put in order as the bodies of
 init(), forward() and frozen_weight(); templates/module.py.j2 places the finished values. Every
-spec value reaches the module through py() (a literal), every piece of prose through prose().
+spec value reaches the module through py() (safety.literal), every piece of prose through prose()
+(safety.doc_text, or safety.comment_text for a comment); render() runs safety.verify on the result.
 """
 
 from __future__ import annotations
 
-import ast
-import json
+import keyword
 import re
 import textwrap
 from pathlib import Path
 
 from .algebra import ENV, FROZEN_RESIDUALS, reads
+from .atomic import write_atomic
+from .safety import UnsafeText, comment_text, doc_text, literal, verify
 from .shapes import parse_shape_expr, to_python
-from .spec import schema_text
+from .spec import SpecError, schema_text
 
 HEADER_CMD = "just gen"  # printed in every header
 
 
 def py(value) -> str:
-    """Python literal for a spec value, double-quoted as a formatter would write it."""
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, tuple):
-        inner = ", ".join(py(v) for v in value)
-        return f"({inner},)" if len(value) == 1 else f"({inner})"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{py(k)}: {py(v)}" for k, v in value.items()) + "}"
-    return repr(value)
+    """Python literal for a spec value, quoted as ruff writes it (safety.literal: checked to read back)."""
+    return literal(value)
 
 
 def prose(text: str, comment: bool = False) -> str:
-    """Spec prose for a docstring (backslashes and triple quotes cannot occur: the schema refuses
-    them; escaped here as well) or, with comment=True, as a one-line `# ...` comment."""
-    text = text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
-    return "# " + " ".join(text.split()) if comment else text
+    """Spec prose for a docstring (safety.doc_text) or, with comment=True, a trailing `  # ...`
+    comment (safety.comment_text; "" for no text). Raises UnsafeText for text neither may hold."""
+    if comment:
+        text = comment_text(text)
+        return f"  # {text}" if text else ""
+    return doc_text(text)
 
 
 def _dict_literal(d: dict, room: int) -> str:
@@ -59,7 +56,7 @@ def _dims(shape) -> str:
 def _simple_init(p) -> list[str]:
     dims, key = _dims(p.shape).rstrip(","), f"t[{py(p.name)}]"
     short = ", ".join({"d_in": "i", "d_out": "o"}.get(s, s) for s in p.shape) + ("," if len(p.shape) == 1 else "")
-    c = "  " + prose(f"({short})", comment=True)
+    c = prose(f"({short})", comment=True)
     if p.init in ("zeros", "ones"):
         return [f"    {key} = torch.{p.init}({dims}){c}"]
     if p.init == "constant":
@@ -171,9 +168,9 @@ def context(spec, display: str) -> dict:
     cast = comp.core.meta.get("cast_input", True)
     runtime = sorted({f for p in comp.all_parts() for f in p.meta.get("runtime", ())})
     return dict(
-        source=display,
         regen=HEADER_CMD,
         docstring=_docstring(spec, comp),
+        source=comment_text(display),
         config_doc=prose(f"{spec.title} hyperparameters (defaults from {display})."),
         hook=spec.hook,
         cast=cast,
@@ -193,9 +190,12 @@ def context(spec, display: str) -> dict:
                 ("USES_BASE_WEIGHT", any(p.meta.get("base_weight") for p in comp.all_parts()), ""),
             )
         ],
-        fields=[(h.name, h.type, py(h.default), prose(h.doc, comment=True)) for h in spec.hyperparameters],
+        fields=[
+            (_identifier(h.name), PYTYPE[h.type], py(h.default), prose(h.doc, comment=True))
+            for h in spec.hyperparameters
+        ],
         params=[
-            (py(p.name), py(tuple(p.shape)), py(p.init), p.trainable, prose(p.doc, comment=True) if p.doc else "")
+            (py(p.name), py(tuple(p.shape)), py(p.init), py(p.trainable), prose(p.doc or "", comment=True))
             for p in spec.params
         ],
         shape_lines=[(py(p.name), _dims(p.shape)) for p in spec.params],
@@ -209,16 +209,30 @@ def context(spec, display: str) -> dict:
 
 
 def render(spec, display: str | None = None) -> str:
-    """Module source for `spec`. Raises SyntaxError (with the spec named) if it does not parse."""
+    """Module source for `spec`, compiled and checked against the allow-list (safety.verify).
+
+    Raises SpecError naming the spec when a value cannot be written safely (safety.UnsafeText)
+    or the module holds anything generated code may not; nothing is imported or run.
+    """
     display = display or spec.source
-    ctx = context(spec, display)
-    body = "\n".join(ctx[k] for k in ("init", "forward", "frozen"))
-    text = ENV.get_template("module.py.j2").render(**ctx, import_math=bool(re.search(r"\bmath\.", body)))
     try:
-        ast.parse(text)
-    except SyntaxError as e:
-        raise SyntaxError(f"{display}: generated code does not parse at line {e.lineno}: {e.msg}") from None
+        ctx = context(spec, display)
+        body = "\n".join(ctx[k] for k in ("init", "forward", "frozen"))
+        text = ENV.get_template("module.py.j2").render(**ctx, import_math=bool(re.search(r"\bmath\.", body)))
+        verify(text)
+    except UnsafeText as e:
+        raise SpecError([f"{display}: $: generated code refused: {e}"]) from None
     return text
+
+
+PYTYPE = {"int": "int", "float": "float", "bool": "bool"}  # a hyperparameter's type, as code
+
+
+def _identifier(name: str) -> str:
+    """A config field name as code: a public lower-case identifier (the schema's rule, checked again)."""
+    if not (name.isidentifier() and name.isascii() and name[:1].islower()) or keyword.iskeyword(name):
+        raise UnsafeText(f"{name!r} is not a plain identifier")
+    return name
 
 
 def _spec_files(specs_dir: Path) -> list[Path]:
@@ -248,7 +262,10 @@ def _render_all(specs_dir: Path) -> dict[str, str]:
 def _schema(specs_dir) -> tuple[Path, bool]:
     """specs_dir/schema.json and whether its enums differ from the part definitions."""
     schema = Path(specs_dir) / "schema.json"
-    return schema, schema.is_file() and schema_text(schema.read_text()) != schema.read_text()
+    if not schema.is_file():
+        return schema, False
+    text = schema.read_text(encoding="utf-8")
+    return schema, schema_text(text) != text
 
 
 INIT_TEXT = '''# Code generated by lora_lite.codegen. DO NOT EDIT.
@@ -263,6 +280,8 @@ class GenerateError(ValueError):
 
 def is_generated(path: Path) -> bool:
     """True for a file this compiler wrote (its first line is the DO NOT EDIT header)."""
+    if not Path(path).is_file():  # a folder, FIFO or device is never ours (and a FIFO would block)
+        return False
     try:
         with open(path, encoding="utf-8") as f:
             first = f.readline()
@@ -276,8 +295,11 @@ def generate(specs_dir: str | Path, out_dir: str | Path) -> list[Path]:
 
     Only files carrying the generated header are ever overwritten or removed: a hand-written
     file in `out_dir` with a spec's name raises GenerateError (nothing written), other
-    hand-written files are left alone. Returns the paths written or removed. Raises SpecError
-    listing every bad spec (nothing written).
+    hand-written files are left alone. Each file is written atomically (atomic.write_atomic: a
+    temporary file under an unpredictable name, then os.replace), so a concurrent reader or gen
+    sees an old or a new file, whole; a symlink at a destination is replaced, never written
+    through. The schema's enums are rewritten from the part definitions the same way. Returns
+    the paths written or removed. Raises SpecError listing every bad spec (nothing written).
     """
     out_dir = Path(out_dir)
     files = _render_all(Path(specs_dir))
@@ -290,21 +312,26 @@ def generate(specs_dir: str | Path, out_dir: str | Path) -> list[Path]:
     changed = []
     for name, text in sorted(files.items()):
         path = out_dir / name
-        if not path.exists() or path.read_text(encoding="utf-8") != text:
-            tmp = path.with_suffix(".py.tmp")
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(path)
+        if path.is_symlink() or not _holds(path, text):
+            write_atomic(path, text)  # a symlink there is replaced by the file, its target untouched
             changed.append(path)
     for path in sorted(out_dir.glob("*.py")):
         if path.name not in files and is_generated(path):
-            path.unlink()
+            path.unlink(missing_ok=True)  # a concurrent gen may have removed it first
             changed.append(path)
     if stale_schema:  # its enums come from the part definitions
-        tmp = schema.with_suffix(".json.tmp")
-        tmp.write_text(schema_text(schema.read_text()), encoding="utf-8")
-        tmp.replace(schema)
+        write_atomic(schema, schema_text(schema.read_text(encoding="utf-8")))
         changed.append(schema)
     return changed
+
+
+def _holds(path: Path, text: str) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        return path.read_text(encoding="utf-8") == text
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def check(specs_dir: str | Path, out_dir: str | Path) -> list[str]:
@@ -317,7 +344,7 @@ def check(specs_dir: str | Path, out_dir: str | Path) -> list[str]:
         path = out_dir / name
         if not path.exists():
             problems.append(f"missing: {path}")
-        elif path.read_text(encoding="utf-8") != text:
+        elif path.is_symlink() or not _holds(path, text):
             problems.append(f"stale: {path}")
     for path in sorted(out_dir.glob("*.py")):
         if path.name not in files and is_generated(path):

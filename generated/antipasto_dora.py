@@ -51,10 +51,10 @@ USES_BASE_WEIGHT = True  # the math reads W: load refuses a base whose weights d
 RUNTIME_KNOBS = ("coeff",)  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
 BOUNDS = {
-    "r": (1, None),
-    "coeff": (None, None),
+    "r": (1, 65536),
+    "coeff": (-1000.0, 1000.0),
     "suppress_only": (None, None),
-}  # (min, max) of each hyperparameter; None = unbounded
+}  # (min, max) of each hyperparameter; None for a bool
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     with torch.no_grad():  # the norm is a constant for autograd (DoRA sec. 4.3, as PEFT)
         # the adapted weight is the layer's weight plus Bf Af; its squared row norms are
         # ||W_i||^2 + 2 Bf_i . (W Af^T)_i + Bf_i (Af Af^T) Bf_i^T: W is only applied to Af's rows,
-        # never copied, so a 4/8-bit W stays quantized; ||W_i||^2 is cached
+        # never copied, so a 4/8-bit W stays quantized (its ||W_i||^2 is cached)
         Bf, Af = m.lora_U.float(), gain.float()[:, None] * m.lora_Vh.float()  # (o, r), (r, i)
         WAt = base_forward(m, Af).T  # (o, k) W Af^T by the layer's own forward, bias removed
         sq = base_row_sqnorm(m) + 2 * (WAt * Bf).sum(1) + ((Bf @ (Af @ Af.T)) * Bf).sum(1)  # (o,)

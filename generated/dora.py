@@ -20,9 +20,10 @@ Identity at init: B = 0 and m = ||W||_row, so the scale is 1 and the update zero
 
 The forward reads the base weight W (to form the norm), so a checkpoint refuses a base whose
 weights differ. W A^T comes from the layer's own forward on A's rows, in W's dtype (a 4/8-bit
-W is never dequantized into a copy, a bf16 W never copied to fp32); ||W_i||^2 is computed once
-in fp32 and cached until that weight changes (a new parameter or storage, an in-place write).
-The norm follows the current W, A and B.
+W is never dequantized into a copy, a bf16 W never copied to fp32); ||W_i||^2 is reduced in
+fp32 every call from a float W (so it follows any write to W) and cached for a 4/8-bit W
+(runtime.base_row_sqnorm says which writes that cache sees). The norm follows the current W,
+A and B.
 
 Spec: basis=none, core=lowrank, modifiers=[scale alpha_over_r, magnitude], residual=none,
 hook=output.
@@ -52,7 +53,7 @@ QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtra
 USES_BASE_WEIGHT = True  # the math reads W: load refuses a base whose weights differ
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
-BOUNDS = {"r": (1, None), "alpha": (None, None)}  # (min, max) of each hyperparameter; None = unbounded
+BOUNDS = {"r": (1, 65536), "alpha": (-1000000.0, 1000000.0)}  # (min, max) of each hyperparameter; None for a bool
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     with torch.no_grad():  # the norm is a constant for autograd (DoRA sec. 4.3, as PEFT)
         # the adapted weight is the layer's weight plus Bf Af; its squared row norms are
         # ||W_i||^2 + 2 Bf_i . (W Af^T)_i + Bf_i (Af Af^T) Bf_i^T: W is only applied to Af's rows,
-        # never copied, so a 4/8-bit W stays quantized; ||W_i||^2 is cached
+        # never copied, so a 4/8-bit W stays quantized (its ||W_i||^2 is cached)
         Bf, Af = m.lora_B.float(), s * m.lora_A.float()  # (o, r), (r, i)
         WAt = base_forward(m, Af).T  # (o, k) W Af^T by the layer's own forward, bias removed
         sq = base_row_sqnorm(m) + 2 * (WAt * Bf).sum(1) + ((Bf @ (Af @ Af.T)) * Bf).sum(1)  # (o,)

@@ -46,7 +46,7 @@ QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtra
 USES_BASE_WEIGHT = False  # the math never reads W after init
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
-BOUNDS = {"r": (1, None), "alpha": (None, None)}  # (min, max) of each hyperparameter; None = unbounded
+BOUNDS = {"r": (1, 65536), "alpha": (-1000000.0, 1000000.0)}  # (min, max) of each hyperparameter; None for a bool
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtra
 USES_BASE_WEIGHT = False  # the math never reads W after init
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ()  # hyperparameters clamped per target to min(d_in, d_out)
-BOUNDS = {}  # (min, max) of each hyperparameter; None = unbounded
+BOUNDS = {}  # (min, max) of each hyperparameter; None for a bool
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtra
 USES_BASE_WEIGHT = True  # the math reads W: load refuses a base whose weights differ
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
-BOUNDS = {"r": (1, None), "alpha": (None, None)}  # (min, max) of each hyperparameter; None = unbounded
+BOUNDS = {"r": (1, 65536), "alpha": (-1000000.0, 1000000.0)}  # (min, max) of each hyperparameter; None for a bool
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     with torch.no_grad():  # the norm is a constant for autograd (DoRA sec. 4.3, as PEFT)
         # the adapted weight is the layer's weight plus Bf Af; its squared row norms are
         # ||W_i||^2 + 2 Bf_i . (W Af^T)_i + Bf_i (Af Af^T) Bf_i^T: W is only applied to Af's rows,
-        # never copied, so a 4/8-bit W stays quantized; ||W_i||^2 is cached
+        # never copied, so a 4/8-bit W stays quantized (its ||W_i||^2 is cached)
         Bf, Af = m.lora_B.float(), s * m.lora_A.float()  # (o, r), (r, i)
         if cfg.residual == "subtract":  # W is whole: the adapted weight is W + s (B A - B0 A0)
             Bf, Af = torch.cat([Bf, m.lora_B0.float()], 1), torch.cat([Af, -s * m.lora_A0.float()])  # (o, 2r), (2r, i)
