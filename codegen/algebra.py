@@ -13,7 +13,8 @@ Jinja2 template (its code fragments, indented as function bodies). Metadata keys
     modifier  cores (what the core must have), hooks, handoffs, residuals, exclusive, replaces,
               options, hyper, tensors, base_weight, runtime; blocks formula, init, pre, scale, update, wrap
 
-`hyper` maps a name to [type, default(, runtime)]. Shapes are expressions in r, d_in, d_out,
+`hyper` maps a name to [type, default(, runtime)]; `bounds` maps each int or float one to its
+[min, max] (what a cell's spec declares; a shipped spec declares its own). Shapes are expressions in r, d_in, d_out,
 d_hook (the hooked side) and hyperparameters. compose() checks a composition and names the
 rule it breaks; matrix() lists every cell with `works` or `refused: <rule>`.
 """
@@ -294,9 +295,13 @@ def cell_composition(cell: dict) -> Composition:
 def cell_spec(cell: dict, name: str) -> dict:
     """A complete spec (as parsed YAML) for a working cell, with every tensor at its default init."""
     comp = cell_composition(cell)
-    rank = {"r": {"min": 1, "rank": True}}
+    bounds = {"r": [1, 65536]}  # the rank a basis hands over
+    for p in comp.all_parts():
+        bounds.update(p.meta.get("bounds", {}))
     hypers = {
-        n: {"type": t, "default": d, "doc": f"{n} (its part's default)", **rank.get(n, {}), **{f: True for f in flags}}
+        n: {"type": t, "default": d, "doc": f"{n} (its part's default)", **{f: True for f in flags}}
+        | ({"min": bounds[n][0], "max": bounds[n][1]} if t != "bool" else {})
+        | ({"rank": True} if n == "r" else {})
         for n, (t, d, *flags) in comp.hypers().items()
     }
     values = {n: t["value"] for n, t in comp.core.meta.get("tensors", {}).items() if "value" in t}

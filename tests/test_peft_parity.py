@@ -260,7 +260,7 @@ summary: 2x2 rotations with a learned angle and scale on pairs of output feature
 references: []
 identity: theta = 0 and alpha = 1.
 hyperparameters:
-  group_size: {type: int, default: 8, min: 2, doc: outputs per group}
+  group_size: {type: int, default: 8, min: 2, max: 65536, doc: outputs per group}
 target: {names: ['\\.q_proj$', '\\.v_proj$']}
 basis: {source: none}
 core: {kind: rotation}
