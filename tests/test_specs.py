@@ -84,7 +84,7 @@ GENERATED = {
     "huge.yaml": (_LORA + "# padding\n" * 30_000, ["huge.yaml: $: larger than 256 KiB"]),
     "many_nodes.yaml": (
         _LORA.replace("names: ['\\.q_proj$', '\\.v_proj$']", "names: [" + ", ".join(["q"] * 20_001) + "]"),
-        ["many_nodes.yaml:14: $: more than 20000 YAML nodes"],
+        ["many_nodes.yaml:12: $: more than 20000 YAML nodes"],
     ),
 }
 
