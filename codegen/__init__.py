@@ -4,16 +4,18 @@ Map of the generator (read top to bottom):
 
     spec.py      load YAML (bounded: size, aliases, depth; line numbers, duplicate keys refused)
                  -> every string and number checked (control characters, finite numbers)
-                 -> validate against specs/schema.json (jsonschema, draft 2020-12)
-                 -> semantic checks (bounds, shape expressions, tensors the core needs)
+                 -> round-one spellings read as compositions (upgrade)
+                 -> validate against specs/schema.json (jsonschema, draft 2020-12; enums from parts/)
+                 -> the composition's rules, bounds, shape expressions, then params and
+                    hyperparameters against what it reads
                  -> a frozen `Spec` dataclass
+    algebra.py   part definitions (parts/<axis>/<name>.j2: metadata + code blocks), compose()
+                 and its rules, the typed basis -> core hand-off, the matrix of cells
     shapes.py    the safe shape-expression evaluator (names, ints, + - * //)
     safety.py    the only ways spec data enters code: literal(), doc_text(), comment_text();
                  verify(): compile the module and check it against the allow-list
-    compiler.py  Spec -> template context (all branching happens here, in Python)
-                 -> Jinja2 render (StrictUndefined) from fragments in templates/
+    compiler.py  Spec -> the composition's blocks in order -> templates/module.py.j2
                  -> safety.verify -> write only if changed (atomic.py), remove orphans
-    templates/   module.py.j2 plus fragments: basis/<source>.j2, core/<kind>_*.j2
 
 Installed as `lora_lite.codegen`; the CLI entry is `lora-lite gen`.
 """

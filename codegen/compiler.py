@@ -4,97 +4,27 @@
     generate(specs_dir, out_dir)   write changed files, remove orphans; returns changed paths
     check(specs_dir, out_dir)      render in memory; returns stale/missing/orphaned paths
 
-All choices are made here in Python (which fragment, which lines); the templates only place
-finished values. Fragments live in templates/: basis/<source>.j2 computes the basis,
-core/<kind>_init_<family>.j2 turns it into adapter tensors, core/<kind>_init.j2 fills the
-tensors a spec marks `init: core` (DoRA's magnitude, HRA's paired vectors),
-core/<kind>_forward_<hook>.j2 is the hook math, core/<kind>_frozen.j2 is the part of W a
-variant with a frozen part takes over. Such a variant's forward is
-core/<kind>_forward_<hook>_frozen.j2: it serves both residual modes, crop (W holds W_res) and
-subtract (W untouched, the hook takes the frozen part out), chosen by cfg.residual at run time.
+A spec is a composition (algebra.py): each part's code fragments live in its one definition
+file, parts/<axis>/<name>.j2. Here the composition's blocks are put in order as the bodies of
+init(), forward() and frozen_weight(); templates/module.py.j2 places the finished values. Every
+spec value reaches the module through py() (safety.literal), every piece of prose through prose()
+(safety.doc_text, or safety.comment_text for a comment); render() runs safety.verify on the result.
 """
 
 from __future__ import annotations
 
 import keyword
+import re
 import textwrap
 from pathlib import Path
 
-import jinja2
-
+from .algebra import ENV, FROZEN_RESIDUALS, reads
 from .atomic import write_atomic
 from .safety import UnsafeText, comment_text, doc_text, literal, verify
 from .shapes import parse_shape_expr, to_python
-from .spec import CORES, FROZEN_RESIDUALS, SPECTRAL_INPUT, SpecError
+from .spec import SpecError, schema_text
 
-TEMPLATES = Path(__file__).parent / "templates"
 HEADER_CMD = "just gen"  # printed in every header
-
-# Bases that produce U (o, r), S (r,), Vh (r, i) share the "svd" core-init fragments.
-# "pca" produces P (r, i), the top-r principal directions of the layer's inputs.
-# "corda" produces U (o, r), S (r,) and an oblique P (r, i) in place of Vh: its own family.
-BASIS_FAMILY = {"svd": "svd", "pca": "pca", "corda": "corda"}
-# Cores that share init and frozen fragments under another name: the spectral cores all store
-# the same frozen basis (core/spectral_init_<family>.j2, core/spectral_frozen.j2).
-SHARED_FRAGMENTS = {"gain": "spectral", "ablate": "spectral", "arrow": "spectral"}
-
-_env = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-    undefined=jinja2.StrictUndefined,
-    keep_trailing_newline=True,
-    trim_blocks=True,
-    lstrip_blocks=True,
-    autoescape=False,
-)
-
-
-def _fragment(path: str) -> bool:
-    return (TEMPLATES / path).is_file()
-
-
-def fragment_names(
-    core: str, hook: str, basis: str, residual: str, own_init: bool = False, select: str | None = None
-) -> dict[str, str | None]:
-    """Which template fragments a (core, hook, basis, residual) combination uses.
-
-    own_init: the spec has tensors with `init: core` (filled by core/<kind>_init.j2).
-    select: a re-selection of the basis directions (basis/<source>_<select>.j2, e.g. svd_wanda).
-    check: core/<kind>_check.j2, when it exists, raises before any work for a config the core
-    cannot use on this layer (arrow's block >= r).
-    A residual crop or subtract means a frozen part: the forward fragment is the one with both
-    residual branches (core/<kind>_forward_<hook>_frozen.j2) and frozen_weight() is emitted.
-    """
-    family = BASIS_FAMILY.get(basis)
-    shared = SHARED_FRAGMENTS.get(core, core)
-    check = f"core/{core}_check.j2"
-    frozen = residual in FROZEN_RESIDUALS
-    return {
-        "check": check if _fragment(check) else None,
-        "core_own_init": f"core/{core}_init.j2" if own_init else None,
-        "basis": (f"basis/{basis}_{select}.j2" if select else f"basis/{basis}.j2") if family else None,
-        "core_init": f"core/{shared}_init_{family}.j2" if family else None,
-        "forward": f"core/{core}_forward_{hook}{'_frozen' if frozen else ''}.j2",
-        "frozen": f"core/{shared}_frozen.j2" if frozen else None,
-    }
-
-
-def has_fragments(
-    core: str, hook: str, basis: str, residual: str, own_init: bool = False, select: str | None = None
-) -> list[str]:
-    """Messages for each fragment the combination needs but the compiler lacks (empty = ok)."""
-    what = {
-        "core_own_init": f"init 'core' for core {core!r}",
-        "check": "",
-        "basis": f"basis {basis!r}" + (f" with select {select!r}" if select else ""),
-        "core_init": f"core {core!r} on basis {basis!r}",
-        "forward": f"core {core!r} with hook {hook!r}" + (f" and residual {residual!r}" if residual != "none" else ""),
-        "frozen": f"core {core!r} with residual {residual!r}",
-    }
-    return [
-        f"{what[k]} is not supported (no template {p})"
-        for k, p in fragment_names(core, hook, basis, residual, own_init, select).items()
-        if p and not _fragment(p)
-    ]
 
 
 def py(value) -> str:
@@ -102,10 +32,13 @@ def py(value) -> str:
     return literal(value)
 
 
-def _comment(text: str) -> str:
-    """A trailing `  # text` for a line of generated code ("" for no text), via safety.comment_text."""
-    text = comment_text(text)
-    return f"  # {text}" if text else ""
+def prose(text: str, comment: bool = False) -> str:
+    """Spec prose for a docstring (safety.doc_text) or, with comment=True, a trailing `  # ...`
+    comment (safety.comment_text; "" for no text). Raises UnsafeText for text neither may hold."""
+    if comment:
+        text = comment_text(text)
+        return f"  # {text}" if text else ""
+    return doc_text(text)
 
 
 def _dict_literal(d: dict, room: int) -> str:
@@ -116,128 +49,162 @@ def _dict_literal(d: dict, room: int) -> str:
     return "{\n" + "".join(f"    {py(k)}: {py(v)},\n" for k, v in d.items()) + "}"
 
 
-def _dims_comment(shape: tuple[str, ...]) -> str:
-    short = {"d_in": "i", "d_out": "o"}
-    return "(" + ", ".join(short.get(s, s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+def _dims(shape) -> str:
+    return ", ".join(to_python(parse_shape_expr(s), "cfg") for s in shape) + ("," if len(shape) == 1 else "")
 
 
 def _simple_init(p) -> list[str]:
-    dims = ", ".join(to_python(parse_shape_expr(s), "cfg") for s in p.shape)
-    c = _dims_comment(p.shape)
-    key = f"t[{py(p.name)}]"
-    if p.init == "zeros":
-        return [f"{key} = torch.zeros({dims})  # {c}"]
-    if p.init == "ones":
-        return [f"{key} = torch.ones({dims})  # {c}"]
+    dims, key = _dims(p.shape).rstrip(","), f"t[{py(p.name)}]"
+    short = ", ".join({"d_in": "i", "d_out": "o"}.get(s, s) for s in p.shape) + ("," if len(p.shape) == 1 else "")
+    c = prose(f"({short})", comment=True)
+    if p.init in ("zeros", "ones"):
+        return [f"    {key} = torch.{p.init}({dims}){c}"]
     if p.init == "constant":
-        return [f"{key} = torch.full(({dims},), {py(p.value)})  # {c}"]
+        return [f"    {key} = torch.full(({dims},), {py(p.value)}){c}"]
     if p.init == "kaiming_uniform":
-        return [
-            f"{key} = torch.empty({dims})  # {c}",
-            f"nn.init.kaiming_uniform_({key}, a=math.sqrt(5))  # as nn.Linear (PEFT's lora_A init)",
-        ]
-    raise AssertionError(p.init)
+        kaiming = f"    nn.init.kaiming_uniform_({key}, a=math.sqrt(5))  # as nn.Linear (PEFT's lora_A init)"
+        return [f"    {key} = torch.empty({dims}){c}", kaiming]
+    return []  # basis / core: a part's block computes it
 
 
-def _docstring(spec) -> str:
-    first = f"{spec.title}: {spec.summary}"
+def _docstring(spec, comp) -> str:
     refs = []
     for r in spec.references:
-        bits = [r.get("authors"), str(r["year"]) if "year" in r else None]
-        who = " ".join(b for b in bits if b)
-        line = f"{who}, {r['title']}" if who else r["title"]
-        if "arxiv" in r:
-            line += f", arXiv {r['arxiv']}"
+        who = " ".join(b for b in (r.get("authors"), str(r["year"]) if "year" in r else None) if b)
+        line = (f"{who}, {r['title']}" if who else r["title"]) + (f", arXiv {r['arxiv']}" if "arxiv" in r else "")
         refs.append(textwrap.fill(line + ".", width=96))
     if spec.reference_impl:
         refs.append(f"Reference implementation: {spec.reference_impl}.")
-    parts = [first, "\n".join(refs), textwrap.indent(spec.math, "    "), "Identity at init: " + spec.identity]
-    if spec.notes:
-        parts.append(spec.notes)
+    formula = [comp.basis.render("formula", **comp.ctx())]
+    formula += [p.render("formula", **comp.ctx()) for p, _ in comp.mods.values() if not p.has("wrap")]
+    if "update" not in comp.replaced():
+        formula.append(comp.core.render("formula", **comp.ctx()))
+    if comp.core.meta.get("spectral"):  # h: the core's (..., r) output on the S-scaled coordinates
+        formula.append("y = x W_res^T + h U^T        (residual crop: W_res stored in the layer)")
+        formula.append(f"y = x W^T + (h - h0) U^T     (residual subtract, h0 = (x {comp.vin}^T) * S: W untouched)")
+    formula += [p.render("formula", **comp.ctx()) for p, _ in comp.mods.values() if p.has("wrap")]
+    mods = ", ".join(k + "".join(f" {v}" for v in o.values()) for k, (_, o) in comp.mods.items())
     other = {"crop": " (or subtract: cfg.residual)", "subtract": " (or crop: cfg.residual)"}.get(spec.residual, "")
-    parts.append(
-        f"Spec: basis={spec.basis}{'+' + spec.select if spec.select else ''}, core={spec.core}, "
-        f"residual={spec.residual}{other}, hook={spec.hook}."
-    )
-    return doc_text("\n\n".join(p for p in parts if p))
+    parts = [
+        f"{spec.title}: {spec.summary}",
+        "\n".join(refs),
+        "Formula (from the composition):\n\n" + textwrap.indent("\n".join(f for f in formula if f), "    "),
+        textwrap.indent(spec.math, "    "),
+        "Identity at init: " + spec.identity,
+        spec.notes,
+        textwrap.fill(
+            f"Spec: basis={spec.basis}{'+' + comp.select if comp.select else ''}, core={spec.core}, "
+            f"modifiers=[{mods}], residual={spec.residual}{other}, hook={spec.hook}.",
+            width=96,
+        ),
+    ]
+    return prose("\n\n".join(p for p in parts if p))
 
 
-# The RESIDUAL line of a module, by the spec's residual (the default of cfg.residual).
-RESIDUAL_LINES = {
-    "none": 'RESIDUAL = "none"  # the base weight is never modified',
-    "crop": 'RESIDUAL = "crop"  # default: while attached the base weight holds W_res = W - frozen_weight()',
-    "subtract": 'RESIDUAL = "subtract"  # default: W is never modified; forward() takes frozen_weight() x out',
-}
+def _with_scale(comp, body: str) -> str:
+    """Prefix the scale rule's line when the body reads s."""
+    scale = comp.mods.get("scale")
+    if scale and "s" in reads(body):
+        return scale[0].render("scale", **comp.ctx()) + "\n" + body
+    return body
 
 
-def _quantized_line(spec) -> str:
-    if not spec.quantized_base:
-        return "QUANTIZED_BASE = False  # attach refuses bitsandbytes 4/8-bit targets"
-    if spec.residual in FROZEN_RESIDUALS:
-        return "QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work with residual subtract (crop is refused)"
-    return "QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (the hook runs on their own forward)"
+def _bodies(spec, comp) -> dict[str, str]:
+    """init(), forward() and frozen_weight() bodies, from the parts' blocks in composition order."""
+    ctx, core = comp.ctx(), comp.core
+    init = [core.render("check", **ctx)] if core.has("check") else []
+    init.append("    t = {}")
+    init += [line for p in spec.params for line in _simple_init(p)]
+    if comp.handoff != "none":
+        init.append(comp.basis.render("init", **ctx))
+        init.append(core.render(f"init_{comp.handoff}", **ctx))
+    if core.meta.get("spectral"):
+        init.append("    # frozen basis; crop removes it from W using these values as stored (adapter dtype)")
+        init.append(f'    t["lora_U"], t["lora_S"], t["lora_{comp.vin}"] = U, S, {comp.vin}  # (o, r), (r,), (r, i)')
+    elif comp.frozen:
+        init.append(core.render("init_frozen", **ctx))
+    init += [p.render("init", **ctx) for p in comp.all_parts()[1:] if p.has("init")]
+    init.append("    return t")
+    fwd = [p.render("pre", **ctx) for p, _ in comp.mods.values() if p.has("pre")]
+    fwd.append(comp.block("update"))
+    wrap = [p for p, _ in comp.mods.values() if p.has("wrap")]
+    if wrap:
+        factors = textwrap.indent(textwrap.dedent(core.render("factors", **ctx)), " " * 8)
+        fwd.append(wrap[0].render("wrap", factors=factors, **ctx))
+    elif core.meta.get("additive", True):
+        fwd.append("    return y + delta.to(y.dtype)  # (..., o)")
+    if core.meta.get("spectral"):
+        frozen = f"    return (m.lora_U.float() * m.lora_S.float()) @ m.lora_{comp.vin}.float()  # (o, i)"
+    elif comp.frozen:
+        frozen = core.render("frozen", **ctx)
+    else:
+        frozen = f"    raise ValueError({py(spec.name + ' has no frozen part (residual none)')})"
+    join = lambda xs: "\n".join(x for x in xs if x)  # noqa: E731
+    return {k: _with_scale(comp, v) for k, v in (("init", join(init)), ("forward", join(fwd)), ("frozen", frozen))}
 
 
-# The CAST_INPUT line of a module and its forward()'s docstring, by (cast_input, hook).
-CAST_LINES = {
-    (True, "output"): "CAST_INPUT = True  # the hook casts x to cfg.dtype for forward()",
-    (True, "input"): "CAST_INPUT = True  # the hook casts x to cfg.dtype for forward(), and the new input back",
-    (False, "output"): "CAST_INPUT = False  # forward() works in the layer's dtype: the hook passes x uncast",
-    (False, "input"): "CAST_INPUT = False  # forward() works in the layer's dtype: the hook casts nothing",
-}
-FORWARD_DOCS = {
-    (True, "output"): "New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output.",
-    (True, "input"): "New input of target `m`. x: (..., i) input in the adapter dtype; the hook casts back.",
-    (False, "output"): "New output of target `m`. x: (..., i) input in the layer's dtype; y: (..., o) base output.",
-    (False, "input"): "New input of target `m`. x: (..., i) input in the layer's dtype, kept in the result.",
+# The comment after each contract constant (lora_lite.Variant), by its value.
+COMMENTS = {
+    ("HOOK", "output"): "forward hook: forward() returns the layer's new output",
+    ("HOOK", "input"): "forward pre-hook: forward() returns the layer's new input",
+    ("CAST_INPUT", True): "the hook casts x to cfg.dtype for forward() (an input hook casts the result back)",
+    ("CAST_INPUT", False): "forward() works in the layer's dtype: the hook casts nothing",
+    ("RESIDUAL", "none"): "the base weight is never modified",
+    ("RESIDUAL", "crop"): "default: while attached the base weight holds W_res = W - frozen_weight()",
+    ("RESIDUAL", "subtract"): "default: W is never modified; forward() takes frozen_weight() x out",
+    ("CALIBRATION", "required"): "attach raises without calibration data",
+    ("CALIBRATION", "optional"): "calibration data refines the basis when given",
+    ("CALIBRATION", "none"): "calibration data is accepted and ignored",
+    ("QUANTIZED_BASE", False): "attach refuses bitsandbytes 4/8-bit targets",
+    ("QUANTIZED_BASE", True): "bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)",
+    ("USES_BASE_WEIGHT", True): "the math reads W: load refuses a base whose weights differ",
+    ("USES_BASE_WEIGHT", False): "the math never reads W after init",
 }
 
 
 def context(spec, display: str) -> dict:
     """Everything the module template needs, as finished strings and lists."""
-    pytype = {"int": "int", "float": "float", "bool": "bool"}
-    fields = [(_identifier(h.name), pytype[h.type], py(h.default), _comment(h.doc)) for h in spec.hyperparameters]
-    params = [(py(p.name), py(tuple(p.shape)), py(p.init), py(p.trainable), _comment(p.doc)) for p in spec.params]
-    shape_lines = [
-        (py(p.name), ", ".join(to_python(parse_shape_expr(s), "cfg") for s in p.shape) + "," * (len(p.shape) == 1))
-        for p in spec.params
-    ]
-    simple = [line for p in spec.params if p.init not in ("basis", "core") for line in _simple_init(p)]
-    own_init = any(p.init == "core" for p in spec.params)
-    frags = fragment_names(spec.core, spec.hook, spec.basis, spec.residual, own_init, spec.select)
-    base_weight = CORES[spec.core].get("base_weight")  # None | "init" | "forward"
-    cast = (CORES[spec.core].get("cast_input", True), spec.hook)
+    comp = spec.composition()
+    cast = comp.core.meta.get("cast_input", True)
+    runtime = sorted({f for p in comp.all_parts() for f in p.meta.get("runtime", ())})
     return dict(
-        source=comment_text(display),
         regen=HEADER_CMD,
-        docstring=_docstring(spec),
-        config_doc=doc_text(f"{spec.title} hyperparameters (defaults from {display})."),
-        name=py(spec.name),
-        title=py(spec.title),
+        docstring=_docstring(spec, comp),
+        source=comment_text(display),
+        config_doc=prose(f"{spec.title} hyperparameters (defaults from {display})."),
         hook=spec.hook,
-        cast_line=CAST_LINES[cast],
-        forward_doc=FORWARD_DOCS[cast],
-        residual=spec.residual,
-        residual_line=RESIDUAL_LINES[spec.residual],
-        residuals=py(FROZEN_RESIDUALS if spec.residual in FROZEN_RESIDUALS else ("none",)),
-        calibration=spec.calibration,
-        target_names=py(spec.target_names),
-        lr=py(spec.lr),
-        quantized_line=_quantized_line(spec),
-        fields=fields,
-        params=params,
-        shape_lines=shape_lines,
-        simple_init=simple,
-        frags=frags,
-        uses_base_weight=base_weight is not None,
-        runtime_imports=", ".join(CORES[spec.core].get("runtime", ())),
-        select=spec.select,
-        input_tensor=SPECTRAL_INPUT.get(spec.basis),  # spectral cores: lora_Vh, or CorDA's lora_P
-        input_name=(SPECTRAL_INPUT.get(spec.basis) or "").removeprefix("lora_"),  # Vh or P, for comments
+        cast=cast,
+        constants=[
+            (k, py(v), COMMENTS.get((k, v), what))
+            for k, v, what in (
+                ("NAME", spec.name, "the spec's name"),
+                ("TITLE", spec.title, "its title"),
+                ("HOOK", spec.hook, ""),
+                ("CAST_INPUT", cast, ""),
+                ("RESIDUAL", spec.residual, ""),
+                ("RESIDUALS", FROZEN_RESIDUALS if comp.frozen else ("none",), "the values cfg.residual may take"),
+                ("CALIBRATION", comp.calibration, ""),
+                ("TARGET_NAMES", spec.target_names, "default targets: re.search on module names"),
+                ("LR", spec.lr, "recommended AdamW learning rate"),
+                ("QUANTIZED_BASE", spec.quantized_base, ""),
+                ("USES_BASE_WEIGHT", any(p.meta.get("base_weight") for p in comp.all_parts()), ""),
+            )
+        ],
+        fields=[
+            (_identifier(h.name), PYTYPE[h.type], py(h.default), prose(h.doc, comment=True))
+            for h in spec.hyperparameters
+        ],
+        params=[
+            (py(p.name), py(tuple(p.shape)), py(p.init), py(p.trainable), prose(p.doc or "", comment=True))
+            for p in spec.params
+        ],
+        shape_lines=[(py(p.name), _dims(p.shape)) for p in spec.params],
+        runtime_imports=", ".join(runtime),
         runtime_knobs=py(tuple(h.name for h in spec.hyperparameters if h.runtime)),
         ranks=py(tuple(h.name for h in spec.hyperparameters if h.rank)),
         # 120 columns less 64 for "BOUNDS = " and the comment after it in module.py.j2
         bounds=_dict_literal({h.name: (h.min, h.max) for h in spec.hyperparameters}, room=120 - 64),
+        **_bodies(spec, comp),
     )
 
 
@@ -250,13 +217,15 @@ def render(spec, display: str | None = None) -> str:
     display = display or spec.source
     try:
         ctx = context(spec, display)
-        text = _env.get_template("module.py.j2").render(**ctx, import_math=True)
-        if "math." not in text.split("from lora_lite.config import AdapterConfig", 1)[1]:
-            text = _env.get_template("module.py.j2").render(**ctx, import_math=False)  # no unused import
+        body = "\n".join(ctx[k] for k in ("init", "forward", "frozen"))
+        text = ENV.get_template("module.py.j2").render(**ctx, import_math=bool(re.search(r"\bmath\.", body)))
         verify(text)
     except UnsafeText as e:
         raise SpecError([f"{display}: $: generated code refused: {e}"]) from None
     return text
+
+
+PYTYPE = {"int": "int", "float": "float", "bool": "bool"}  # a hyperparameter's type, as code
 
 
 def _identifier(name: str) -> str:
@@ -290,6 +259,15 @@ def _render_all(specs_dir: Path) -> dict[str, str]:
     return out
 
 
+def _schema(specs_dir) -> tuple[Path, bool]:
+    """specs_dir/schema.json and whether its enums differ from the part definitions."""
+    schema = Path(specs_dir) / "schema.json"
+    if not schema.is_file():
+        return schema, False
+    text = schema.read_text(encoding="utf-8")
+    return schema, schema_text(text) != text
+
+
 INIT_TEXT = '''# Code generated by lora_lite.codegen. DO NOT EDIT.
 # Regenerate: just gen    Check: just gen-check
 """One hook module per spec in specs/; see each module's docstring for its math."""
@@ -320,12 +298,13 @@ def generate(specs_dir: str | Path, out_dir: str | Path) -> list[Path]:
     hand-written files are left alone. Each file is written atomically (atomic.write_atomic: a
     temporary file under an unpredictable name, then os.replace), so a concurrent reader or gen
     sees an old or a new file, whole; a symlink at a destination is replaced, never written
-    through. Returns the paths written or removed. Raises SpecError listing every bad spec
-    (nothing written).
+    through. The schema's enums are rewritten from the part definitions the same way. Returns
+    the paths written or removed. Raises SpecError listing every bad spec (nothing written).
     """
     out_dir = Path(out_dir)
     files = _render_all(Path(specs_dir))
     files["__init__.py"] = INIT_TEXT
+    schema, stale_schema = _schema(specs_dir)
     clash = [str(out_dir / n) for n in sorted(files) if (out_dir / n).exists() and not is_generated(out_dir / n)]
     if clash:
         raise GenerateError(f"refusing to overwrite hand-written file(s) {', '.join(clash)}: move them or pick --out")
@@ -340,6 +319,9 @@ def generate(specs_dir: str | Path, out_dir: str | Path) -> list[Path]:
         if path.name not in files and is_generated(path):
             path.unlink(missing_ok=True)  # a concurrent gen may have removed it first
             changed.append(path)
+    if stale_schema:  # its enums come from the part definitions
+        write_atomic(schema, schema_text(schema.read_text(encoding="utf-8")))
+        changed.append(schema)
     return changed
 
 
@@ -367,4 +349,7 @@ def check(specs_dir: str | Path, out_dir: str | Path) -> list[str]:
     for path in sorted(out_dir.glob("*.py")):
         if path.name not in files and is_generated(path):
             problems.append(f"orphaned: {path}")
+    schema, stale_schema = _schema(specs_dir)
+    if stale_schema:
+        problems.append(f"stale: {schema} (enums differ from codegen/parts)")
     return problems

@@ -9,6 +9,7 @@ hyperparameters); anything else (calls, attributes, strings, `**`) is refused. N
 from __future__ import annotations
 
 import ast
+import copy
 
 _OPS = {
     ast.Add: lambda a, b: a + b,
@@ -83,10 +84,6 @@ def to_python(expr: ast.expr, prefix: str, dims: tuple[str, ...] = ("d_in", "d_o
 
     class _Rename(ast.NodeTransformer):
         def visit_Name(self, node: ast.Name) -> ast.AST:
-            if node.id in dims:
-                return node
-            return ast.Attribute(value=ast.Name(prefix, ast.Load()), attr=node.id, ctx=ast.Load())
-
-    import copy
+            return node if node.id in dims else ast.Attribute(ast.Name(prefix, ast.Load()), node.id, ast.Load())
 
     return ast.unparse(_Rename().visit(copy.deepcopy(expr)))

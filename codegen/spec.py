@@ -10,9 +10,11 @@ each refusing with SpecError before the next runs:
                      constructor: string keys only, no duplicate keys (PyYAML would keep the last)
     _value_problems  every string and number, whatever its field: no control characters or line
                      separators (safety.FORBIDDEN), finite numbers of size <= 2**53, JSON types only
-    _schema_problems the JSON Schema `specs/schema.json`: structure, types, patterns, bounds
-    _semantic_problems what a schema cannot say: defaults within min/max, shape expressions,
-                     the tensors and hyperparameters a core needs, combinations with no fragment
+    upgrade          round-one spellings read as their compositions
+    _schema_problems the JSON Schema `specs/schema.json` (enums from the parts): structure, types,
+                     patterns, bounds
+    _semantic_problems what a schema cannot say: defaults within min/max, shape expressions, the
+                     composition's rules (algebra.py), the tensors and hyperparameters it reads
 Nothing here raises anything but SpecError on bad input.
 """
 
@@ -34,68 +36,18 @@ from typing import Any
 import jsonschema
 import yaml
 
+from .algebra import Composition, compose, names, parts
 from .safety import FORBIDDEN, forbidden_char, regex_problem
 from .shapes import eval_shape_expr, names_in, parse_shape_expr
 
 # What one_line() escapes in a message: line breaks and every character spec text may not hold.
 ONE_LINE_BAD = re.compile(FORBIDDEN.pattern[:-1] + "\n]")
 
-# Fields every config has (lora_lite.config.AdapterConfig); a hyperparameter may not reuse them.
 # Config fields and methods (lora_lite.config.AdapterConfig); a hyperparameter may not shadow them.
 RESERVED = {"target_names", "layers", "dtype", "residual", "variant", "hyperparameters", "to_dict"}
-
-# What each core kind needs from the spec: tensors (name -> trainable) and hyperparameters.
-# "base_weight": where the math reads the base weight W ("init": a frozen statistic of W;
-# "forward": every call). Either makes the module say USES_BASE_WEIGHT = True, so a checkpoint
-# refuses a base whose weights differ. "runtime": helpers the forward imports from
-# lora_lite.runtime to read W (they work on float and bitsandbytes layers alike).
-# "cast_input": False when the core's forward works in the layer's dtype (IA3 casts its gain
-# to x's or y's), so the hook casts neither x nor the result (default True: x goes to cfg.dtype).
-CORES: dict[str, dict[str, Any]] = {
-    "lowrank": {
-        "tensors": {"lora_A": True, "lora_B": True},
-        "hyper": ("r", "alpha"),
-        "crop_tensors": {"lora_A0": False, "lora_B0": False},
-    },
-    "ia3": {"tensors": {"lora_ia3": True}, "hyper": (), "cast_input": False},
-    "dora": {
-        "tensors": {"lora_A": True, "lora_B": True, "lora_magnitude_vector": True},
-        "hyper": ("r", "alpha"),
-        "base_weight": "forward",
-        "runtime": ("base_forward", "base_row_sqnorm"),
-    },
-    "delora": {
-        "tensors": {"lora_A": True, "lora_B": True, "lora_lambda": True, "lora_w_norm": False},
-        "hyper": ("r", "lambda0"),
-        "base_weight": "init",
-    },
-    "hra": {"tensors": {"lora_hra_u": True}, "hyper": ("r",)},
-    # The AntiPaSTO family: "spectral" cores keep the basis frozen as lora_U (o, r), lora_S (r,)
-    # and the basis's input side (SPECTRAL_INPUT) and learn a small core between them; they
-    # hold only the top-r part of W, so they need residual crop or subtract.
-    "gain": {"tensors": {"lora_g": True}, "hyper": ("r", "coeff", "suppress_only"), "spectral": True},
-    "ablate": {
-        "tensors": {"lora_c": True, "lora_strength_logit": True},
-        "hyper": ("r", "k", "coeff"),
-        "spectral": True,
-    },
-    "arrow": {
-        "tensors": {"lora_M": True, "lora_g": True},
-        "hyper": ("r", "block", "coeff", "suppress_only"),
-        "spectral": True,
-    },
-}
-
-# Bases that leave a frozen part of W (to crop from W, or to subtract in the hook), and the
-# residual modes that handle such a part; a spec without one has residual none.
-CROPPABLE_BASES = {"svd", "corda"}
-FROZEN_RESIDUALS = ("crop", "subtract")
-# Bases that need calibration data.
-CALIBRATION = {"none": "none", "random": "none", "svd": "none", "pca": "required", "corda": "required"}
-# Hyperparameters a basis needs beyond the core's.
-BASIS_HYPER = {"corda": ("r", "cov_eps")}
-# The (r, i) input-side tensor a spectral core stores for each basis: Vh, or CorDA's oblique P.
-SPECTRAL_INPUT = {"svd": "lora_Vh", "corda": "lora_P"}
+# Round-one spellings, read as their compositions (checkpoints carry the spec text they were saved with).
+LEGACY_CORES = {"dora": ("lowrank", "magnitude"), "delora": ("lowrank", "delora"), "ia3": ("vector",)}
+LEGACY_CORES["hra"] = ("householder",)
 
 
 class SpecError(ValueError):
@@ -136,7 +88,7 @@ class Param:
 
 @dataclass(frozen=True)
 class Spec:
-    """A validated spec; `raw` is the parsed YAML (kept for checkpoints and reports)."""
+    """A validated spec; `text` is its YAML (kept for checkpoints and reports)."""
 
     name: str
     title: str
@@ -151,6 +103,7 @@ class Spec:
     basis: str
     select: str | None
     core: str
+    modifiers: tuple[dict, ...]  # [{kind, options...}] as written
     residual: str
     hook: str
     params: tuple[Param, ...]
@@ -159,25 +112,52 @@ class Spec:
     source: str  # where it was read from, for messages and the generated header
     text: str  # the YAML text itself (checkpoints carry it, so custom specs reload anywhere)
 
-    @property
-    def raw(self) -> dict:
-        return yaml.safe_load(self.text)
-
-    @property
-    def calibration(self) -> str:
-        """'none', 'optional' (used when given) or 'required'."""
-        if self.select == "wanda":
-            return "optional"
-        return CALIBRATION[self.basis]
+    def composition(self) -> Composition:
+        return compose(self.basis, self.select, self.core, list(self.modifiers), self.residual, self.hook)
 
     def hyper(self, name: str) -> Hyperparameter | None:
         return next((h for h in self.hyperparameters if h.name == name), None)
 
 
+def derived_enums() -> dict[str, list]:
+    """The schema's enums, from the part definitions (codegen/parts/)."""
+    mods = [p.meta.get("options", {}) for p in parts()["modifier"].values()]
+    return {
+        "basis_source": names("basis"),
+        "basis_select": sorted({s for p in parts()["basis"].values() for s in p.meta.get("select", ())}),
+        "core_kind": names("core"),
+        "modifier_kind": names("modifier"),
+        "modifier_rule": [r for o in mods for r in o.get("rule", ())],
+    }
+
+
+def schema_text(text: str) -> str:
+    """specs/schema.json text with each `"<enum name>": {"enum": [...]}` line set from the parts."""
+    for key, values in derived_enums().items():
+        text = re.sub(rf'("{key}": {{"enum": )\[[^\]]*\]', lambda m: m.group(1) + json.dumps(values), text)
+    return text
+
+
 @lru_cache(maxsize=1)
 def schema() -> dict:
-    """The JSON Schema every spec obeys (shipped as package data in lora_lite.specs)."""
-    return json.loads(resources.files("lora_lite.specs").joinpath("schema.json").read_text())
+    """The JSON Schema every spec obeys (shipped as package data in lora_lite.specs), enums from the parts."""
+    return json.loads(schema_text((shipped_specs_dir() / "schema.json").read_text()))
+
+
+def upgrade(data: dict) -> dict:
+    """Round-one spellings as compositions: basis random -> none, core dora -> lowrank + magnitude,
+    delora -> lowrank + delora, ia3 -> vector, hra -> householder (old checkpoints keep loading)."""
+    if not isinstance(data, dict):
+        return data
+    if isinstance(data.get("basis"), dict) and data["basis"].get("source") == "random":
+        data["basis"] = {**data["basis"], "source": "none"}
+    core = data.get("core")
+    if isinstance(core, dict) and core.get("kind") in LEGACY_CORES and "modifiers" not in data:
+        kind, *mods = LEGACY_CORES[core["kind"]]
+        data["core"] = {**core, "kind": kind}
+        if mods:
+            data["modifiers"] = [{"kind": m} for m in mods]
+    return data
 
 
 def shipped_specs_dir() -> Path:
@@ -429,9 +409,17 @@ def _schema_problems(data: Any, lines: dict, where: str) -> list[str]:
     return out
 
 
-def _semantic_problems(data: dict, lines: dict, where: str, stem: str | None) -> list[str]:
-    from .compiler import has_fragments  # the compiler knows which fragments exist
+def _same_shape(a: str, b: str, hypers: list[str]) -> bool:
+    """Symbolic equality of two shape expressions: equal at three environments of distinct primes."""
+    seeds = ((101, 103, *range(3, 200, 7)), (211, 223, *range(5, 300, 11)), (307, 311, *range(7, 400, 13)))
+    envs = [dict(zip(["d_in", "d_out", *hypers], primes)) for primes in seeds]
+    try:
+        return all(eval_shape_expr(parse_shape_expr(a), e) == eval_shape_expr(parse_shape_expr(b), e) for e in envs)
+    except (KeyError, ValueError):
+        return False
 
+
+def _semantic_problems(data: dict, lines: dict, where: str, stem: str | None) -> list[str]:
     problems: list[str] = []
 
     def bad(path, msg):
@@ -439,18 +427,6 @@ def _semantic_problems(data: dict, lines: dict, where: str, stem: str | None) ->
 
     if stem is not None and data["name"] != stem:
         bad(("name",), f"{data['name']!r} must equal the file name {stem!r}")
-    if data["residual"] in FROZEN_RESIDUALS and data["basis"]["source"] not in CROPPABLE_BASES:
-        bad(
-            ("residual",),
-            f"{data['residual']} needs a basis to {data['residual']} ({sorted(CROPPABLE_BASES)}), "
-            f"not {data['basis']['source']!r}",
-        )
-    if data["residual"] == "none" and data["basis"]["source"] in CROPPABLE_BASES:
-        bad(
-            ("residual",),
-            f"basis {data['basis']['source']!r} puts W's top-r part into the adapter; residual none would "
-            "count it twice (not identity at init): use crop or subtract",
-        )
     hypers = data["hyperparameters"]
     for name, h in hypers.items():
         p = ("hyperparameters", name)
@@ -478,58 +454,6 @@ def _semantic_problems(data: dict, lines: dict, where: str, stem: str | None) ->
             bad(p + ("default",), f"{d!r} is above max {h['max']}")
         if h.get("rank") and h["type"] != "int":
             bad(p + ("rank",), "only an int hyperparameter can be a rank")
-    core = CORES[data["core"]["kind"]]
-    for name in core["hyper"]:
-        if name not in hypers:
-            bad(("hyperparameters",), f"core {data['core']['kind']!r} needs hyperparameter {name!r}")
-    basis = data["basis"]["source"]
-    for name in BASIS_HYPER.get(basis, ()) + (("r",) if data["basis"].get("select") else ()):
-        if name not in hypers and name not in core["hyper"]:
-            bad(("hyperparameters",), f"basis {basis!r} needs hyperparameter {name!r}")
-    env = {n: h["default"] for n, h in hypers.items() if h["type"] == "int"}
-    env.update(d_in=64, d_out=48)
-    for name, p in data["params"].items():
-        path = ("params", name)
-        for i, expr in enumerate(p["shape"]):
-            try:
-                tree = parse_shape_expr(expr)
-                unknown = [n for n in names_in(tree) if n not in env]
-                if unknown:
-                    bad(
-                        path + ("shape", i),
-                        f"unknown name {unknown[0]!r} in {expr!r} "
-                        f"(known: d_in, d_out and int hyperparameters {sorted(set(env) - {'d_in', 'd_out'})})",
-                    )
-                elif not 1 <= (size := eval_shape_expr(tree, env)) <= MAX_DIM:
-                    bad(path + ("shape", i), f"{expr!r} is {size} with the defaults; a size is in [1, 2**31]")
-            except ValueError as e:
-                bad(path + ("shape", i), f"bad shape expression: {e}")
-        if p["init"] == "constant" and "value" not in p:
-            bad(path + ("init",), "init 'constant' needs a 'value'")
-        if p["init"] == "basis" and data["basis"]["source"] in ("none", "random"):
-            bad(path + ("init",), f"init 'basis' needs a data or SVD basis, not {data['basis']['source']!r}")
-    needed = dict(core["tensors"])
-    if data["residual"] in FROZEN_RESIDUALS:
-        needed.update(core.get("crop_tensors", {}))
-    if core.get("spectral"):
-        needed.update({"lora_U": False, "lora_S": False, SPECTRAL_INPUT.get(basis, "lora_Vh"): False})
-        if basis not in SPECTRAL_INPUT:
-            bad(("basis", "source"), f"core {data['core']['kind']!r} needs an SVD-like basis {sorted(SPECTRAL_INPUT)}")
-        if data["residual"] not in FROZEN_RESIDUALS:
-            bad(
-                ("residual",),
-                f"core {data['core']['kind']!r} holds only the top-r part of W; it needs residual: crop or subtract",
-            )
-    for name, trainable in needed.items():
-        if name not in data["params"]:
-            bad(("params",), f"core {data['core']['kind']!r} needs tensor {name!r}")
-        elif data["params"][name].get("trainable", True) != trainable:
-            bad(
-                ("params", name, "trainable"),
-                f"core {data['core']['kind']!r} needs it {'trainable' if trainable else 'frozen'}",
-            )
-    if data["basis"].get("select") and data["basis"]["source"] != "svd":
-        bad(("basis", "select"), "select: wanda re-selects SVD directions; it needs source: svd")
     for i, rx in enumerate(data["target"]["names"]):
         try:
             re.compile(rx)
@@ -538,17 +462,57 @@ def _semantic_problems(data: dict, lines: dict, where: str, stem: str | None) ->
             continue
         if problem := regex_problem(rx):
             bad(("target", "names", i), f"regex {rx!r}: {problem}")
-    own_init = any(p["init"] == "core" for p in data["params"].values())
-    missing = has_fragments(
-        data["core"]["kind"],
-        data["hook"],
-        data["basis"]["source"],
-        data["residual"],
-        own_init=own_init,
-        select=data["basis"].get("select"),
-    )
-    for what in missing:
-        bad(("core", "kind"), what)
+    b, mods = data["basis"], data.get("modifiers", [])
+    comp = compose(b["source"], b.get("select"), data["core"]["kind"], mods, data["residual"], data["hook"])
+    for path, rule, msg in comp.problems:
+        bad(path, f"{msg} (rule {rule})")
+    if comp.problems:
+        return problems
+    need = comp.hypers()
+    env = {n: h["default"] for n, h in hypers.items() if h["type"] == "int"}
+    env.update(d_in=64, d_out=48)
+    used = set(need)
+    for name, p in data["params"].items():
+        path = ("params", name)
+        for i, expr in enumerate(p["shape"]):
+            try:
+                tree = parse_shape_expr(expr)
+                unknown = [n for n in names_in(tree) if n not in env]
+                used.update(names_in(tree))
+                known = f"known: d_in, d_out and int hyperparameters {sorted(set(env) - {'d_in', 'd_out'})}"
+                if unknown:
+                    bad(path + ("shape", i), f"unknown name {unknown[0]!r} in {expr!r} ({known})")
+                elif not 1 <= (size := eval_shape_expr(tree, env)) <= MAX_DIM:
+                    bad(path + ("shape", i), f"{expr!r} is {size} with the defaults; a size is in [1, 2**31]")
+            except ValueError as e:
+                bad(path + ("shape", i), f"bad shape expression: {e}")
+        if p["init"] == "constant" and "value" not in p:
+            bad(path + ("init",), "init 'constant' needs a 'value'")
+    where_from = f"core {comp.core.name!r} on basis {comp.basis.name!r}"
+    for name, (shape, trainable, inits) in comp.tensors().items():
+        p = data["params"].get(name)
+        if p is None:
+            bad(("params",), f"{where_from} needs tensor {name!r} (shape {list(shape)}) (rule missing-param)")
+            continue
+        s = [str(x) for x in p["shape"]]
+        if len(s) != len(shape) or not all(_same_shape(x, y, sorted(hypers)) for x, y in zip(s, shape)):
+            bad(("params", name, "shape"), f"{s} differs from {list(shape)} that {where_from} reads (rule shape)")
+        if p.get("trainable", True) != trainable:
+            bad(("params", name, "trainable"), f"the composition needs it {'trainable' if trainable else 'frozen'}")
+        if p["init"] not in inits:
+            why = "the basis sets it" if inits == ("basis",) else f"allowed: {list(inits)}"
+            bad(("params", name, "init"), f"init {p['init']!r} for {name}: {why} (rule init)")
+    for name in data["params"]:
+        if name not in comp.tensors():
+            bad(("params", name), f"{where_from} never reads {name!r} (rule unused-param)")
+    for name, (typ, *_rest) in need.items():
+        if name not in hypers:
+            bad(("hyperparameters",), f"the composition needs hyperparameter {name!r} ({typ}) (rule missing-hyper)")
+        elif hypers[name]["type"] != typ:
+            bad(("hyperparameters", name, "type"), f"{name} is a {typ} (rule hyper-type)")
+    for name in hypers:
+        if name not in used:
+            bad(("hyperparameters", name), f"the composition has no use for {name!r} (rule unused-hyper)")
     return problems
 
 
@@ -560,6 +524,7 @@ def parse_spec(text: str, where: str = "<spec>", stem: str | None = None) -> Spe
     problems = _value_problems(data, lines, where)
     if problems:
         raise SpecError(problems)
+    data = upgrade(data)
     problems = _schema_problems(data, lines, where)
     if problems:
         raise SpecError(problems)
@@ -580,9 +545,7 @@ def parse_spec(text: str, where: str = "<spec>", stem: str | None = None) -> Spe
         for n, h in data["hyperparameters"].items()
     )
     params = tuple(
-        Param(
-            n, tuple(str(s) for s in p["shape"]), p["init"], p.get("trainable", True), p.get("value"), p.get("doc", "")
-        )
+        Param(n, tuple(map(str, p["shape"])), p["init"], p.get("trainable", True), p.get("value"), p.get("doc", ""))
         for n, p in data["params"].items()
     )
     return Spec(
@@ -591,7 +554,7 @@ def parse_spec(text: str, where: str = "<spec>", stem: str | None = None) -> Spe
         summary=data["summary"],
         references=tuple(data["references"]),
         reference_impl=data.get("reference_impl", ""),
-        math=data["math"].rstrip(),
+        math=data.get("math", "").rstrip(),
         identity=data["identity"].rstrip(),
         notes=data.get("notes", "").rstrip(),
         hyperparameters=hypers,
@@ -599,6 +562,7 @@ def parse_spec(text: str, where: str = "<spec>", stem: str | None = None) -> Spe
         basis=data["basis"]["source"],
         select=data["basis"].get("select"),
         core=data["core"]["kind"],
+        modifiers=tuple(data.get("modifiers", ())),
         residual=data["residual"],
         hook=data["hook"],
         params=params,

@@ -7,13 +7,15 @@ Sun et al. 2023, A Simple and Effective Pruning Approach for Large Language Mode
 arXiv 2306.11695.
 Reference implementation: wassname/lora-lite src/lora_lite/variants/antipasto.py (no PEFT equivalent).
 
-    W = U diag(S) Vh + W_res                     (top-r SVD of W in fp32; W_res stays in the layer)
+Formula (from the composition):
+
+    W = U diag(S) Vh + W_res    (Wanda-selected r singular directions of W, fp32)
+        with calibration data the r directions are re-selected among all min(d_in, d_out) by
+        S_k * rms(X Vh_k^T) = S_k * sqrt(Vh_k C Vh_k^T), C = E[x x^T], and kept in S order
     S_eff = S * (1 + ELU(coeff * g))             (g <= 0 when suppress_only)
-    y = x W_res^T + ((x Vh^T) * S_eff) U^T       (residual crop: W_res stored in the layer)
-    y = x W^T + ((x Vh^T) * (S_eff - S)) U^T     (residual subtract: W untouched, e.g. 4/8-bit)
-    With calibration data the r directions are re-selected among all min(d_in, d_out) by the
-    Wanda-style score S_k * rms(X Vh_k^T) = S_k * sqrt(Vh_k C Vh_k^T), C = E[x x^T], and kept in
-    S order.
+    h = (x Vh^T) * S_eff
+    y = x W_res^T + h U^T        (residual crop: W_res stored in the layer)
+    y = x W^T + (h - h0) U^T     (residual subtract, h0 = (x Vh^T) * S: W untouched)
 
 Identity at init: g = 0 (or coeff = 0) gives S_eff = S, and W_res is formed from
 the stored (rounded) U, S, Vh, so W_res + U diag(S) Vh = W in any adapter dtype.
@@ -25,7 +27,8 @@ the gain on one singular direction of W. coeff is a runtime knob (ll.set_coeff):
 adapter off, -1 inverts a learned steer. With suppress_only a g pushed above 0 gets no
 gradient (it acts as 0, as a projected step would leave it).
 
-Spec: basis=svd+wanda, core=gain, residual=crop (or subtract: cfg.residual), hook=output.
+Spec: basis=svd+wanda, core=gain, modifiers=[], residual=crop (or subtract: cfg.residual),
+hook=output.
 """
 
 from __future__ import annotations
@@ -37,16 +40,17 @@ from torch import Tensor, nn
 
 from lora_lite.config import AdapterConfig
 
-NAME = "antipasto"
-TITLE = "AntiPaSTO"
+NAME = "antipasto"  # the spec's name
+TITLE = "AntiPaSTO"  # its title
 HOOK = "output"  # forward hook: forward() returns the layer's new output
-CAST_INPUT = True  # the hook casts x to cfg.dtype for forward()
+CAST_INPUT = True  # the hook casts x to cfg.dtype for forward() (an input hook casts the result back)
 RESIDUAL = "crop"  # default: while attached the base weight holds W_res = W - frozen_weight()
 RESIDUALS = ("crop", "subtract")  # the values cfg.residual may take
 CALIBRATION = "optional"  # calibration data refines the basis when given
 TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.005  # recommended AdamW learning rate
-QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work with residual subtract (crop is refused)
+QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)
+USES_BASE_WEIGHT = False  # the math never reads W after init
 RUNTIME_KNOBS = ("coeff",)  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
 BOUNDS = {
@@ -96,7 +100,7 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
     d_out, d_in = W.shape
     t = {}
     t["lora_g"] = torch.zeros(cfg.r)  # (r,)
-    # basis: full SVD of W in fp32; signs made canonical (largest |entry| of each U column > 0)
+    # basis: SVD of W in fp32; signs made canonical (largest |entry| of each U column > 0)
     # so the result does not depend on the LAPACK build
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # (o, n), (n,), (n, i); n = min(o, i)
     sign = torch.where(U.gather(0, U.abs().argmax(0, keepdim=True)) < 0, -1.0, 1.0)  # (1, n)
@@ -110,7 +114,7 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
         rms = ((Vh @ stats["second_moment"]) * Vh).sum(1).clamp_min(0.0).sqrt()  # (n,)
         keep = (S * rms).topk(cfg.r).indices.sort().values  # (r,) best r by score, kept in S order
     U, S, Vh = U[:, keep], S[keep], Vh[keep]  # (o, r), (r,), (r, i)
-    # frozen basis; crop removes U diag(S) Vh from W using these values as stored (adapter dtype)
+    # frozen basis; crop removes it from W using these values as stored (adapter dtype)
     t["lora_U"], t["lora_S"], t["lora_Vh"] = U, S, Vh  # (o, r), (r,), (r, i)
     return t
 
@@ -123,7 +127,8 @@ def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     # subtract: y = x W^T (+ bias) is whole, add only the change U (S_eff - S) Vh x (0 at init)
     gain = S_eff - m.lora_S if cfg.residual == "subtract" else S_eff  # (r,)
     h = (x @ m.lora_Vh.T) * gain  # (..., r)
-    return y + (h @ m.lora_U.T).to(y.dtype)  # (..., o)
+    delta = h @ m.lora_U.T  # (..., o)
+    return y + delta.to(y.dtype)  # (..., o)
 
 
 def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
@@ -131,6 +136,6 @@ def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
 
     residual crop: attach and load crop the base weight to W_res = W - frozen_weight(); detach
     adds it back. residual subtract: W is never modified; forward() takes this part out of the
-    output in factored form, without forming the (o, i) matrix.
+    output in factored form, without forming the (o, i) matrix. Raises ValueError without one.
     """
     return (m.lora_U.float() * m.lora_S.float()) @ m.lora_Vh.float()  # (o, i)

@@ -7,13 +7,15 @@ Arditi et al. 2024, Refusal in Language Models Is Mediated by a Single Direction
 2406.11717.
 Reference implementation: wassname/lora-lite src/lora_lite/variants/antipasto_ablate.py (no PEFT equivalent).
 
-    W = U diag(S) Vh + W_res                     (top-r SVD of W in fp32)
+Formula (from the composition):
+
+    W = U diag(S) Vh + W_res    (top-r singular directions of W, fp32)
     h = (x Vh^T) * S                             (..., r) S-scaled coordinates
     Chat = orthonormal columns of c (QR)         (r, k)
     strength = sigmoid(strength_logit)           (k,) in (0, 1)
     h <- h - coeff * ((h Chat) * strength) Chat^T
-    y = x W_res^T + h U^T                        (residual crop: W_res stored in the layer)
-    y = x W^T + (h - h0) U^T                     (residual subtract, h0 = (x Vh^T) * S: W untouched)
+    y = x W_res^T + h U^T        (residual crop: W_res stored in the layer)
+    y = x W^T + (h - h0) U^T     (residual subtract, h0 = (x Vh^T) * S: W untouched)
 
 Identity at init: only with coeff = 0. strength starts at sigmoid(-2.944) = 0.05,
 not 0 (upstream also starts at 0.05), so that c gets a gradient at step 0; this removes 5%
@@ -25,7 +27,8 @@ the trainable form of directional ablation. coeff < 0 adds the directions back a
 Upstream clamps strength to [0, 1]; the sigmoid here is smooth and never stuck at a bound.
 c starts uniform in +-1/sqrt(k) per entry (random directions; only its span matters).
 
-Spec: basis=svd, core=ablate, residual=crop (or subtract: cfg.residual), hook=output.
+Spec: basis=svd+top, core=ablate, modifiers=[], residual=crop (or subtract: cfg.residual),
+hook=output.
 """
 
 from __future__ import annotations
@@ -38,16 +41,17 @@ from torch import Tensor, nn
 
 from lora_lite.config import AdapterConfig
 
-NAME = "antipasto_ablate"
-TITLE = "AntiPaSTO-ablate"
+NAME = "antipasto_ablate"  # the spec's name
+TITLE = "AntiPaSTO-ablate"  # its title
 HOOK = "output"  # forward hook: forward() returns the layer's new output
-CAST_INPUT = True  # the hook casts x to cfg.dtype for forward()
+CAST_INPUT = True  # the hook casts x to cfg.dtype for forward() (an input hook casts the result back)
 RESIDUAL = "crop"  # default: while attached the base weight holds W_res = W - frozen_weight()
 RESIDUALS = ("crop", "subtract")  # the values cfg.residual may take
 CALIBRATION = "none"  # calibration data is accepted and ignored
 TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.005  # recommended AdamW learning rate
-QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work with residual subtract (crop is refused)
+QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)
+USES_BASE_WEIGHT = False  # the math never reads W after init
 RUNTIME_KNOBS = ("coeff",)  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
 BOUNDS = {
@@ -103,13 +107,13 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
     t["lora_c"] = torch.empty(cfg.r, cfg.k)  # (r, k)
     nn.init.kaiming_uniform_(t["lora_c"], a=math.sqrt(5))  # as nn.Linear (PEFT's lora_A init)
     t["lora_strength_logit"] = torch.full((cfg.k,), -2.944439)  # (k,)
-    # basis: top-r SVD of W in fp32; signs made canonical (largest |entry| of each U column > 0)
+    # basis: SVD of W in fp32; signs made canonical (largest |entry| of each U column > 0)
     # so the result does not depend on the LAPACK build
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # (o, n), (n,), (n, i); n = min(o, i)
     sign = torch.where(U.gather(0, U.abs().argmax(0, keepdim=True)) < 0, -1.0, 1.0)  # (1, n)
     U, Vh = U * sign, Vh * sign.T
-    U, S, Vh = U[:, : cfg.r], S[: cfg.r], Vh[: cfg.r]  # (o, r), (r,), (r, i)
-    # frozen basis; crop removes U diag(S) Vh from W using these values as stored (adapter dtype)
+    U, S, Vh = U[:, : cfg.r], S[: cfg.r], Vh[: cfg.r]  # (o, r), (r,), (r, i) the top-r
+    # frozen basis; crop removes it from W using these values as stored (adapter dtype)
     t["lora_U"], t["lora_S"], t["lora_Vh"] = U, S, Vh  # (o, r), (r,), (r, i)
     return t
 
@@ -127,7 +131,8 @@ def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     # crop: y = x W_res^T (+ bias) lacks the top-r part, add (h0 + d) U^T;
     # subtract: y = x W^T (+ bias) is whole, add only the change d U^T
     h = d if cfg.residual == "subtract" else h0 + d  # (..., r)
-    return y + (h @ m.lora_U.T).to(y.dtype)  # (..., o)
+    delta = h @ m.lora_U.T  # (..., o)
+    return y + delta.to(y.dtype)  # (..., o)
 
 
 def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
@@ -135,6 +140,6 @@ def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
 
     residual crop: attach and load crop the base weight to W_res = W - frozen_weight(); detach
     adds it back. residual subtract: W is never modified; forward() takes this part out of the
-    output in factored form, without forming the (o, i) matrix.
+    output in factored form, without forming the (o, i) matrix. Raises ValueError without one.
     """
     return (m.lora_U.float() * m.lora_S.float()) @ m.lora_Vh.float()  # (o, i)

@@ -7,12 +7,16 @@ Sun et al. 2023, A Simple and Effective Pruning Approach for Large Language Mode
 arXiv 2306.11695.
 Reference implementation: wassname/lora-lite src/lora_lite/variants/antipasto_arrow.py (no PEFT equivalent).
 
-    W = U diag(S) Vh + W_res                     (top-r SVD of W in fp32, Wanda re-selection as AntiPaSTO)
+Formula (from the composition):
+
+    W = U diag(S) Vh + W_res    (Wanda-selected r singular directions of W, fp32)
+        with calibration data the r directions are re-selected among all min(d_in, d_out) by
+        S_k * rms(X Vh_k^T) = S_k * sqrt(Vh_k C Vh_k^T), C = E[x x^T], and kept in S order
     h = (x Vh^T) * S                             (..., r) S-scaled coordinates, largest S first
     h[:b] <- h[:b] (I + coeff * M)^T             (b, b) dense block on the top-b directions
-    h[b:] <- h[b:] * (1 + ELU(coeff * g))        (r - b,) AntiPaSTO's gain on the rest
-    y = x W_res^T + h U^T                        (residual crop: W_res stored in the layer)
-    y = x W^T + (h - h0) U^T                     (residual subtract, h0 = (x Vh^T) * S: W untouched)
+    h[b:] <- h[b:] * (1 + ELU(coeff * g))        (r - b,) bounded gain on the rest
+    y = x W_res^T + h U^T        (residual crop: W_res stored in the layer)
+    y = x W^T + (h - h0) U^T     (residual subtract, h0 = (x Vh^T) * S: W untouched)
 
 Identity at init: M = 0 and g = 0 (or coeff = 0) make the core I, and W_res is
 formed from the stored (rounded) U, S, Vh, so W_res + U diag(S) Vh = W.
@@ -23,7 +27,8 @@ parameters. The arrow spends b^2 + (r - b) instead: full mixing where S is large
 gain elsewhere (b = 8, r = 256: 312 per layer). The block grows linearly in M, so unlike the
 tail it is not bounded. Needs 1 <= block < r. suppress_only clamps only the tail's g.
 
-Spec: basis=svd+wanda, core=arrow, residual=crop (or subtract: cfg.residual), hook=output.
+Spec: basis=svd+wanda, core=arrow, modifiers=[], residual=crop (or subtract: cfg.residual),
+hook=output.
 """
 
 from __future__ import annotations
@@ -35,16 +40,17 @@ from torch import Tensor, nn
 
 from lora_lite.config import AdapterConfig
 
-NAME = "antipasto_arrow"
-TITLE = "AntiPaSTO-arrow"
+NAME = "antipasto_arrow"  # the spec's name
+TITLE = "AntiPaSTO-arrow"  # its title
 HOOK = "output"  # forward hook: forward() returns the layer's new output
-CAST_INPUT = True  # the hook casts x to cfg.dtype for forward()
+CAST_INPUT = True  # the hook casts x to cfg.dtype for forward() (an input hook casts the result back)
 RESIDUAL = "crop"  # default: while attached the base weight holds W_res = W - frozen_weight()
 RESIDUALS = ("crop", "subtract")  # the values cfg.residual may take
 CALIBRATION = "optional"  # calibration data refines the basis when given
 TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.005  # recommended AdamW learning rate
-QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work with residual subtract (crop is refused)
+QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)
+USES_BASE_WEIGHT = False  # the math never reads W after init
 RUNTIME_KNOBS = ("coeff",)  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
 BOUNDS = {
@@ -101,7 +107,7 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
     t = {}
     t["lora_M"] = torch.zeros(cfg.block, cfg.block)  # (block, block)
     t["lora_g"] = torch.zeros(cfg.r - cfg.block)  # (r - block,)
-    # basis: full SVD of W in fp32; signs made canonical (largest |entry| of each U column > 0)
+    # basis: SVD of W in fp32; signs made canonical (largest |entry| of each U column > 0)
     # so the result does not depend on the LAPACK build
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # (o, n), (n,), (n, i); n = min(o, i)
     sign = torch.where(U.gather(0, U.abs().argmax(0, keepdim=True)) < 0, -1.0, 1.0)  # (1, n)
@@ -115,7 +121,7 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
         rms = ((Vh @ stats["second_moment"]) * Vh).sum(1).clamp_min(0.0).sqrt()  # (n,)
         keep = (S * rms).topk(cfg.r).indices.sort().values  # (r,) best r by score, kept in S order
     U, S, Vh = U[:, keep], S[keep], Vh[keep]  # (o, r), (r,), (r, i)
-    # frozen basis; crop removes U diag(S) Vh from W using these values as stored (adapter dtype)
+    # frozen basis; crop removes it from W using these values as stored (adapter dtype)
     t["lora_U"], t["lora_S"], t["lora_Vh"] = U, S, Vh  # (o, r), (r,), (r, i)
     return t
 
@@ -132,7 +138,8 @@ def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     # crop: y = x W_res^T (+ bias) lacks the top-r part, add (h0 + d) U^T;
     # subtract: y = x W^T (+ bias) is whole, add only the change d U^T (0 at init: M = 0, g = 0)
     h = d if cfg.residual == "subtract" else h0 + d  # (..., r)
-    return y + (h @ m.lora_U.T).to(y.dtype)  # (..., o)
+    delta = h @ m.lora_U.T  # (..., o)
+    return y + delta.to(y.dtype)  # (..., o)
 
 
 def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
@@ -140,6 +147,6 @@ def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
 
     residual crop: attach and load crop the base weight to W_res = W - frozen_weight(); detach
     adds it back. residual subtract: W is never modified; forward() takes this part out of the
-    output in factored form, without forming the (o, i) matrix.
+    output in factored form, without forming the (o, i) matrix. Raises ValueError without one.
     """
     return (m.lora_U.float() * m.lora_S.float()) @ m.lora_Vh.float()  # (o, i)

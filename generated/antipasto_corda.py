@@ -7,13 +7,14 @@ Yang et al. 2024, CorDA: Context-Oriented Decomposition Adaptation of Large Lang
 arXiv 2406.05223.
 Reference implementation: wassname/lora-lite src/lora_lite/variants/antipasto_corda.py (PEFT has the W C form).
 
+Formula (from the composition):
+
     C = E[x x^T] + cov_eps I                     (non-padding calibration tokens; eps on eigenvalues)
-    U S Vh = SVD(W C^1/2)                        (fp32; top-r best for inputs with second moment C)
-    P = Vh_r C^-1/2                              (r, d_in) oblique input projector; P C^1/2 = Vh_r
-    W = U_r diag(S_r) P + W_res
+    U S Vh = SVD(W C^1/2),  P = Vh_r C^-1/2      (fp32; W = U_r diag(S_r) P + W_res)
     S_eff = S * (1 + ELU(coeff * g))             (g <= 0 when suppress_only)
-    y = x W_res^T + ((x P^T) * S_eff) U^T        (residual crop: W_res stored in the layer)
-    y = x W^T + ((x P^T) * (S_eff - S)) U^T      (residual subtract: W untouched, e.g. 4/8-bit)
+    h = (x P^T) * S_eff
+    y = x W_res^T + h U^T        (residual crop: W_res stored in the layer)
+    y = x W^T + (h - h0) U^T     (residual subtract, h0 = (x P^T) * S: W untouched)
 
 Identity at init: g = 0 (or coeff = 0) gives S_eff = S, and W_res is formed from
 the stored (rounded) U, S, P, so W_res + U diag(S) P = W in any adapter dtype.
@@ -26,7 +27,8 @@ singular values differ (here S_k is the gain under inputs whitened by C). Only P
 as upstream: it assumes activations of order 1 (raise it for larger ones). Needs at least
 d_in non-padding calibration tokens per target, so C is full rank before damping.
 
-Spec: basis=corda, core=gain, residual=crop (or subtract: cfg.residual), hook=output.
+Spec: basis=corda, core=gain, modifiers=[], residual=crop (or subtract: cfg.residual),
+hook=output.
 """
 
 from __future__ import annotations
@@ -38,16 +40,17 @@ from torch import Tensor, nn
 
 from lora_lite.config import AdapterConfig
 
-NAME = "antipasto_corda"
-TITLE = "AntiPaSTO-CorDA"
+NAME = "antipasto_corda"  # the spec's name
+TITLE = "AntiPaSTO-CorDA"  # its title
 HOOK = "output"  # forward hook: forward() returns the layer's new output
-CAST_INPUT = True  # the hook casts x to cfg.dtype for forward()
+CAST_INPUT = True  # the hook casts x to cfg.dtype for forward() (an input hook casts the result back)
 RESIDUAL = "crop"  # default: while attached the base weight holds W_res = W - frozen_weight()
 RESIDUALS = ("crop", "subtract")  # the values cfg.residual may take
 CALIBRATION = "required"  # attach raises without calibration data
 TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.005  # recommended AdamW learning rate
-QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work with residual subtract (crop is refused)
+QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)
+USES_BASE_WEIGHT = False  # the math never reads W after init
 RUNTIME_KNOBS = ("coeff",)  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
 BOUNDS = {
@@ -114,7 +117,7 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
     U, Vh = U * sign, Vh * sign.T  # canonical signs: the largest |entry| of each U column > 0
     U, S = U[:, : cfg.r], S[: cfg.r]  # (o, r), (r,)
     P = Vh[: cfg.r] @ C_inv_half  # (r, i) oblique input projector: W = U diag(S) P + W_res
-    # frozen basis; crop removes U diag(S) P from W using these values as stored (adapter dtype)
+    # frozen basis; crop removes it from W using these values as stored (adapter dtype)
     t["lora_U"], t["lora_S"], t["lora_P"] = U, S, P  # (o, r), (r,), (r, i)
     return t
 
@@ -127,7 +130,8 @@ def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     # subtract: y = x W^T (+ bias) is whole, add only the change U (S_eff - S) P x (0 at init)
     gain = S_eff - m.lora_S if cfg.residual == "subtract" else S_eff  # (r,)
     h = (x @ m.lora_P.T) * gain  # (..., r)
-    return y + (h @ m.lora_U.T).to(y.dtype)  # (..., o)
+    delta = h @ m.lora_U.T  # (..., o)
+    return y + delta.to(y.dtype)  # (..., o)
 
 
 def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
@@ -135,6 +139,6 @@ def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
 
     residual crop: attach and load crop the base weight to W_res = W - frozen_weight(); detach
     adds it back. residual subtract: W is never modified; forward() takes this part out of the
-    output in factored form, without forming the (o, i) matrix.
+    output in factored form, without forming the (o, i) matrix. Raises ValueError without one.
     """
     return (m.lora_U.float() * m.lora_S.float()) @ m.lora_P.float()  # (o, i)

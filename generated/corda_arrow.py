@@ -7,13 +7,15 @@ Yang et al. 2024, CorDA: Context-Oriented Decomposition Adaptation of Large Lang
 arXiv 2406.05223.
 Reference implementation: none (basis of specs/antipasto_corda.yaml, core of specs/antipasto_arrow.yaml).
 
+Formula (from the composition):
+
     C = E[x x^T] + cov_eps I                     (non-padding calibration tokens; eps on eigenvalues)
     U S Vh = SVD(W C^1/2),  P = Vh_r C^-1/2      (fp32; W = U_r diag(S_r) P + W_res)
-    h = (x P^T) * S                              (..., r) S-scaled coordinates, largest S first
+    h = (x P^T) * S                             (..., r) S-scaled coordinates, largest S first
     h[:b] <- h[:b] (I + coeff * M)^T             (b, b) dense block on the top-b directions
     h[b:] <- h[b:] * (1 + ELU(coeff * g))        (r - b,) bounded gain on the rest
-    y = x W_res^T + h U^T                        (residual crop: W_res stored in the layer)
-    y = x W^T + (h - h0) U^T                     (residual subtract, h0 = (x P^T) * S: W untouched)
+    y = x W_res^T + h U^T        (residual crop: W_res stored in the layer)
+    y = x W^T + (h - h0) U^T     (residual subtract, h0 = (x P^T) * S: W untouched)
 
 Identity at init: M = 0 and g = 0 (or coeff = 0) make the core I, and W_res is
 formed from the stored (rounded) U, S, P, so W_res + U diag(S) P = W.
@@ -24,7 +26,8 @@ corda, to show a new variant is a spec edit. The block mixes the directions that
 most output energy on the calibration inputs rather than on isotropic ones. Needs
 calibration data (at least d_in tokens per target) and 1 <= block < r.
 
-Spec: basis=corda, core=arrow, residual=crop (or subtract: cfg.residual), hook=output.
+Spec: basis=corda, core=arrow, modifiers=[], residual=crop (or subtract: cfg.residual),
+hook=output.
 """
 
 from __future__ import annotations
@@ -36,16 +39,17 @@ from torch import Tensor, nn
 
 from lora_lite.config import AdapterConfig
 
-NAME = "corda_arrow"
-TITLE = "CorDA-arrow"
+NAME = "corda_arrow"  # the spec's name
+TITLE = "CorDA-arrow"  # its title
 HOOK = "output"  # forward hook: forward() returns the layer's new output
-CAST_INPUT = True  # the hook casts x to cfg.dtype for forward()
+CAST_INPUT = True  # the hook casts x to cfg.dtype for forward() (an input hook casts the result back)
 RESIDUAL = "crop"  # default: while attached the base weight holds W_res = W - frozen_weight()
 RESIDUALS = ("crop", "subtract")  # the values cfg.residual may take
 CALIBRATION = "required"  # attach raises without calibration data
 TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.005  # recommended AdamW learning rate
-QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work with residual subtract (crop is refused)
+QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)
+USES_BASE_WEIGHT = False  # the math never reads W after init
 RUNTIME_KNOBS = ("coeff",)  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
 BOUNDS = {
@@ -119,7 +123,7 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
     U, Vh = U * sign, Vh * sign.T  # canonical signs: the largest |entry| of each U column > 0
     U, S = U[:, : cfg.r], S[: cfg.r]  # (o, r), (r,)
     P = Vh[: cfg.r] @ C_inv_half  # (r, i) oblique input projector: W = U diag(S) P + W_res
-    # frozen basis; crop removes U diag(S) P from W using these values as stored (adapter dtype)
+    # frozen basis; crop removes it from W using these values as stored (adapter dtype)
     t["lora_U"], t["lora_S"], t["lora_P"] = U, S, P  # (o, r), (r,), (r, i)
     return t
 
@@ -136,7 +140,8 @@ def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     # crop: y = x W_res^T (+ bias) lacks the top-r part, add (h0 + d) U^T;
     # subtract: y = x W^T (+ bias) is whole, add only the change d U^T (0 at init: M = 0, g = 0)
     h = d if cfg.residual == "subtract" else h0 + d  # (..., r)
-    return y + (h @ m.lora_U.T).to(y.dtype)  # (..., o)
+    delta = h @ m.lora_U.T  # (..., o)
+    return y + delta.to(y.dtype)  # (..., o)
 
 
 def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
@@ -144,6 +149,6 @@ def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
 
     residual crop: attach and load crop the base weight to W_res = W - frozen_weight(); detach
     adds it back. residual subtract: W is never modified; forward() takes this part out of the
-    output in factored form, without forming the (o, i) matrix.
+    output in factored form, without forming the (o, i) matrix. Raises ValueError without one.
     """
     return (m.lora_U.float() * m.lora_S.float()) @ m.lora_P.float()  # (o, i)

@@ -5,7 +5,9 @@
 Bini et al. 2025, Decoupling Angles and Strength in Low-rank Adaptation, arXiv 2503.18225.
 Reference implementation: PEFT peft/tuners/delora/layer.py, class DeloraLinear.
 
-    y = W x + B diag(g) A (w * x),    g_k = lambda / (r |a_k| |b_k|)
+Formula (from the composition):
+
+    y = W x + B diag(g) A (w * x),    g_k = lambda / (r |a_k| |b_k|)    (DeLoRA; w_j = ||W[:, j]||)
 
     a_k: row k of A, b_k: column k of B, w_j = ||W[:, j]|| the norm of input channel j of W
     (frozen at init). Each rank-1 term is normalised, so ||Delta W|| is bounded by lambda times
@@ -17,7 +19,7 @@ finite); the paper instead subtracts a frozen copy of the initial update.
 w is computed from the base weight at attach time, so a checkpoint refuses a base whose
 weights differ.
 
-Spec: basis=random, core=delora, residual=none, hook=output.
+Spec: basis=none, core=lowrank, modifiers=[delora], residual=none, hook=output.
 """
 
 from __future__ import annotations
@@ -30,16 +32,16 @@ from torch import Tensor, nn
 
 from lora_lite.config import AdapterConfig
 
-NAME = "delora"
-TITLE = "DeLoRA"
+NAME = "delora"  # the spec's name
+TITLE = "DeLoRA"  # its title
 HOOK = "output"  # forward hook: forward() returns the layer's new output
-CAST_INPUT = True  # the hook casts x to cfg.dtype for forward()
+CAST_INPUT = True  # the hook casts x to cfg.dtype for forward() (an input hook casts the result back)
 RESIDUAL = "none"  # the base weight is never modified
 RESIDUALS = ("none",)  # the values cfg.residual may take
 CALIBRATION = "none"  # calibration data is accepted and ignored
 TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.001  # recommended AdamW learning rate
-QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (the hook runs on their own forward)
+QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)
 USES_BASE_WEIGHT = True  # the math reads W: load refuses a base whose weights differ
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
@@ -102,4 +104,15 @@ def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     g = m.lora_lambda.float() / cfg.r / (a_norm * b_norm)  # (r,) fp32
     A_w = m.lora_A * m.lora_w_norm  # (r, i) A diag(w): (w * x) A^T = x A_w^T, w applied to A's r rows
     h = (x @ A_w.T).float() * g  # (..., r) fp32
-    return y + (h @ m.lora_B.float().T).to(y.dtype)  # (..., o)
+    delta = h @ m.lora_B.float().T  # (..., o) fp32
+    return y + delta.to(y.dtype)  # (..., o)
+
+
+def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
+    """The part of W this adapter takes over, (o, i) fp32, from the stored (rounded) buffers.
+
+    residual crop: attach and load crop the base weight to W_res = W - frozen_weight(); detach
+    adds it back. residual subtract: W is never modified; forward() takes this part out of the
+    output in factored form, without forming the (o, i) matrix. Raises ValueError without one.
+    """
+    raise ValueError("delora has no frozen part (residual none)")

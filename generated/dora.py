@@ -5,7 +5,11 @@
 Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation, arXiv 2402.09353.
 Reference implementation: PEFT peft/tuners/lora/dora.py, class DoraLinearLayer.
 
-    y = m / ||W + s B A||_row * (W x + s B A x) + b,    s = alpha / r,    m in R^{d_out}
+Formula (from the composition):
+
+    s = alpha / r
+    y = W x + s B A x
+    y <- m / ||W'||_row * (y - b) + b    (DoRA: W' the adapted weight, m (d_out,), the norm detached)
 
     ||.||_row is the norm of each output row of W + s B A (the paper's column norm, as it writes
     W as (d_in, d_out)); it is recomputed every call and detached from the graph (paper sec. 4.3,
@@ -21,7 +25,8 @@ fp32 every call from a float W (so it follows any write to W) and cached for a 4
 (runtime.base_row_sqnorm says which writes that cache sees). The norm follows the current W,
 A and B.
 
-Spec: basis=random, core=dora, residual=none, hook=output.
+Spec: basis=none, core=lowrank, modifiers=[scale alpha_over_r, magnitude], residual=none,
+hook=output.
 """
 
 from __future__ import annotations
@@ -35,16 +40,16 @@ from torch import Tensor, nn
 from lora_lite.config import AdapterConfig
 from lora_lite.runtime import base_forward, base_row_sqnorm  # read W through the layer (float or 4/8-bit)
 
-NAME = "dora"
-TITLE = "DoRA"
+NAME = "dora"  # the spec's name
+TITLE = "DoRA"  # its title
 HOOK = "output"  # forward hook: forward() returns the layer's new output
-CAST_INPUT = True  # the hook casts x to cfg.dtype for forward()
+CAST_INPUT = True  # the hook casts x to cfg.dtype for forward() (an input hook casts the result back)
 RESIDUAL = "none"  # the base weight is never modified
 RESIDUALS = ("none",)  # the values cfg.residual may take
 CALIBRATION = "none"  # calibration data is accepted and ignored
 TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.0001  # recommended AdamW learning rate
-QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (the hook runs on their own forward)
+QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)
 USES_BASE_WEIGHT = True  # the math reads W: load refuses a base whose weights differ
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
@@ -90,26 +95,36 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
     t["lora_A"] = torch.empty(cfg.r, d_in)  # (r, i)
     nn.init.kaiming_uniform_(t["lora_A"], a=math.sqrt(5))  # as nn.Linear (PEFT's lora_A init)
     t["lora_B"] = torch.zeros(d_out, cfg.r)  # (o, r)
-    # magnitude m = ||W + s B A||_row at init (= ||W||_row when B = 0), so the start is exact
-    s = cfg.alpha / cfg.r
-    t["lora_magnitude_vector"] = torch.linalg.vector_norm(W + s * (t["lora_B"] @ t["lora_A"]), dim=1)  # (o,)
+    # magnitude m = ||W||_row, the row norms of the adapted weight at init (the core starts at the identity)
+    t["lora_magnitude_vector"] = torch.linalg.vector_norm(W, dim=1)  # (o,)
     return t
 
 
 def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     """New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output."""
     s = cfg.alpha / cfg.r
-    lora = (s * (x @ m.lora_A.T)) @ m.lora_B.T  # (..., o); s scales the (..., r) factor
+    delta = (s * (x @ m.lora_A.T)) @ m.lora_B.T  # (..., o); s scales the (..., r) factor
     with torch.no_grad():  # the norm is a constant for autograd (DoRA sec. 4.3, as PEFT)
-        # ||W_i + s (B A)_i||^2 = ||W_i||^2 + 2 s B_i . (W A^T)_i + s^2 B_i (A A^T) B_i^T: W is only
-        # applied to A's r rows, never copied, so a 4/8-bit W stays quantized (its ||W_i||^2 is cached)
-        A, B = m.lora_A.float(), m.lora_B.float()  # (r, i), (o, r)
-        WAt = base_forward(m, A).T  # (o, r) W A^T by the layer's own forward, bias removed
-        sq = base_row_sqnorm(m) + 2 * s * (WAt * B).sum(1) + s * s * ((B @ (A @ A.T)) * B).sum(1)  # (o,)
-        norm = sq.clamp_min(0.0).sqrt()  # (o,) row norms of W + s B A
+        # the adapted weight is the layer's weight plus Bf Af; its squared row norms are
+        # ||W_i||^2 + 2 Bf_i . (W Af^T)_i + Bf_i (Af Af^T) Bf_i^T: W is only applied to Af's rows,
+        # never copied, so a 4/8-bit W stays quantized (its ||W_i||^2 is cached)
+        Bf, Af = m.lora_B.float(), s * m.lora_A.float()  # (o, r), (r, i)
+        WAt = base_forward(m, Af).T  # (o, k) W Af^T by the layer's own forward, bias removed
+        sq = base_row_sqnorm(m) + 2 * (WAt * Bf).sum(1) + ((Bf @ (Af @ Af.T)) * Bf).sum(1)  # (o,)
+        norm = sq.clamp_min(0.0).sqrt()  # (o,) row norms of the adapted weight
     scale = m.lora_magnitude_vector / norm.to(x.dtype)  # (o,)
-    # y + lora is formed in the wider of the two dtypes (a bf16 y is read once, not cast first)
+    # y + delta is formed in the wider of the two dtypes (a bf16 y is read once, not cast first)
     bias = getattr(m, "bias", None)
     if bias is None:
-        return (scale * (y + lora)).to(y.dtype)  # (..., o)
-    return (scale * ((y - bias) + lora)).to(y.dtype) + bias  # (..., o); the bias passes unscaled
+        return (scale * (y + delta)).to(y.dtype)  # (..., o)
+    return (scale * ((y - bias) + delta)).to(y.dtype) + bias  # (..., o); the bias passes unscaled
+
+
+def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
+    """The part of W this adapter takes over, (o, i) fp32, from the stored (rounded) buffers.
+
+    residual crop: attach and load crop the base weight to W_res = W - frozen_weight(); detach
+    adds it back. residual subtract: W is never modified; forward() takes this part out of the
+    output in factored form, without forming the (o, i) matrix. Raises ValueError without one.
+    """
+    raise ValueError("dora has no frozen part (residual none)")

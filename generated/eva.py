@@ -6,9 +6,13 @@ Paischer et al. 2024, One Initialization to Rule them All: Fine-tuning via Expla
 Adaptation, arXiv 2410.07170.
 Reference implementation: PEFT peft/tuners/lora/eva.py (rho=1, whiten=False).
 
+Formula (from the composition):
+
     C = E[(x - mu)(x - mu)^T]    over calibration tokens (padding and labels == -100 excluded)
-    A = top-r eigenvectors of C as rows (r, d_in),    B = 0
-    y = W x + s B A x,    s = alpha / r
+    P = top-r eigenvectors of C as rows (r, d_in)
+    s = alpha / r
+    A = P,   B = 0
+    y = W x + s B A x
 
 Identity at init: B = 0, so the update s B A x is zero.
 
@@ -17,7 +21,7 @@ target. The rank is uniform (PEFT's rho=1); PEFT's redistribution of ranks acros
 explained variance (rho > 1) is not implemented. PEFT estimates the directions with an
 incremental randomized PCA; here they are the exact eigenvectors of the pooled covariance.
 
-Spec: basis=pca, core=lowrank, residual=none, hook=output.
+Spec: basis=pca, core=lowrank, modifiers=[scale alpha_over_r], residual=none, hook=output.
 """
 
 from __future__ import annotations
@@ -29,16 +33,17 @@ from torch import Tensor, nn
 
 from lora_lite.config import AdapterConfig
 
-NAME = "eva"
-TITLE = "EVA"
+NAME = "eva"  # the spec's name
+TITLE = "EVA"  # its title
 HOOK = "output"  # forward hook: forward() returns the layer's new output
-CAST_INPUT = True  # the hook casts x to cfg.dtype for forward()
+CAST_INPUT = True  # the hook casts x to cfg.dtype for forward() (an input hook casts the result back)
 RESIDUAL = "none"  # the base weight is never modified
 RESIDUALS = ("none",)  # the values cfg.residual may take
 CALIBRATION = "required"  # attach raises without calibration data
 TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.0001  # recommended AdamW learning rate
-QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (the hook runs on their own forward)
+QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)
+USES_BASE_WEIGHT = False  # the math never reads W after init
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
 BOUNDS = {"r": (1, 65536), "alpha": (-1000000.0, 1000000.0)}  # (min, max) of each hyperparameter; None for a bool
@@ -103,5 +108,15 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
 def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     """New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output."""
     s = cfg.alpha / cfg.r
-    h = s * (x @ m.lora_A.T)  # (..., r) scaled here, on r columns rather than the (..., o) update
-    return y + (h @ m.lora_B.T).to(y.dtype)  # (..., o)
+    delta = (s * (x @ m.lora_A.T)) @ m.lora_B.T  # (..., o); s scales the (..., r) factor
+    return y + delta.to(y.dtype)  # (..., o)
+
+
+def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
+    """The part of W this adapter takes over, (o, i) fp32, from the stored (rounded) buffers.
+
+    residual crop: attach and load crop the base weight to W_res = W - frozen_weight(); detach
+    adds it back. residual subtract: W is never modified; forward() takes this part out of the
+    output in factored form, without forming the (o, i) matrix. Raises ValueError without one.
+    """
+    raise ValueError("eva has no frozen part (residual none)")

@@ -8,6 +8,8 @@ Joffrain et al. 2006, Accumulating Householder transformations, revisited (the c
 used here).
 Reference implementation: PEFT peft/tuners/hra/layer.py, class HRALinear (apply_GS=False).
 
+Formula (from the composition):
+
     y = W H_1 H_2 ... H_r x + b,    H_k = I - 2 v_k v_k^T,    v_k = u_k / |u_k|
 
     W H_1 ... H_r is an orthogonal transform of W's input side (PEFT's side). It is applied to x
@@ -20,7 +22,7 @@ Identity at init: the vectors come in equal pairs (u1, u1, u2, u2, ...); a refle
 r must be even for that init: an odd r is refused (PEFT warns and starts from a random
 orthogonal transform instead). No Gram-Schmidt option (PEFT's apply_GS).
 
-Spec: basis=none, core=hra, residual=none, hook=input.
+Spec: basis=none, core=householder, modifiers=[], residual=none, hook=input.
 """
 
 from __future__ import annotations
@@ -33,16 +35,17 @@ from torch import Tensor, nn
 
 from lora_lite.config import AdapterConfig
 
-NAME = "hra"
-TITLE = "HRA"
+NAME = "hra"  # the spec's name
+TITLE = "HRA"  # its title
 HOOK = "input"  # forward pre-hook: forward() returns the layer's new input
-CAST_INPUT = True  # the hook casts x to cfg.dtype for forward(), and the new input back
+CAST_INPUT = True  # the hook casts x to cfg.dtype for forward() (an input hook casts the result back)
 RESIDUAL = "none"  # the base weight is never modified
 RESIDUALS = ("none",)  # the values cfg.residual may take
 CALIBRATION = "none"  # calibration data is accepted and ignored
 TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.001  # recommended AdamW learning rate
-QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (the hook runs on their own forward)
+QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)
+USES_BASE_WEIGHT = False  # the math never reads W after init
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
 BOUNDS = {"r": (2, 65536)}  # (min, max) of each hyperparameter; None for a bool
@@ -99,3 +102,13 @@ def forward(m: nn.Module, x: Tensor, cfg: Config) -> Tensor:
     T_inv = torch.triu(Vw.T @ Vw, diagonal=1) + 0.5 * eye  # (r, r)
     T = torch.linalg.solve_triangular(T_inv, eye, upper=True).to(V.dtype)  # (r, r)
     return x - ((x @ V) @ T.T) @ V.T  # (..., i)
+
+
+def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
+    """The part of W this adapter takes over, (o, i) fp32, from the stored (rounded) buffers.
+
+    residual crop: attach and load crop the base weight to W_res = W - frozen_weight(); detach
+    adds it back. residual subtract: W is never modified; forward() takes this part out of the
+    output in factored form, without forming the (o, i) matrix. Raises ValueError without one.
+    """
+    raise ValueError("hra has no frozen part (residual none)")

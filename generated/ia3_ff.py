@@ -6,6 +6,8 @@ Liu et al. 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper 
 Learning, arXiv 2205.05638.
 Reference implementation: PEFT peft/tuners/ia3/layer.py, class Linear (is_feedforward=True).
 
+Formula (from the composition):
+
     y = W (l * x) + b,    l in R^{d_in}
 
 Identity at init: l = 1.
@@ -15,7 +17,7 @@ with fp32 adapters on a bf16 model, l and its AdamW state stay fp32, but l is ro
 bf16 where it multiplies and its gradient is summed in bf16. PEFT multiplies in fp32 instead
 (x cast to fp32 and back); identical in fp32.
 
-Spec: basis=none, core=ia3, residual=none, hook=input.
+Spec: basis=none, core=vector, modifiers=[], residual=none, hook=input.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from torch import Tensor, nn
 
 from lora_lite.config import AdapterConfig
 
-NAME = "ia3_ff"
-TITLE = "IA3-FF"
+NAME = "ia3_ff"  # the spec's name
+TITLE = "IA3-FF"  # its title
 HOOK = "input"  # forward pre-hook: forward() returns the layer's new input
 CAST_INPUT = False  # forward() works in the layer's dtype: the hook casts nothing
 RESIDUAL = "none"  # the base weight is never modified
@@ -36,7 +38,8 @@ RESIDUALS = ("none",)  # the values cfg.residual may take
 CALIBRATION = "none"  # calibration data is accepted and ignored
 TARGET_NAMES = ("\\.down_proj$",)  # default targets: re.search on module names
 LR = 0.003  # recommended AdamW learning rate
-QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (the hook runs on their own forward)
+QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)
+USES_BASE_WEIGHT = False  # the math never reads W after init
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ()  # hyperparameters clamped per target to min(d_in, d_out)
 BOUNDS = {}  # (min, max) of each hyperparameter; None for a bool
@@ -78,3 +81,13 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
 def forward(m: nn.Module, x: Tensor, cfg: Config) -> Tensor:
     """New input of target `m`. x: (..., i) input in the layer's dtype, kept in the result."""
     return x * m.lora_ia3.to(x.dtype)  # (..., i) in x's dtype: the (i,) gain is cast, not x
+
+
+def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
+    """The part of W this adapter takes over, (o, i) fp32, from the stored (rounded) buffers.
+
+    residual crop: attach and load crop the base weight to W_res = W - frozen_weight(); detach
+    adds it back. residual subtract: W is never modified; forward() takes this part out of the
+    output in factored form, without forming the (o, i) matrix. Raises ValueError without one.
+    """
+    raise ValueError("ia3_ff has no frozen part (residual none)")

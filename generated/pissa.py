@@ -6,15 +6,19 @@ Meng et al. 2024, PiSSA: Principal Singular Values and Singular Vectors Adaptati
 Language Models, arXiv 2404.02948.
 Reference implementation: PEFT peft/tuners/lora/layer.py, LoraLayer.pissa_init.
 
-    W = U_r diag(S_r) Vh_r + W_res                  (top-r SVD of W, fp32)
-    A = sqrt(S_r / s) Vh_r,   B = U_r sqrt(S_r / s),  s = alpha / r
-    y = W_res x + s B A x                           (residual crop: W_res stored in the layer)
-    y = W x - s B0 A0 x + s B A x                   (residual subtract: W untouched, e.g. 4/8-bit)
+Formula (from the composition):
+
+    W = U diag(S) Vh + W_res    (top-r singular directions of W, fp32)
+    s = alpha / r
+    A = sqrt(S / s) Vh,   B = U sqrt(S / s)     (so s B A = U diag(S) Vh)
+    y = W_res x + s B A x              (residual crop: W_res stored in the layer)
+    y = W x - s B0 A0 x + s B A x      (residual subtract: W untouched, e.g. 4/8-bit)
 
 Identity at init: W_res + s B A = W, with W_res formed from the stored (rounded) copies A0 and B0.
 With residual subtract the added change is exactly 0, whatever the dtype.
 
-Spec: basis=svd, core=lowrank, residual=crop (or subtract: cfg.residual), hook=output.
+Spec: basis=svd+top, core=lowrank, modifiers=[scale alpha_over_r], residual=crop (or subtract:
+cfg.residual), hook=output.
 """
 
 from __future__ import annotations
@@ -26,16 +30,17 @@ from torch import Tensor, nn
 
 from lora_lite.config import AdapterConfig
 
-NAME = "pissa"
-TITLE = "PiSSA"
+NAME = "pissa"  # the spec's name
+TITLE = "PiSSA"  # its title
 HOOK = "output"  # forward hook: forward() returns the layer's new output
-CAST_INPUT = True  # the hook casts x to cfg.dtype for forward()
+CAST_INPUT = True  # the hook casts x to cfg.dtype for forward() (an input hook casts the result back)
 RESIDUAL = "crop"  # default: while attached the base weight holds W_res = W - frozen_weight()
 RESIDUALS = ("crop", "subtract")  # the values cfg.residual may take
 CALIBRATION = "none"  # calibration data is accepted and ignored
 TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.0001  # recommended AdamW learning rate
-QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work with residual subtract (crop is refused)
+QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)
+USES_BASE_WEIGHT = False  # the math never reads W after init
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
 BOUNDS = {"r": (1, 65536), "alpha": (-1000000.0, 1000000.0)}  # (min, max) of each hyperparameter; None for a bool
@@ -78,15 +83,15 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
     count. Otherwise it is None.
     """
     d_out, d_in = W.shape
+    s = cfg.alpha / cfg.r
     t = {}
-    # basis: top-r SVD of W in fp32; signs made canonical (largest |entry| of each U column > 0)
+    # basis: SVD of W in fp32; signs made canonical (largest |entry| of each U column > 0)
     # so the result does not depend on the LAPACK build
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # (o, n), (n,), (n, i); n = min(o, i)
     sign = torch.where(U.gather(0, U.abs().argmax(0, keepdim=True)) < 0, -1.0, 1.0)  # (1, n)
     U, Vh = U * sign, Vh * sign.T
-    U, S, Vh = U[:, : cfg.r], S[: cfg.r], Vh[: cfg.r]  # (o, r), (r,), (r, i)
+    U, S, Vh = U[:, : cfg.r], S[: cfg.r], Vh[: cfg.r]  # (o, r), (r,), (r, i) the top-r
     # split S between A and B so that s B A = U diag(S) Vh (PEFT's PiSSA init)
-    s = cfg.alpha / cfg.r
     t["lora_A"] = torch.sqrt(S / s)[:, None] * Vh  # (r, i)
     t["lora_B"] = U * torch.sqrt(S / s)  # (o, r)
     t["lora_A0"] = t["lora_A"].clone()  # frozen copies: the part of W that crop removes
@@ -97,12 +102,12 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
 def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     """New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output."""
     s = cfg.alpha / cfg.r
-    out = (s * (x @ m.lora_A.T)) @ m.lora_B.T  # (..., o); s scales the (..., r) factor
+    delta = (s * (x @ m.lora_A.T)) @ m.lora_B.T  # (..., o); s scales the (..., r) factor
     # crop: y = x W_res^T (+ bias) lacks s B0 A0, the trained s B A x replaces it;
     # subtract: y = x W^T (+ bias) is whole, take s B0 A0 x out here (0 change at init: A, B = A0, B0)
     if cfg.residual == "subtract":
-        out = out - (s * (x @ m.lora_A0.T)) @ m.lora_B0.T  # (..., o)
-    return y + out.to(y.dtype)  # (..., o)
+        delta = delta - (s * (x @ m.lora_A0.T)) @ m.lora_B0.T  # (..., o)
+    return y + delta.to(y.dtype)  # (..., o)
 
 
 def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
@@ -110,7 +115,7 @@ def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
 
     residual crop: attach and load crop the base weight to W_res = W - frozen_weight(); detach
     adds it back. residual subtract: W is never modified; forward() takes this part out of the
-    output in factored form, without forming the (o, i) matrix.
+    output in factored form, without forming the (o, i) matrix. Raises ValueError without one.
     """
     s = cfg.alpha / cfg.r
     return s * (m.lora_B0.float() @ m.lora_A0.float())  # (o, i)

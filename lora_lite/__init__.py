@@ -30,6 +30,7 @@ from .runtime import (  # noqa: E402
     trainable_parameters,
 )
 from .scaling import disabled, scale  # noqa: E402
+from .variant import Variant  # noqa: E402
 
 # Typed configs, as in upstream's Quickstart: ll.LoRAConfig(r=8, alpha=16, dtype=torch.bfloat16)
 CONFIG_NAMES = {
@@ -46,6 +47,13 @@ CONFIG_NAMES = {
     "AntiPaSTOAblateConfig": "antipasto_ablate",
     "AntiPaSTOArrowConfig": "antipasto_arrow",
     "CorDAArrowConfig": "corda_arrow",
+    "OLoRAConfig": "olora",
+    "RsLoRAConfig": "rslora",
+    "PiSSADoRAConfig": "pissa_dora",
+    "LoRAFAConfig": "lora_fa",
+    "MiLoRAConfig": "milora",
+    "LoRAXSConfig": "lora_xs",
+    "AntiPaSTODoRAConfig": "antipasto_dora",
 }
 
 
@@ -60,6 +68,7 @@ __all__ = [
     "AttachError",
     "CheckpointError",
     "SpecError",
+    "Variant",
     "attach",
     "detach",
     "disabled",

@@ -501,7 +501,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, residual: str | None = No
         extra = sorted(set(ck.table) - {f"{tname}.{k}" for tname, p in plans.items() for k in p[2]})
         if extra:
             raise _err(path, f"tensor {extra[0]!r}", f"is not a tensor of {gen.NAME} ({len(extra)} extra tensors)")
-        strict = cfg.residual in STRICT_RESIDUALS or getattr(gen, "USES_BASE_WEIGHT", False)
+        strict = cfg.residual in STRICT_RESIDUALS or gen.USES_BASE_WEIGHT
         per_target = {tname: _read_target(ck, gen, tname, *plan, strict) for tname, plan in plans.items()}
     scales = {tname: float(tmeta.get("scale", 1.0)) for tname, tmeta in meta["targets"].items()}
     st = install(model, cfg, per_target, op="load", name=name)

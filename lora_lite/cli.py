@@ -3,6 +3,7 @@
 lora-lite gen [--check] [--specs DIR] [--out DIR]   compile specs -> generated modules
 lora-lite validate PATH...                          validate spec files (exit 1 on error)
 lora-lite example [--variant NAME] [--steps N]      attach, train, save, detach, load
+lora-lite matrix [--json]                           every basis x core x modifiers cell: works or refused
 """
 
 from __future__ import annotations
@@ -51,13 +52,50 @@ def _validate(args) -> int:
         try:
             spec = load_spec(path)
             print(
-                f"{path}: ok ({spec.title}: basis={spec.basis}, core={spec.core}, residual={spec.residual}, "
-                f"hook={spec.hook})"
+                f"{path}: ok ({spec.title}: basis={spec.basis}, core={spec.core}, "
+                f"modifiers={[m['kind'] for m in spec.modifiers]}, residual={spec.residual}, hook={spec.hook})"
             )
         except SpecError as e:
             print(e, file=sys.stderr)
             bad += 1
     return 1 if bad else 0
+
+
+def matrix_markdown(rows: list[dict]) -> str:
+    """The works cells as a table: a row per basis, a column per core, the modifiers that work."""
+    bases = list(dict.fromkeys(r["basis"] for r in rows))
+    cores = list(dict.fromkeys(r["core"] for r in rows))
+    cell = {}
+    for r in rows:
+        if r["status"] == "works":  # residual crop and subtract (or hook output and input) share a cell
+            cell.setdefault((r["basis"], r["core"]), {})["+".join(r["modifiers"]) or "plain"] = None
+    lines = ["| basis | " + " | ".join(cores) + " |", "|---" * (len(cores) + 1) + "|"]
+    for b in bases:
+        lines.append(f"| {b} | " + " | ".join(", ".join(cell.get((b, c), [])) or "-" for c in cores) + " |")
+    return "\n".join(lines)
+
+
+def _matrix(args) -> int:
+    import json
+
+    from lora_lite.codegen.algebra import matrix
+    from lora_lite.codegen.spec import load_spec, shipped_specs_dir
+
+    combos = [tuple(m["kind"] for m in s.modifiers) for s in map(load_spec, sorted(shipped_specs_dir().glob("*.yaml")))]
+    rows = matrix(extra=[c for c in combos if len(c) > 1])
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if args.markdown:
+        print(matrix_markdown(rows))
+        return 0
+    for r in rows:
+        mods = "+".join(r["modifiers"]) or "-"
+        status = "works" if r["status"] == "works" else f"refused: {r['rule']}"
+        print(f"{r['basis']:10} {r['core']:12} {mods:10} {r['residual']:9} {r['hook']:7} {status}")
+    works = sum(r["status"] == "works" for r in rows)
+    print(f"{works} of {len(rows)} cells work", file=sys.stderr)
+    return 0
 
 
 def _example(args) -> int:
@@ -88,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--steps", type=int, default=20)
     e.add_argument("--out", default="example-out", help="folder for the adapter checkpoint")
     e.set_defaults(fn=_example)
+    mx = sub.add_parser("matrix", help="list every basis x core x modifiers x residual x hook cell and its status")
+    mx.add_argument("--json", action="store_true", help="one JSON object per cell")
+    mx.add_argument("--markdown", action="store_true", help="the works cells as the README's table")
+    mx.set_defaults(fn=_matrix)
     sub.add_parser("bench", help="train and evaluate variants on a causal LM and GSM8K (lora-lite bench --help)")
     args = parser.parse_args(argv)
     return args.fn(args)

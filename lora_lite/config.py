@@ -95,7 +95,7 @@ class AdapterConfig:
             ):
                 raise config_error(f"{cls}.layers: expected integers, got {self.layers!r}")
             set_("layers", tuple(layers))
-        allowed = getattr(gen, "RESIDUALS", (gen.RESIDUAL,))
+        allowed = gen.RESIDUALS
         if self.residual is None:
             set_("residual", gen.RESIDUAL)
         elif not isinstance(self.residual, str) or self.residual not in RESIDUAL_MODES:

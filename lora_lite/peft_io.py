@@ -5,11 +5,17 @@ A PEFT directory holds `adapter_config.json` and `adapter_model.safetensors`, ke
 loads with `peft.PeftModel.from_pretrained(base, dir)` or a server (vLLM, SGLang: plain LoRA only).
 
 Export routes, by spec (ROUTES):
-    direct      lora, eva (LoRA), dora (LoRA + use_dora), ia3, ia3_ff (IA3), hra (HRA), delora (DELORA)
-    converted   pissa: trained on W_res = W - s B0 A0, so on the original W the change is
-                s (B A - B0 A0) = s [B, -B0] [A; A0]: rank and lora_alpha doubled,
-                init_lora_weights true (as PEFT's path_initial_model_for_weight_conversion)
+    direct      lora, eva, lora_fa (LoRA; LoRA-FA's frozen A is an ordinary lora_A), rslora (LoRA,
+                alpha / sqrt(r) folded into lora_alpha), dora (LoRA + use_dora), ia3, ia3_ff
+                (IA3), hra (HRA), delora (DELORA)
+    converted   pissa, milora, olora: trained on W_res = W - s B0 A0, so on the original W the
+                change is s (B A - B0 A0) = s [B, -B0] [A; A0]: rank and lora_alpha doubled,
+                init_lora_weights true (as PEFT's path_initial_model_for_weight_conversion);
+                pissa_dora the same with use_dora (W_res + s B A = W + s (B A - B0 A0): the
+                same adapted weight, so the same norm)
     as-LoRA     antipasto, antipasto_corda (lora_B = U diag(S_eff - S), lora_A = Vh or P),
+                antipasto_dora (the same with use_dora and the magnitude),
+                lora_xs (lora_B = U diag(S) M, lora_A = Vh),
                 antipasto_arrow, corda_arrow (lora_B = U D diag(S), D the core minus I),
                 antipasto_ablate (rank k: lora_B = U Chat diag(-coeff strength), lora_A = Chat^T diag(S) Vh);
                 exact at the current coeff and scale, for serving: the parametrisation is gone
@@ -68,23 +74,43 @@ def _lowrank(t, v):
     return out, cfg.alpha / cfg.r
 
 
+def _magnitude(out: dict, m) -> dict:
+    """DoRA's magnitude (o,) added to a LoRA export when the adapter has one (use_dora)."""
+    if hasattr(m, "lora_magnitude_vector"):
+        out["lora_magnitude_vector"] = m.lora_magnitude_vector.detach()
+    return out
+
+
+def _rslora(t, v):
+    """rsLoRA: LoRA at s = alpha / sqrt(r) (lora_alpha carries it: s r, so PEFT's alpha / r is s)."""
+    out, _ = _lowrank(t, v)
+    return out, t.cfg.alpha / math.sqrt(t.cfg.r)
+
+
 def _pissa(t, v):
-    """PiSSA on the original W: s B A - s B0 A0 = s [B, -B0] [A; A0] (rank 2r)."""
+    """PiSSA, MiLoRA, OLoRA (+DoRA) on the original W: s B A - s B0 A0 = s [B, -B0] [A; A0] (rank 2r)."""
     m, cfg = t.holder, t.cfg
     A = torch.cat([m.lora_A.detach(), m.lora_A0.detach()], 0)  # (2r, i)
     B = torch.cat([m.lora_B.detach(), -m.lora_B0.detach()], 1) * v  # (o, 2r)
-    return {"lora_A.weight": A, "lora_B.weight": B}, cfg.alpha / cfg.r
+    return _magnitude({"lora_A.weight": A, "lora_B.weight": B}, m), cfg.alpha / cfg.r
 
 
 def _gain(t, v):
-    """AntiPaSTO (+CorDA): the change U diag(S_eff - S) basis."""
+    """AntiPaSTO (+CorDA, +DoRA): the change U diag(S_eff - S) basis."""
     m, cfg = t.holder, t.cfg
     basis = m.lora_P if hasattr(m, "lora_P") else m.lora_Vh  # (r, i)
     g = m.lora_g.float().clamp(max=0.0) if cfg.suppress_only else m.lora_g.float()  # (r,)
     S = m.lora_S.float()
     S_eff = S * (1.0 + nn.functional.elu(cfg.coeff * g))  # (r,)
     B = m.lora_U.float() * (S_eff - S) * v  # (o, r)
-    return {"lora_A.weight": basis.detach().float(), "lora_B.weight": B}, 1.0
+    return _magnitude({"lora_A.weight": basis.detach().float(), "lora_B.weight": B}, m), 1.0
+
+
+def _dense(t, v):
+    """LoRA-XS: the change U diag(S) M Vh (M the trained r x r matrix)."""
+    m = t.holder
+    B = ((m.lora_U.float() * m.lora_S.float()) @ m.lora_M.float()) * v  # (o, r)
+    return {"lora_A.weight": m.lora_Vh.detach().float(), "lora_B.weight": B}, 1.0
 
 
 def _arrow(t, v):
@@ -135,12 +161,19 @@ def _delora(t, v):
 ROUTES = {
     "lora": ("direct", "LORA", _lowrank, True),
     "eva": ("direct", "LORA", _lowrank, True),
+    "lora_fa": ("direct", "LORA", _lowrank, True),
+    "rslora": ("direct", "LORA", _rslora, True),
     "dora": ("direct", "LORA", _lowrank, False),
     "ia3": ("direct", "IA3", _ia3, True),
     "ia3_ff": ("direct", "IA3", _ia3, True),
     "hra": ("direct", "HRA", _hra, False),
     "delora": ("direct", "DELORA", _delora, True),
     "pissa": ("converted", "LORA", _pissa, True),
+    "milora": ("converted", "LORA", _pissa, True),
+    "olora": ("converted", "LORA", _pissa, True),
+    "pissa_dora": ("converted", "LORA", _pissa, False),
+    "lora_xs": ("as-LoRA", "LORA", _dense, True),
+    "antipasto_dora": ("as-LoRA", "LORA", _gain, False),
     "antipasto": ("as-LoRA", "LORA", _gain, True),
     "antipasto_corda": ("as-LoRA", "LORA", _gain, True),
     "antipasto_arrow": ("as-LoRA", "LORA", _arrow, True),
@@ -178,7 +211,7 @@ def _lora_layout(st, per: dict) -> tuple[dict, dict]:
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "use_rslora": False,
-        "use_dora": st.variant.NAME == "dora",
+        "use_dora": any("lora_magnitude_vector" in ts for ts in tensors.values()),
         "fan_in_fan_out": False,
         "bias": "none",
         "lora_bias": False,
@@ -197,7 +230,8 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, name: str | None =
 
     Files: adapter_config.json (peft_type, r, lora_alpha, target_modules as exact module names,
     use_rslora, use_dora, rank_pattern/alpha_pattern, ...) and adapter_model.safetensors (keys
-    `base_model.model.<module>.lora_A.weight` (r, i), `lora_B.weight` (o, r), DoRA's
+    `base_model.model.<module>.lora_A.weight` (r, i), `lora_B.weight` (o, r), DoRA's (and
+    PiSSA-DoRA's, AntiPaSTO-DoRA's)
     `lora_magnitude_vector` (o,), IA3's `ia3_l` (o, 1) or (1, i), HRA's `hra_u` (i, r), DeLoRA's
     `delora_A/B/lambda/w_norm`), each written atomically (temp file + rename). The export is of
     the adapter as it acts now (coeff, ll.scale): `peft.PeftModel.from_pretrained(base, out_dir)`
@@ -205,7 +239,7 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, name: str | None =
     fp32, tests/test_deploy.py). The routes per spec are in this module's docstring.
     Raises AttachError, writing nothing, when nothing is attached, `name` is not an attached
     adapter, an adapter is switched off (ll.disabled), a spec has no route (use ll.merge), a
-    DoRA/HRA adapter has ll.scale != 1 (not representable), or HRA ranks differ per layer (PEFT's
+    DoRA-type or HRA adapter has ll.scale != 1 (not representable), or HRA ranks differ per layer (PEFT's
     HRA has no rank_pattern).
     Source: PEFT's save_pretrained layout (peft/utils/save_and_load.py) and, for PiSSA,
     LoraModel._convert_state_dict_for_initial_model (peft/tuners/lora/model.py).

@@ -335,7 +335,7 @@ def check_quantized(gen: ModuleType, cfg: AdapterConfig, name: str, m: nn.Module
     if not is_quantized(m):
         return
     q = quantization(m)
-    if not getattr(gen, "QUANTIZED_BASE", False):
+    if not gen.QUANTIZED_BASE:
         raise AttachError(
             f"{gen.NAME}: {name} is quantized ({q}) and the spec declares quantized_base: false; use a float base"
         )
@@ -828,8 +828,16 @@ def scaled_output(gen: ModuleType, m: nn.Module, x: Tensor, y: Tensor, cfg: Adap
 
     Crop: y = x W_res^T lacks the frozen part; forward on a zero y in crop mode gives the frozen part
     plus the change, in subtract mode the change alone, both in factored form (no (o, i) matrix),
-    so y_base is the base output within the rounding of the frozen part. Otherwise y is y_base.
+    so y_base is the base output within the rounding of the frozen part. A cropped variant whose
+    forward reads W (USES_BASE_WEIGHT: DoRA's magnitude on PiSSA or AntiPaSTO, not linear in y)
+    adds the frozen part back as x frozen_weight()^T instead ((o, i) formed, fp32; only while
+    scaled or disabled). Otherwise y is y_base.
     """
+    if cfg.residual == "crop" and gen.USES_BASE_WEIGHT:
+        frozen = gen.frozen_weight(m, cfg)  # (o, i) fp32, the part W_res lacks
+        y_base = y.float() + x.float() @ frozen.T  # (..., o)
+        adapted = gen.forward(m, x, y, cfg).float() if v != 0.0 else y_base  # (..., o)
+        return (y_base + v * (adapted - y_base)).to(y.dtype)
     if cfg.residual == "crop":
         zero = torch.zeros_like(y)
         whole = gen.forward(m, x, zero, cfg).float()  # (..., o) frozen part + change

@@ -33,10 +33,10 @@ def disabled(model: nn.Module, name: str | None = None):
     state comes back, so it nests, also with ll.set_active.
 
     Bit for bit the base where W is not cropped (the hooks return the layer's own output or leave
-    its input alone); for residual crop the hook adds the frozen part back to x W_res^T in
-    factored form: the base within the rounding of the weight dtype (DoRA/IA3-style variants
-    are never cropped). No tensor, requires_grad flag or hook is changed. Raises AttachError when
-    nothing (or no adapter `name`) is attached.
+    its input alone); for residual crop the hook adds the frozen part back to x W_res^T (in
+    factored form; as x frozen_weight()^T for a cropped DoRA-type variant, whose forward is not
+    linear in y): the base within the rounding of the weight dtype. No tensor, requires_grad
+    flag or hook is changed. Raises AttachError when nothing (or no adapter `name`) is attached.
     Source: PEFT's `PeftModel.disable_adapter()` (peft/peft_model.py), which for PiSSA gives
     W_res's outputs instead (see the README's known divergences).
     """

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import lora_lite as ll
 from conftest import SPECS, attach_small, logits, make_model, perturb
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -48,3 +49,17 @@ def test_numeric_golden(name, update_golden):
 
 def test_every_golden_names_a_spec():
     assert sorted(p.stem for p in GOLDEN.glob("*.safetensors")) == sorted(SPECS)
+    assert len(ROUND_ONE) == 13 and set(ROUND_ONE) <= set(SPECS)
+
+
+ROUND_ONE = sorted(p.stem for p in (GOLDEN / "checkpoints").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("name", ROUND_ONE)
+def test_checkpoint_saved_by_round_one_loads_with_the_same_logits(name):
+    """tests/golden/checkpoints/<spec>.safetensors were saved (with their spec text as it was
+    then) from the model the goldens describe: they must keep loading to the same logits."""
+    model = make_model()
+    ll.load(model, GOLDEN / "checkpoints" / f"{name}.safetensors")
+    want = load_file(GOLDEN / f"{name}.safetensors")["logits_trained"]
+    assert torch.allclose(logits(model), want, atol=1e-4, rtol=1e-4)

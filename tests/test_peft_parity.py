@@ -48,6 +48,7 @@ KNOWN_DIVERGENCES: dict[str, str] = {
     "pissa": "singular vectors get canonical signs (largest entry positive), so A and B may differ "
     "from PEFT's by a sign per direction; B A, W_res and every output agree. PEFT's disable_adapter() "
     "and rescale_adapter_scale(0) give W_res's outputs; ll.disabled and ll.scale(0) the base model's",
+    "pissa_dora": "as pissa (canonical signs) and dora (the norm expanded, here of W_res + s B A)",
     "antipasto_corda": "upstream lora-lite's whitened CorDA: SVD of W C^1/2 and P = Vh C^-1/2, where "
     "CorDA's paper and PEFT decompose W C and keep Vh C^-1; damping cov_eps is absolute (no parity test)",
 }
@@ -62,6 +63,14 @@ def peft_configs() -> dict:
     return {
         "lora": (LoraConfig(**lora), dict(r=4, alpha=8.0), ab, {}),
         "pissa": (LoraConfig(**lora, init_lora_weights="pissa"), dict(r=4, alpha=8.0), ab, {}),
+        "olora": (LoraConfig(**lora, init_lora_weights="olora"), dict(r=4, alpha=8.0), ab, {}),
+        "rslora": (LoraConfig(**lora, use_rslora=True), dict(r=4, alpha=8.0), ab, {}),
+        "pissa_dora": (
+            LoraConfig(**lora, use_dora=True, init_lora_weights="pissa"),
+            dict(r=4, alpha=8.0),
+            {**ab, "lora_magnitude_vector": "lora_magnitude_vector.default.weight"},
+            {},
+        ),
         "dora": (
             LoraConfig(**lora, use_dora=True),
             dict(r=4, alpha=8.0),
@@ -137,7 +146,7 @@ def test_same_logits_and_gradients_as_peft(name):
         m = ll.state(ours).targets[target].module
         for ours_k, path in frozen.items():
             assert rel_err(getattr(m, ours_k), peft_tensor(layer, path).reshape(-1)) < RTOL, (target, ours_k)
-        if name == "pissa":
+        if name in ("pissa", "olora", "pissa_dora"):  # the cropped W_res
             assert rel_err(m.weight, layer.base_layer.weight) < RTOL, target
     # same non-zero trainable values: move PEFT's off init, copy them into ours
     g = torch.Generator().manual_seed(3)
@@ -242,3 +251,54 @@ def test_known_divergences_name_shipped_specs_and_the_readme_explains_them():
     for name in KNOWN_DIVERGENCES:
         assert name in SPECS, f"KNOWN_DIVERGENCES names {name!r}, which is not a shipped spec"
         assert f"`{name}`" in body, f"README's divergence section does not explain {name!r}"
+
+
+ROAD_SPEC = """
+name: road
+title: RoAd
+summary: 2x2 rotations with a learned angle and scale on pairs of output features.
+references: []
+identity: theta = 0 and alpha = 1.
+hyperparameters:
+  group_size: {type: int, default: 8, min: 2, max: 65536, doc: outputs per group}
+target: {names: ['\\.q_proj$', '\\.v_proj$']}
+basis: {source: none}
+core: {kind: rotation}
+residual: none
+hook: output
+params:
+  lora_theta: {shape: [d_out // 2], init: zeros, doc: angles}
+  lora_alpha: {shape: [d_out // 2], init: ones, doc: scales}
+train: {lr: 1.0e-3}
+quantized_base: true
+"""
+
+
+def test_rotation_core_same_logits_and_gradients_as_peft_road_1(tmp_path, monkeypatch):
+    """The rotation core (codegen/parts/core/rotation.j2) written as a spec is PEFT's RoAd-1."""
+    from peft import RoadConfig
+
+    monkeypatch.setenv("LORA_LITE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "road.yaml").write_text(ROAD_SPEC)
+    base = llama()
+    ours = copy.deepcopy(base)
+    ll.attach(ours, ll.from_spec(tmp_path / "road.yaml"))
+    theirs = peft.get_peft_model(copy.deepcopy(base), RoadConfig(variant="road_1", group_size=8, target_modules=QV))
+    batch = {"input_ids": token_batch(seed=7, vocab=64)["input_ids"]}
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for target, st in ll.state(ours).targets.items():
+            layer = theirs.base_model.model.get_submodule(target)
+            for ours_k, path in (("lora_theta", "road_theta.default"), ("lora_alpha", "road_alpha.default")):
+                t = peft_tensor(layer, path)
+                t.add_(0.3 * torch.randn(t.shape, generator=g))
+                getattr(st.module, ours_k).copy_(t)
+        want, got = theirs(**batch).logits, ours(**batch).logits
+    assert rel_err(want, base(**batch).logits) > 1e-2
+    assert rel_err(got, want) < RTOL
+    lm_probe_loss(theirs, batch).backward()
+    lm_probe_loss(ours, batch).backward()
+    for target, st in ll.state(ours).targets.items():
+        layer = theirs.base_model.model.get_submodule(target)
+        for ours_k, path in (("lora_theta", "road_theta.default"), ("lora_alpha", "road_alpha.default")):
+            assert rel_err(getattr(st.module, ours_k).grad, peft_tensor(layer, path).grad) < RTOL, (target, ours_k)

@@ -131,7 +131,7 @@ def test_crop_on_a_quantized_target_is_refused_naming_the_layer(name, device):
         rf"its weight\. Use residual='subtract' \(ll\.from_spec\('{name}', residual='subtract'\)\)"
     )
     with pytest.raises(ll.AttachError, match=msg):
-        ll.attach(model, small_cfg(name), calibration_data=calibration(), progress=False)
+        ll.attach(model, small_cfg(name, residual="crop"), calibration_data=calibration(), progress=False)
     assert_unchanged(model, snap)
 
 

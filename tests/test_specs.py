@@ -31,10 +31,10 @@ EXPECTED = {
         "$.hyperparameters['alpha: float = 1\\nimport os']: a key holds a line break",
     ],
     "name_mismatch.yaml": ["$.name: 'something_else' must equal the file name 'name_mismatch'"],
-    "missing_tensor.yaml": ["$.params: core 'lowrank' needs tensor 'lora_B'"],
-    "crop_without_basis.yaml": ["$.residual: crop needs a basis"],
-    "subtract_without_basis.yaml": ["$.residual: subtract needs a basis to subtract"],
-    "svd_without_residual.yaml": ["$.residual: basis 'svd' puts W's top-r part into the adapter"],
+    "missing_tensor.yaml": ["$.params: core 'lowrank' on basis 'none' needs tensor 'lora_B'", "rule missing-param"],
+    "crop_without_basis.yaml": ["$.residual: crop needs a basis", "rule residual-without-frozen-part"],
+    "subtract_without_basis.yaml": ["$.residual: subtract needs a basis", "rule residual-without-frozen-part"],
+    "svd_without_residual.yaml": ["$.residual: basis 'svd' puts part of W into the", "rule residual-counts-twice"],
     "shadowing_name.yaml": ["$.hyperparameters.variant: 'variant' is reserved"],
     "bad_regex.yaml": ["$.target.names[0]: bad regex '(q_proj'"],
     # YAML and the document itself: refused before anything is built from it
@@ -84,7 +84,7 @@ GENERATED = {
     "huge.yaml": (_LORA + "# padding\n" * 30_000, ["huge.yaml: $: larger than 256 KiB"]),
     "many_nodes.yaml": (
         _LORA.replace("names: ['\\.q_proj$', '\\.v_proj$']", "names: [" + ", ".join(["q"] * 20_001) + "]"),
-        ["many_nodes.yaml:14: $: more than 20000 YAML nodes"],
+        ["many_nodes.yaml:12: $: more than 20000 YAML nodes"],
     ),
 }
 

@@ -448,7 +448,11 @@ def tensor_cases() -> list[Case]:
 
 
 def spec_cases() -> list[Case]:
-    sub = lambda old, new: spec_text(lambda s: s.replace(old, new, 1))  # noqa: E731
+    def once(s: str, old: str, new: str) -> str:
+        assert old in s, f"the case's anchor {old!r} is not in the spec text"  # else the case tries nothing
+        return s.replace(old, new, 1)
+
+    sub = lambda old, new: spec_text(lambda s: once(s, old, new))  # noqa: E731
     return [
         Case("bad spec text", "not YAML", spec_text(lambda s: "{{{: ["), "$.spec: <checkpoint spec pissa>"),
         Case("bad spec text", "empty", spec_text(lambda s: " "), "$.spec:"),
@@ -460,7 +464,7 @@ def spec_cases() -> list[Case]:
         Case("spec injection", "param name", sub("  lora_B: {", '  "lora_B; import os": {}\n  lora_B: {'), "$.spec:"),
         Case("spec injection", "name", sub("name: pissa", "name: 'pissa\\nimport os'"), "$.spec:"),
         Case("spec injection", "regex quote", sub(r"'\.q_proj$'", "'\\\"\"); import os #'"), "bad regex"),
-        Case("spec injection", "backslash", sub("math: |\n", "math: |\n  \\N{x}\\n\n"), "$.spec:"),
+        Case("spec injection", "backslash", sub("identity: |\n", "identity: |\n  \\N{x}\\n\n"), "$.spec:"),
         Case(
             "spec injection",
             "shape expression",

@@ -1,0 +1,104 @@
+# Code generated from specs/lora_fa.yaml by lora_lite.codegen. DO NOT EDIT.
+# Regenerate: just gen    Check: just gen-check
+"""LoRA-FA: LoRA with the down-projection A frozen at its random init; only B is trained.
+
+Zhang et al. 2023, LoRA-FA: Memory-efficient Low-rank Adaptation for Large Language Models Fine-
+tuning, arXiv 2308.03303.
+Reference implementation: none: PEFT ships LoRA-FA as an optimizer (peft/optimizers/lorafa.py).
+
+Formula (from the composition):
+
+    s = alpha / r
+    y = W x + s B A x
+
+Identity at init: B = 0, so the update s B A x is zero.
+
+A is a buffer (saved in checkpoints, never in the optimiser), so no activation of width d_in
+is kept for A's gradient. The paper's optimizer also projects B's gradient; plain AdamW on B
+alone is what this spec trains.
+
+Spec: basis=none, core=lowrank, modifiers=[scale alpha_over_r, frozen ['lora_A']],
+residual=none, hook=output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lora_lite.config import AdapterConfig
+
+NAME = "lora_fa"  # the spec's name
+TITLE = "LoRA-FA"  # its title
+HOOK = "output"  # forward hook: forward() returns the layer's new output
+CAST_INPUT = True  # the hook casts x to cfg.dtype for forward() (an input hook casts the result back)
+RESIDUAL = "none"  # the base weight is never modified
+RESIDUALS = ("none",)  # the values cfg.residual may take
+CALIBRATION = "none"  # calibration data is accepted and ignored
+TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
+LR = 0.0001  # recommended AdamW learning rate
+QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)
+USES_BASE_WEIGHT = False  # the math never reads W after init
+RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
+RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
+BOUNDS = {"r": (1, 65536), "alpha": (-1000000.0, 1000000.0)}  # (min, max) of each hyperparameter; None for a bool
+
+
+@dataclass(frozen=True)
+class Config(AdapterConfig):
+    """LoRA-FA hyperparameters (defaults from specs/lora_fa.yaml)."""
+
+    r: int = 8  # rank of the update
+    alpha: float = 16.0  # scale numerator, s = alpha / r
+
+
+# Adapter tensors registered on each target: name -> (shape, init, trainable)
+PARAMS = {
+    "lora_A": (("r", "d_in"), "kaiming_uniform", False),  # down-projection, frozen at init
+    "lora_B": (("d_out", "r"), "zeros", True),  # up-projection
+}
+
+
+def shapes(cfg: Config, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
+    """Shape of each adapter tensor for a target whose weight is (d_out, d_in)."""
+    return {
+        "lora_A": (cfg.r, d_in),
+        "lora_B": (d_out, cfg.r),
+    }
+
+
+# i: d_in, o: d_out, r: rank, ...: leading (batch, token) dims
+def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]:
+    """Initial adapter tensors (fp32) for one target. W: (o, i) base weight, fp32, dequantized.
+
+    `stats` holds statistics of this layer's input, gathered on the intact model, when
+    calibration data was given: "second_moment" (i, i) = mean of x x^T and "mean" (i,) = mean
+    of x over the counted tokens (padding and labels == -100 excluded), and "tokens", their
+    count. Otherwise it is None.
+    """
+    d_out, d_in = W.shape
+    t = {}
+    t["lora_A"] = torch.empty(cfg.r, d_in)  # (r, i)
+    nn.init.kaiming_uniform_(t["lora_A"], a=math.sqrt(5))  # as nn.Linear (PEFT's lora_A init)
+    t["lora_B"] = torch.zeros(d_out, cfg.r)  # (o, r)
+    return t
+
+
+def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
+    """New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output."""
+    s = cfg.alpha / cfg.r
+    delta = (s * (x @ m.lora_A.T)) @ m.lora_B.T  # (..., o); s scales the (..., r) factor
+    return y + delta.to(y.dtype)  # (..., o)
+
+
+def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
+    """The part of W this adapter takes over, (o, i) fp32, from the stored (rounded) buffers.
+
+    residual crop: attach and load crop the base weight to W_res = W - frozen_weight(); detach
+    adds it back. residual subtract: W is never modified; forward() takes this part out of the
+    output in factored form, without forming the (o, i) matrix. Raises ValueError without one.
+    """
+    raise ValueError("lora_fa has no frozen part (residual none)")
