@@ -431,7 +431,7 @@ def install(model: nn.Module, cfg: AdapterConfig, per_target: dict) -> State:
             with torch.no_grad():
                 w = m.weight
                 w.copy_((w.float() - gen.frozen_weight(m, cfg_t)).to(w.dtype))
-        target.handle = _register_hook(gen, target, cfg.dtype)
+        target.handle = _register_hook(gen, target)
         st.targets[name] = target
     model.__dict__[STATE_ATTR] = st
     return st
@@ -442,15 +442,20 @@ class OutputHook:
 
     A class rather than a closure so an adapted model pickles and deep-copies. It casts x to
     the adapter dtype unless the module says CAST_INPUT = False (its forward works in the
-    layer's dtype or never reads x; IA3 casts its gain instead)."""
+    layer's dtype or never reads x; IA3 casts its gain instead). The adapter dtype is read
+    from the target's first adapter tensor at every call, not from cfg.dtype, so the hooks
+    follow `model.to(torch.bfloat16)`, `.half()` or `.to(device)` after attach."""
 
-    def __init__(self, target: Target, dtype: torch.dtype):
-        self.target, self.dtype = target, dtype
+    def __init__(self, target: Target):
+        self.target = target
+
+    def adapter_dtype(self, m: nn.Module) -> torch.dtype:
+        return getattr(m, self.target.tensors[0]).dtype
 
     def __call__(self, m, args, y):
         cfg = self.target.cfg
         gen = cfg.variant()
-        x = args[0].to(self.dtype) if gen.CAST_INPUT else args[0]
+        x = args[0].to(self.adapter_dtype(m)) if gen.CAST_INPUT else args[0]
         return gen.forward(m, x, y, cfg)
 
 
@@ -463,13 +468,13 @@ class InputHook(OutputHook):
         x = args[0]
         if not gen.CAST_INPUT:
             return (gen.forward(m, x, cfg), *args[1:])
-        return (gen.forward(m, x.to(self.dtype), cfg).to(x.dtype), *args[1:])
+        return (gen.forward(m, x.to(self.adapter_dtype(m)), cfg).to(x.dtype), *args[1:])
 
 
-def _register_hook(gen: ModuleType, target: Target, dtype: torch.dtype):
+def _register_hook(gen: ModuleType, target: Target):
     if gen.HOOK == "output":
-        return target.module.register_forward_hook(OutputHook(target, dtype))
-    return target.module.register_forward_pre_hook(InputHook(target, dtype))
+        return target.module.register_forward_hook(OutputHook(target))
+    return target.module.register_forward_pre_hook(InputHook(target))
 
 
 def detach(model: nn.Module) -> nn.Module:
