@@ -38,7 +38,9 @@ from .runtime import (
     is_linear_like,
     state,
     target_info,
+    warn_if_wrapped_already,
 )
+from .wrappers import full, is_sharded, is_writer, unwrap
 
 FORMAT_VERSION = 1
 FINGERPRINT_TOL = 0.05  # relative; rounding W to bf16 moves it by ~0.1%, to fp16 by ~0.02%
@@ -60,15 +62,19 @@ class CheckpointError(ValueError):
 def save(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the attached adapter to `path` (safetensors), atomically (temp file + rename).
 
-    Raises AttachError when nothing is attached. Returns the path.
+    `model` may be wrapped (DDP, torch.compile, accelerate, FSDP2). With FSDP2 every rank must
+    call save (the sharded tensors are gathered) and rank 0 writes. Raises AttachError when
+    nothing is attached. Returns the path.
     """
     st = state(model)
     if st is None:
         raise AttachError("save: no lora-lite adapter is attached to this model (nothing to save)")
-    tensors, targets = {}, {}
+    tensors, targets, sharded = {}, {}, False
     for name, t in st.targets.items():
         for k in t.tensors:
-            tensors[f"{name}.{k}"] = getattr(t.module, k).detach().to("cpu").contiguous()
+            t_k = getattr(t.module, k)
+            sharded = sharded or is_sharded(t_k)
+            tensors[f"{name}.{k}"] = full(t_k).detach().to("cpu").contiguous()
         targets[name] = {"hyperparameters": t.cfg.hyperparameters(), **t.info}
     meta = {
         "format_version": FORMAT_VERSION,
@@ -79,6 +85,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         "targets": targets,
     }
     path = Path(path)
+    if sharded and not is_writer():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -126,6 +134,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, residual: str | None = No
     variants whose math depends on W, else a warning). Raises CheckpointError / AttachError
     naming the layer, ValueError for a residual the variant does not take.
     """
+    wrapper, model = model, unwrap(model)
     if state(model) is not None:
         raise AttachError(f"load: model already has a {state(model).variant.NAME} adapter; call ll.detach(model) first")
     meta = read_metadata(path)
@@ -179,4 +188,5 @@ def load(model: nn.Module, path: str | os.PathLike, *, residual: str | None = No
             info["loaded_fingerprint_distance"] = round(dist, 6)
             per_target[name] = (m, cfg_t, tensors, info)
     install(model, cfg, per_target)
-    return model
+    warn_if_wrapped_already(wrapper, "load")
+    return wrapper

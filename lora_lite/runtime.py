@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from .calibration import collect_input_stats
 from .config import AdapterConfig
+from .wrappers import full, is_sharded, unwrap, wraps_data_parallel, write_full
 
 STATE_ATTR = "_lora_lite"
 EXCLUDE = re.compile(r"(^|\.)(lm_head|embed_tokens|embed_out|wte|wpe|embeddings?)$")
@@ -81,8 +82,8 @@ class State:
 
 
 def state(model: nn.Module) -> State | None:
-    """The attached adapter's state, or None."""
-    return model.__dict__.get(STATE_ATTR)
+    """The attached adapter's state, or None. `model` may be wrapped (see lora_lite.wrappers)."""
+    return unwrap(model).__dict__.get(STATE_ATTR)
 
 
 def is_linear_like(m: nn.Module) -> bool:
@@ -191,7 +192,7 @@ def base_weight(m: nn.Module) -> Tensor:
         if scb is None:
             raise AttachError("int8 layer without quantization statistics (SCB): move it to its device first")
         return w.data.float() * (scb.float()[:, None] / 127.0)
-    return w.detach().float()
+    return full(w).detach().float()  # an FSDP2-sharded W is gathered
 
 
 def base_forward(m: nn.Module, x: Tensor) -> Tensor:
@@ -362,6 +363,7 @@ def attach(model: nn.Module, cfg: AdapterConfig, calibration_data=None, *, progr
         raise TypeError(
             f"attach: expected a config from ll.from_spec(...) or ll.LoRAConfig(...), got {type(cfg).__name__}"
         )
+    wrapper, model = model, unwrap(model)
     if state(model) is not None:
         raise AttachError(
             f"model already has a {state(model).variant.NAME} adapter attached; call ll.detach(model) first"
@@ -386,7 +388,21 @@ def attach(model: nn.Module, cfg: AdapterConfig, calibration_data=None, *, progr
         stats = collect_input_stats(model, targets, calibration_data, progress=progress)
     built = {name: _build(gen, name, m, cfgs[name], stats[name] if stats else None) for name, m in targets.items()}
     install(model, cfg, {name: (targets[name], cfgs[name], b["tensors"], b["info"]) for name, b in built.items()})
-    return model
+    warn_if_wrapped_already(wrapper, "attach")
+    return wrapper
+
+
+def warn_if_wrapped_already(wrapper: nn.Module, what: str) -> None:
+    """Warn when the adapter went into a model that DDP or FSDP2 had already wrapped: they
+    synchronise only the parameters they saw when built, so training would let ranks drift."""
+    model = unwrap(wrapper)
+    if wraps_data_parallel(wrapper) or any(is_sharded(p) for p in model.parameters()):
+        warnings.warn(
+            f"{what}: the model was already wrapped for data parallelism (DDP/FSDP2), which does not "
+            "synchronise the adapter's new parameters; fine for inference, but to train, "
+            f"{what} before wrapping",
+            stacklevel=3,
+        )
 
 
 def _warn_cpu_packed(model: nn.Module) -> None:
@@ -428,9 +444,7 @@ def install(model: nn.Module, cfg: AdapterConfig, per_target: dict) -> State:
                 m.register_buffer(k, t)
         target = Target(name=name, module=m, cfg=cfg_t, tensors=tuple(tensors), info=info)
         if cfg_t.residual == "crop":
-            with torch.no_grad():
-                w = m.weight
-                w.copy_((w.float() - gen.frozen_weight(m, cfg_t)).to(w.dtype))
+            add_to_weight(m, -gen.frozen_weight(m, cfg_t))
         target.handle = _register_hook(gen, target)
         st.targets[name] = target
     model.__dict__[STATE_ATTR] = st
@@ -477,11 +491,22 @@ def _register_hook(gen: ModuleType, target: Target):
     return target.module.register_forward_pre_hook(InputHook(target))
 
 
+def add_to_weight(m: nn.Module, delta: Tensor) -> None:
+    """W <- W + delta for a float layer, delta (d_out, d_in) fp32, rounded once to W's dtype.
+
+    Crop (delta = -frozen_weight) and detach (+frozen_weight) go through here; an
+    FSDP2-sharded W is gathered and each rank keeps its shard (every rank must call).
+    """
+    w = m.weight
+    write_full(w, (full(w).detach().float() + delta.to(w.device)).to(w.dtype))
+
+
 def detach(model: nn.Module) -> nn.Module:
     """Remove the adapter and give the base model back (see the module docstring); returns `model`.
 
     Raises AttachError when nothing is attached.
     """
+    wrapper, model = model, unwrap(model)
     st = state(model)
     if st is None:
         raise AttachError("detach: no lora-lite adapter is attached to this model")
@@ -490,9 +515,7 @@ def detach(model: nn.Module) -> nn.Module:
         m = t.module
         t.handle.remove()
         if t.cfg.residual == "crop":
-            with torch.no_grad():
-                w = m.weight
-                w.copy_((w.float() + gen.frozen_weight(m, t.cfg)).to(w.dtype))
+            add_to_weight(m, gen.frozen_weight(m, t.cfg))
         for k in t.tensors:
             m._parameters.pop(k, None)
             m._buffers.pop(k, None)
@@ -502,7 +525,7 @@ def detach(model: nn.Module) -> nn.Module:
         if n in params:
             params[n].requires_grad_(flag)
     del model.__dict__[STATE_ATTR]
-    return model
+    return wrapper
 
 
 def set_coeff(model: nn.Module, value: float) -> None:
@@ -526,5 +549,5 @@ def set_coeff(model: nn.Module, value: float) -> None:
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters an optimiser should train: those with requires_grad."""
-    return [p for p in model.parameters() if p.requires_grad]
+    """The parameters an optimiser should train: those with requires_grad (of the model or a wrapper)."""
+    return [p for p in unwrap(model).parameters() if p.requires_grad]
