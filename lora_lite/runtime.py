@@ -36,14 +36,14 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import torch
 from torch import Tensor, nn
 
 from .calibration import collect_input_stats
 from .config import AdapterConfig
-from .wrappers import full, is_sharded, unwrap, wraps_data_parallel, write_full
+from .wrappers import full, is_sharded, shard_like, unwrap, wraps_data_parallel
 
 STATE_ATTR = "_lora_lite"
 EXCLUDE = re.compile(r"(^|\.)(lm_head|embed_tokens|embed_out|wte|wpe|embeddings?)$")
@@ -64,6 +64,7 @@ class Target:
     tensors: tuple[str, ...]
     info: dict  # d_in, d_out, weight shape/dtype, quantization, fingerprint
     handle: object = None
+    state_dict_handles: tuple = ()  # crop: the state_dict hooks that present W, not W_res
 
 
 @dataclass
@@ -445,6 +446,10 @@ def install(model: nn.Module, cfg: AdapterConfig, per_target: dict) -> State:
         target = Target(name=name, module=m, cfg=cfg_t, tensors=tuple(tensors), info=info)
         if cfg_t.residual == "crop":
             add_to_weight(m, -gen.frozen_weight(m, cfg_t))
+            target.state_dict_handles = (
+                m.register_state_dict_post_hook(SaveFullWeight(target)),
+                m.register_load_state_dict_pre_hook(CropLoadedWeight(target)),
+            )
         target.handle = _register_hook(gen, target)
         st.targets[name] = target
     model.__dict__[STATE_ATTR] = st
@@ -485,6 +490,44 @@ class InputHook(OutputHook):
         return (gen.forward(m, x.to(self.adapter_dtype(m)), cfg).to(x.dtype), *args[1:])
 
 
+class SaveFullWeight:
+    """state_dict post-hook of a cropped target: the saved `weight` is W = W_res + frozen part
+    (within the weight dtype's rounding), never the cropped W_res, so `model.state_dict()`,
+    `save_pretrained` and whole-model checkpoints hold the base weight. The adapter's own
+    tensors are saved beside it under their `lora_` names."""
+
+    def __init__(self, target: Target):
+        self.target = target
+
+    def __call__(self, m, state_dict, prefix, local_metadata):
+        key = prefix + "weight"
+        if key in state_dict:
+            w = state_dict[key]
+            frozen = self.target.cfg.variant().frozen_weight(m, self.target.cfg)  # (o, i) fp32
+            state_dict[key] = shifted(w, frozen)
+
+
+class CropLoadedWeight:
+    """load_state_dict pre-hook of a cropped target: an incoming `weight` is a base W (what
+    SaveFullWeight writes), cropped to W - frozen part before it is copied in; the frozen part
+    comes from the incoming adapter tensors when the state_dict has them, else the module's."""
+
+    def __init__(self, target: Target):
+        self.target = target
+
+    def __call__(self, m, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        key = prefix + "weight"
+        if key in state_dict:
+            given = {k: state_dict.get(prefix + k, getattr(m, k)) for k in self.target.tensors}
+            frozen = self.target.cfg.variant().frozen_weight(SimpleNamespace(**given), self.target.cfg)
+            state_dict[key] = shifted(state_dict[key], -frozen)
+
+
+def shifted(w: Tensor, delta: Tensor) -> Tensor:
+    """A new tensor w + delta in w's dtype and layout (sharded or not); delta (d_out, d_in) fp32."""
+    return shard_like((full(w).detach().float() + delta.to(w.device)).to(w.dtype), w)
+
+
 def _register_hook(gen: ModuleType, target: Target):
     if gen.HOOK == "output":
         return target.module.register_forward_hook(OutputHook(target))
@@ -497,8 +540,8 @@ def add_to_weight(m: nn.Module, delta: Tensor) -> None:
     Crop (delta = -frozen_weight) and detach (+frozen_weight) go through here; an
     FSDP2-sharded W is gathered and each rank keeps its shard (every rank must call).
     """
-    w = m.weight
-    write_full(w, (full(w).detach().float() + delta.to(w.device)).to(w.dtype))
+    with torch.no_grad():
+        m.weight.copy_(shifted(m.weight, delta))
 
 
 def detach(model: nn.Module) -> nn.Module:
@@ -514,6 +557,8 @@ def detach(model: nn.Module) -> nn.Module:
     for t in st.targets.values():
         m = t.module
         t.handle.remove()
+        for h in t.state_dict_handles:
+            h.remove()
         if t.cfg.residual == "crop":
             add_to_weight(m, gen.frozen_weight(m, t.cfg))
         for k in t.tensors:

@@ -11,7 +11,7 @@ calls unwrap() first, so it accepts the model itself or any of:
 The adapter's state lives on the unwrapped model, so a wrapper built before or after attach
 sees the same adapter. FSDP2 shards every parameter, the adapter's too (attach before
 fully_shard so they are sharded and their gradients reduced): `full` gathers one tensor
-(a collective: every rank calls it), `write_full` writes a full value into a sharded one.
+(a collective: every rank calls it), `shard_like` shards a full value as another tensor is.
 """
 
 from __future__ import annotations
@@ -68,13 +68,12 @@ def full(t: Tensor) -> Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def write_full(dst: Tensor, value: Tensor) -> None:
-    """dst.copy_(value) under no_grad, where value is the full tensor and dst may be sharded
-    (each rank keeps its own shard of value; every rank must call)."""
-    with torch.no_grad():
-        if isinstance(dst, DTensor):
-            value = distribute_tensor(value.to(dst.dtype), dst.device_mesh, dst.placements)
-        dst.copy_(value)
+def shard_like(value: Tensor, ref: Tensor) -> Tensor:
+    """`value`, a full tensor, laid out as `ref`: sharded the same way when ref is a DTensor
+    (each rank keeps its shard; every rank must call), else returned as it is."""
+    if isinstance(ref, DTensor):
+        return distribute_tensor(value, ref.device_mesh, ref.placements)
+    return value
 
 
 def is_writer() -> bool:

@@ -101,3 +101,26 @@ def assert_unchanged(model, snap) -> None:
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert ll.state(model) is None
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def hf_llama(seed: int = 0, tie: bool = False):
+    """Tiny random transformers LlamaForCausalLM (no hub): vocab 64, hidden 32, 2 layers, k/v 32 -> 16."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def crop_specs() -> list[str]:
+    """Shipped specs whose default residual is crop (W holds W_res while attached)."""
+    return [n for n in SPECS if ll.variant_module(n).RESIDUAL == "crop"]
