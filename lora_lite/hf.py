@@ -50,9 +50,7 @@ class AdapterTrainer(Trainer):
 
     def __init__(self, model=None, *args, **kwargs):
         if model is None or state(model) is None:
-            raise AttachError(
-                "AdapterTrainer: attach an adapter first (ll.attach(model, cfg) or ll.load(model, path))"
-            )
+            raise AttachError("AdapterTrainer: attach an adapter first (ll.attach(model, cfg) or ll.load(model, path))")
         inner = unwrap(model)
         quantized = getattr(inner, "is_quantized", False) is True
         if quantized:

@@ -88,7 +88,8 @@ def test_trains_a_bitsandbytes_4bit_model(tmp_path):
     pytest.importorskip("bitsandbytes")
     hf_llama().save_pretrained(tmp_path / "base")
     q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=q, device_map="cpu")
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    model = load(tmp_path / "base", quantization_config=q, device_map="cpu")
     assert model.is_quantized
     with pytest.raises(ValueError, match="purely quantized"):  # what Trainer says without an adapter
         transformers.Trainer(model=model, args=args(tmp_path / "t", 2))
@@ -98,6 +99,6 @@ def test_trains_a_bitsandbytes_4bit_model(tmp_path):
     assert model.is_quantized  # set back after Trainer's check
     after = adapter_tensors(model)
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    fresh = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=q, device_map="cpu")
+    fresh = load(tmp_path / "base", quantization_config=q, device_map="cpu")
     ll.load(fresh, tmp_path / "out" / "checkpoint-2" / "model.safetensors")
     assert all(torch.equal(v, after[k]) for k, v in adapter_tensors(fresh).items())
