@@ -33,9 +33,11 @@ from .runtime import (
     AttachError,
     base_weight,
     check_quantized,
+    check_tied,
     fingerprint_distance,
     install,
     is_linear_like,
+    layer_dims,
     state,
     target_info,
     warn_if_wrapped_already,
@@ -153,15 +155,17 @@ def load(model: nn.Module, path: str | os.PathLike, *, residual: str | None = No
                 raise CheckpointError(
                     f"{path}: target {name!r} is {'missing from' if m is None else 'not linear-like in'} this model"
                 )
-            shape = [m.out_features, m.in_features]
+            d_in, d_out = layer_dims(m)
+            shape = [d_out, d_in]
             if shape != [tmeta["d_out"], tmeta["d_in"]]:
                 raise CheckpointError(
                     f"{path}: {name}: model layer is (d_out, d_in) = {tuple(shape)}, "
                     f"checkpoint expects {(tmeta['d_out'], tmeta['d_in'])}"
                 )
             check_quantized(gen, cfg, name, m, fix="ll.load(model, path, residual='subtract')")
+            check_tied(model, gen, cfg, name, m, fix="ll.load(model, path, residual='subtract')")
             cfg_t = gen.Config(**{**meta["config"], **tmeta["hyperparameters"], "residual": cfg.residual})
-            want = gen.shapes(cfg_t, m.in_features, m.out_features)
+            want = gen.shapes(cfg_t, d_in, d_out)
             tensors = {}
             for k, shape_k in want.items():
                 key = f"{name}.{k}"

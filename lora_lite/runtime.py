@@ -4,8 +4,11 @@ The contract, in order (each step finishes before the next; nothing is modified 
 target's tensors are built, so a failure leaves the model as it was):
 
     attach(model, cfg, calibration_data=None)
-      1. find targets: linear-like modules (in_features, out_features, weight) whose names
-         match cfg.target_names (re.search) and cfg.layers; lm_head and embeddings excluded
+      1. find targets: linear-like modules (in_features, out_features, weight; and transformers
+         Conv1D, weight stored (d_in, d_out)) whose names match cfg.target_names (re.search)
+         and cfg.layers; lm_head and embeddings excluded; a matching layer of another kind
+         with a weight matrix (Conv2d, an Embedding under another name, ...) or one inside a
+         WEIGHT_READERS parent is refused
       2. clamp rank hyperparameters per target to min(d_in, d_out) (one warning per target)
       3. calibrate on the *intact* model: input statistics of every target (padding excluded)
       4. build each target's tensors with the variant's init(W, cfg, stats), in fp32
@@ -87,10 +90,38 @@ def state(model: nn.Module) -> State | None:
     return unwrap(model).__dict__.get(STATE_ATTR)
 
 
+# Parents that read a child layer's weight without calling the child, so a hook on it never
+# runs (nn.MultiheadAttention passes out_proj.weight to F.multi_head_attention_forward). A
+# layer inside one of these is refused at attach. The one list; the README shows it.
+WEIGHT_READERS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
+
+
+def is_conv1d(m: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 family): y = x W + b with W stored (d_in, d_out), PEFT's
+    fan_in_fan_out case. Recognised by name so transformers need not be imported."""
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and isinstance(getattr(m, "weight", None), Tensor)
+
+
+def layer_dims(m: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a linear-like layer or a Conv1D."""
+    if is_conv1d(m):
+        d_in, d_out = m.weight.shape  # stored (in, out)
+        return int(d_in), int(d_out)
+    return m.in_features, m.out_features
+
+
 def is_linear_like(m: nn.Module) -> bool:
-    return all(hasattr(m, a) for a in ("in_features", "out_features", "weight")) and isinstance(
-        getattr(m, "weight", None), Tensor
+    """A layer lora-lite adapts: in_features, out_features and a weight tensor (nn.Linear and
+    bitsandbytes' Linear4bit/Linear8bitLt), or a transformers Conv1D."""
+    return is_conv1d(m) or (
+        all(hasattr(m, a) for a in ("in_features", "out_features", "weight"))
+        and isinstance(getattr(m, "weight", None), Tensor)
     )
+
+
+def stored_layout(m: nn.Module, W: Tensor) -> Tensor:
+    """A (d_out, d_in) matrix laid out as the layer stores its weight ((d_in, d_out) for Conv1D)."""
+    return W.T if is_conv1d(m) else W
 
 
 def layer_index(name: str) -> int | None:
@@ -110,14 +141,32 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> dict[str, nn.Module]:
         except re.error as e:
             raise AttachError(f"{gen.NAME}: target_names: bad regex {p!r}: {e}") from None
     found, linear = {}, []
+    readers = {
+        f"{p}.{c}" if p else c: type(pm).__name__
+        for p, pm in model.named_modules()
+        if isinstance(pm, WEIGHT_READERS)
+        for c, _ in pm.named_children()
+    }
     for name, m in model.named_modules():
-        if not name or not is_linear_like(m) or EXCLUDE.search(name):
+        if not name or EXCLUDE.search(name):
+            continue
+        matches = any(rx.search(name) for rx in regexes) and (cfg.layers is None or layer_index(name) in cfg.layers)
+        if not is_linear_like(m):
+            w = m._parameters.get("weight")
+            if matches and isinstance(w, Tensor) and w.dim() >= 2:  # a weight matrix: not a container or a norm
+                raise AttachError(
+                    f"{gen.NAME}: {name} is a {type(m).__name__}; lora-lite adapts linear layers "
+                    "(in_features, out_features, weight) and transformers Conv1D only"
+                )
             continue
         linear.append(name)
-        if not any(rx.search(name) for rx in regexes):
+        if not matches:
             continue
-        if cfg.layers is not None and layer_index(name) not in cfg.layers:
-            continue
+        if name in readers:
+            raise AttachError(
+                f"{gen.NAME}: {name} ({type(m).__name__}) is inside a {readers[name]}, which reads its weight "
+                "without calling it, so an adapter hook would never run"
+            )
         found[name] = m
     if not found:
         sample = ", ".join(linear[:8]) + (" ..." if len(linear) > 8 else "") or "(none)"
@@ -193,7 +242,7 @@ def base_weight(m: nn.Module) -> Tensor:
         if scb is None:
             raise AttachError("int8 layer without quantization statistics (SCB): move it to its device first")
         return w.data.float() * (scb.float()[:, None] / 127.0)
-    return full(w).detach().float()  # an FSDP2-sharded W is gathered
+    return stored_layout(m, full(w).detach().float())  # (o, i); an FSDP2-sharded W is gathered
 
 
 def base_forward(m: nn.Module, x: Tensor) -> Tensor:
@@ -207,6 +256,8 @@ def base_forward(m: nn.Module, x: Tensor) -> Tensor:
     """
     if not is_quantized(m):
         w = m.weight.detach()
+        if is_conv1d(m):
+            return (x.to(w.dtype) @ w).float()  # W stored (i, o)
         return nn.functional.linear(x.to(w.dtype), w).float()
     bias = getattr(m, "bias", None)
     if bias is not None:
@@ -247,7 +298,8 @@ def _row_sqnorm(m: nn.Module) -> Tensor:
         return base_weight(m).square().sum(1)  # (o,); the dequantized copy is freed here
     w = m.weight.detach()
     wide = torch.promote_types(w.dtype, torch.float32)  # fp32 (fp64 for an fp64 W)
-    return torch.linalg.vector_norm(w, dim=1, dtype=wide).square().float()  # (o,)
+    dim = 0 if is_conv1d(m) else 1  # a Conv1D stores W as (i, o)
+    return torch.linalg.vector_norm(w, dim=dim, dtype=wide).square().float()  # (o,)
 
 
 def check_quantized(gen: ModuleType, cfg: AdapterConfig, name: str, m: nn.Module, fix: str) -> None:
@@ -267,6 +319,20 @@ def check_quantized(gen: ModuleType, cfg: AdapterConfig, name: str, m: nn.Module
         raise AttachError(
             f"{gen.NAME}: {name} is quantized ({q}); residual crop would rewrite its weight. "
             f"Use residual='subtract' ({fix}), which leaves W untouched, or a float base"
+        )
+
+
+def check_tied(model: nn.Module, gen: ModuleType, cfg: AdapterConfig, name: str, m: nn.Module, fix: str) -> None:
+    """Refuse crop on a weight the model shares with another module (a tied embedding /
+    lm_head): cropping it would change the other one too. AttachError naming both."""
+    if cfg.residual != "crop":
+        return
+    owners = [n for n, p in model.named_parameters(remove_duplicate=False) if p is m.weight]
+    others = [n for n in owners if n != f"{name}.weight"]
+    if others:
+        raise AttachError(
+            f"{gen.NAME}: {name}.weight is tied to {others[0]}; residual crop would change both. "
+            f"Use residual='subtract' ({fix})"
         )
 
 
@@ -301,7 +367,7 @@ def fingerprint_distance(a: list[float], b: list[float]) -> float:
 def target_config(cfg: AdapterConfig, name: str, m: nn.Module, warn: bool = True) -> AdapterConfig:
     """The config for one target: rank hyperparameters clamped to min(d_in, d_out)."""
     gen = cfg.variant()
-    limit = min(m.in_features, m.out_features)
+    limit = min(layer_dims(m))
     changes = {}
     for k in gen.RANKS:
         if getattr(cfg, k) > limit:
@@ -327,7 +393,7 @@ def _build(gen: ModuleType, name: str, m: nn.Module, cfg_t: AdapterConfig, stats
         raise AttachError(
             f"{gen.NAME}: {name}: {msg} (weight {'finite' if finite else 'has NaN/inf entries'})"
         ) from None
-    want = gen.shapes(cfg_t, m.in_features, m.out_features)
+    want = gen.shapes(cfg_t, *layer_dims(m))
     if set(tensors) != set(want):
         raise AttachError(f"{gen.NAME}: {name}: init returned {sorted(tensors)}, spec declares {sorted(want)}")
     for k, t in tensors.items():
@@ -341,8 +407,8 @@ def _build(gen: ModuleType, name: str, m: nn.Module, cfg_t: AdapterConfig, stats
 def target_info(m: nn.Module, W: Tensor) -> dict:
     """What a checkpoint records of a target's base layer; W is its dequantized fp32 weight."""
     return {
-        "d_in": m.in_features,
-        "d_out": m.out_features,
+        "d_in": layer_dims(m)[0],
+        "d_out": layer_dims(m)[1],
         "weight_shape": list(W.shape),  # (d_out, d_in), also for 4-bit weights stored packed
         "weight_dtype": str(m.weight.dtype).removeprefix("torch."),
         "quantization": quantization(m),  # None, "nf4", "fp4", "int8"
@@ -380,6 +446,7 @@ def attach(model: nn.Module, cfg: AdapterConfig, calibration_data=None, *, progr
                 "attached through another module; detach that one first"
             )
         check_quantized(gen, cfg, name, m, fix=f"ll.from_spec({gen.NAME!r}, residual='subtract')")
+        check_tied(model, gen, cfg, name, m, fix=f"ll.from_spec({gen.NAME!r}, residual='subtract')")
     _warn_cpu_packed(model)
     cfgs = {name: target_config(cfg, name, m) for name, m in targets.items()}
     stats = None
@@ -504,7 +571,7 @@ class SaveFullWeight:
         if key in state_dict:
             w = state_dict[key]
             frozen = self.target.cfg.variant().frozen_weight(m, self.target.cfg)  # (o, i) fp32
-            state_dict[key] = shifted(w, frozen)
+            state_dict[key] = shifted(w, stored_layout(m, frozen))
 
 
 class CropLoadedWeight:
@@ -520,11 +587,11 @@ class CropLoadedWeight:
         if key in state_dict:
             given = {k: state_dict.get(prefix + k, getattr(m, k)) for k in self.target.tensors}
             frozen = self.target.cfg.variant().frozen_weight(SimpleNamespace(**given), self.target.cfg)
-            state_dict[key] = shifted(state_dict[key], -frozen)
+            state_dict[key] = shifted(state_dict[key], -stored_layout(m, frozen))
 
 
 def shifted(w: Tensor, delta: Tensor) -> Tensor:
-    """A new tensor w + delta in w's dtype and layout (sharded or not); delta (d_out, d_in) fp32."""
+    """A new tensor w + delta in w's dtype and layout (sharded or not); delta fp32, shaped as w."""
     return shard_like((full(w).detach().float() + delta.to(w.device)).to(w.dtype), w)
 
 
@@ -541,7 +608,7 @@ def add_to_weight(m: nn.Module, delta: Tensor) -> None:
     FSDP2-sharded W is gathered and each rank keeps its shard (every rank must call).
     """
     with torch.no_grad():
-        m.weight.copy_(shifted(m.weight, delta))
+        m.weight.copy_(shifted(m.weight, stored_layout(m, delta)))
 
 
 def detach(model: nn.Module) -> nn.Module:

@@ -124,3 +124,18 @@ def hf_llama(seed: int = 0, tie: bool = False):
 def crop_specs() -> list[str]:
     """Shipped specs whose default residual is crop (W holds W_res while attached)."""
     return [n for n in SPECS if ll.variant_module(n).RESIDUAL == "crop"]
+
+
+def hf_gpt2(seed: int = 0):
+    """Tiny random transformers GPT2LMHeadModel (Conv1D layers, lm_head tied to wte): vocab 64,
+    hidden 32, 2 blocks; c_attn 32 -> 96, attn.c_proj 32 -> 32, c_fc 32 -> 128, mlp.c_proj 128 -> 32."""
+    import transformers
+
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # HF zero-initialises biases; give them values so bias handling matters
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.2)
+    return model
