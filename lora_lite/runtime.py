@@ -9,7 +9,8 @@ target's tensors are built, so a failure leaves the model as it was):
          and cfg.layers; lm_head and embeddings excluded; a matching layer of another kind
          with a weight matrix (Conv2d, an Embedding under another name, ...) or one inside a
          WEIGHT_READERS parent is refused
-      2. clamp rank hyperparameters per target to min(d_in, d_out) (one warning per target)
+      2. clamp rank hyperparameters per target to the dimension they need (min(d_in, d_out);
+         HRA: d_in), alpha scaled with r so alpha / r stays as configured (one warning each)
       3. calibrate on the *intact* model: input statistics of every target (padding excluded)
       4. build each target's tensors with the variant's init(W, cfg, stats), in fp32
       5. install: freeze every base parameter, register the tensors on the target (names
@@ -364,20 +365,40 @@ def fingerprint_distance(a: list[float], b: list[float]) -> float:
     return float((ta - tb).norm() / (math.sqrt(len(b) - 1) * tb[0].abs().clamp_min(1e-30)))
 
 
+def rank_limit(gen: ModuleType, k: str, d_in: int, d_out: int) -> tuple[str, int]:
+    """The largest value rank hyperparameter `k` can take on a (d_in, d_out) layer, and its
+    name: the smallest layer dimension that `k` shares a tensor shape with in the spec's PARAMS
+    (HRA's u (d_in, r): d_in; LoRA's A (r, d_in) and B (d_out, r): min(d_in, d_out))."""
+    dims = {"d_in": d_in, "d_out": d_out}
+    paired = sorted({d for shape, _, _ in gen.PARAMS.values() if k in shape for d in shape if d in dims})
+    if len(paired) == 1:
+        return paired[0], dims[paired[0]]
+    return "min(d_in, d_out)", min(d_in, d_out)
+
+
 def target_config(cfg: AdapterConfig, name: str, m: nn.Module, warn: bool = True) -> AdapterConfig:
-    """The config for one target: rank hyperparameters clamped to min(d_in, d_out)."""
+    """The config for one target: rank hyperparameters clamped to the dimension they need
+    (rank_limit). When `r` is clamped and the spec has `alpha` (scale alpha / r), alpha is
+    scaled by r_clamped / r too, so the layer keeps the configured alpha / r, as PEFT (which
+    never clamps) scales it. Per-target hyperparameters are saved in checkpoints, so an adapter
+    saved with another rule loads with the scaling it was trained with."""
     gen = cfg.variant()
-    limit = min(layer_dims(m))
     changes = {}
     for k in gen.RANKS:
-        if getattr(cfg, k) > limit:
-            changes[k] = limit
-            if warn:
-                warnings.warn(
-                    f"{gen.NAME}: {name}: {k}={getattr(cfg, k)} exceeds min(d_in, d_out)={limit}; "
-                    f"using {k}={limit} for this layer",
-                    stacklevel=3,
-                )
+        what, limit = rank_limit(gen, k, *layer_dims(m))
+        if getattr(cfg, k) <= limit:
+            continue
+        changes[k] = limit
+        note = ""
+        if k == "r" and "alpha" in gen.BOUNDS:
+            changes["alpha"] = cfg.alpha * limit / cfg.r
+            note = f" and alpha={changes['alpha']:g}, keeping alpha / r = {cfg.alpha / cfg.r:g}"
+        if warn:
+            warnings.warn(
+                f"{gen.NAME}: {name}: {k}={getattr(cfg, k)} exceeds {what}={limit}; "
+                f"using {k}={limit}{note} for this layer",
+                stacklevel=3,
+            )
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
