@@ -42,7 +42,7 @@ from .runtime import (
     target_info,
     warn_if_wrapped_already,
 )
-from .wrappers import full, is_sharded, is_writer, unwrap
+from .wrappers import full, is_writer, unwrap
 
 FORMAT_VERSION = 1
 FINGERPRINT_TOL = 0.05  # relative; rounding W to bf16 moves it by ~0.1%, to fp16 by ~0.02%
@@ -64,19 +64,17 @@ class CheckpointError(ValueError):
 def save(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the attached adapter to `path` (safetensors), atomically (temp file + rename).
 
-    `model` may be wrapped (DDP, torch.compile, accelerate, FSDP2). With FSDP2 every rank must
-    call save (the sharded tensors are gathered) and rank 0 writes. Raises AttachError when
-    nothing is attached. Returns the path.
+    `model` may be wrapped (DDP, torch.compile, accelerate, FSDP2). In a distributed run only
+    rank 0 writes: call save on rank 0 or on every rank; with FSDP2 every rank must call it (the
+    sharded tensors are gathered). Raises AttachError when nothing is attached. Returns the path.
     """
     st = state(model)
     if st is None:
         raise AttachError("save: no lora-lite adapter is attached to this model (nothing to save)")
-    tensors, targets, sharded = {}, {}, False
+    tensors, targets = {}, {}
     for name, t in st.targets.items():
         for k in t.tensors:
-            t_k = getattr(t.module, k)
-            sharded = sharded or is_sharded(t_k)
-            tensors[f"{name}.{k}"] = full(t_k).detach().to("cpu").contiguous()
+            tensors[f"{name}.{k}"] = full(getattr(t.module, k)).detach().to("cpu").contiguous()
         targets[name] = {"hyperparameters": t.cfg.hyperparameters(), **t.info}
     meta = {
         "format_version": FORMAT_VERSION,
@@ -87,7 +85,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         "targets": targets,
     }
     path = Path(path)
-    if sharded and not is_writer():
+    if not is_writer():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
