@@ -12,9 +12,11 @@ What it changes, using only Trainer's public methods:
   RNG and trainer state files are Trainer's own. Its keys are the adapter tensors' names in
   the model's state_dict, so Trainer's resume (`train(resume_from_checkpoint=...)`) loads them
   into the attached adapter with `load_state_dict(strict=False)` and leaves the base weights
-  alone; transformers logs the base weights as "missing keys" then, which they are, on purpose.
+  alone.
 - train(resume_from_checkpoint=...) first checks that the checkpoint holds the attached
-  variant on the same targets (CheckpointError otherwise, before anything is loaded).
+  variant on the same targets (CheckpointError otherwise, before anything is loaded), and
+  while Trainer resumes, drops its warning that lists every base weight as a "missing key"
+  (they are missing on purpose; a logging filter on the `transformers.trainer` logger).
 - Trainer refuses a model whose `is_quantized` is True unless it is a PEFT model ("cannot
   fine-tune purely quantized models"). AdapterTrainer requires an attached adapter (AttachError
   otherwise), which is what that check asks for, and clears the public `is_quantized` flag only
@@ -25,6 +27,7 @@ transformers is imported when this module is (`ll.AdapterTrainer` imports it on 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -82,9 +85,23 @@ class AdapterTrainer(Trainer):
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise CheckpointError(f"no checkpoint-N folder in {self.args.output_dir} to resume from")
-        if resume_from_checkpoint:
-            check_resumable(self.model, Path(resume_from_checkpoint) / SAFE_WEIGHTS_NAME)
-        return super().train(resume_from_checkpoint or None, *args, **kwargs)
+        if not resume_from_checkpoint:
+            return super().train(None, *args, **kwargs)
+        check_resumable(self.model, Path(resume_from_checkpoint) / SAFE_WEIGHTS_NAME)
+        log, quiet = logging.getLogger("transformers.trainer"), BaseWeightsNotMissing()
+        log.addFilter(quiet)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            log.removeFilter(quiet)
+
+
+class BaseWeightsNotMissing(logging.Filter):
+    """Drops Trainer's "missing keys" warning on resume: an adapter checkpoint lacks the base
+    weights by design (check_resumable has matched its variant and targets first)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("There were missing keys in the checkpoint model loaded")
 
 
 def check_resumable(model, path: Path) -> None:

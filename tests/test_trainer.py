@@ -102,3 +102,12 @@ def test_trains_a_bitsandbytes_4bit_model(tmp_path):
     fresh = load(tmp_path / "base", quantization_config=q, device_map="cpu")
     ll.load(fresh, tmp_path / "out" / "checkpoint-2" / "model.safetensors")
     assert all(torch.equal(v, after[k]) for k, v in adapter_tensors(fresh).items())
+
+
+def test_resume_does_not_warn_about_the_base_weights(tmp_path, caplog):
+    ll.AdapterTrainer(model=adapted(), args=args(tmp_path / "a", 2), train_dataset=dataset()).train()
+    trainer = ll.AdapterTrainer(model=adapted(), args=args(tmp_path / "b", 4), train_dataset=dataset())
+    with caplog.at_level("WARNING"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    assert trainer.state.global_step == 4
+    assert not [r for r in caplog.records if "missing keys" in r.getMessage()]
