@@ -64,3 +64,17 @@ def test_save_pretrained_of_an_adapted_model_reloads_as_the_base(tmp_path):
     fresh = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert (fresh(input_ids=ids).logits - base).abs().max() < 1e-5
+
+
+def test_a_deep_copy_detaches_its_own_state_dict_hooks():
+    import copy
+
+    model = make_model()
+    attach_small(model, "pissa")
+    perturb(model)
+    clone = copy.deepcopy(model)
+    ll.detach(clone)
+    assert all(not m._state_dict_hooks and not m._load_state_dict_pre_hooks for m in clone.modules())
+    assert sum(bool(m._state_dict_hooks) for m in model.modules()) == len(ll.state(model).targets)
+    key = f"{next(iter(ll.state(model).targets))}.weight"
+    assert torch.equal(model.state_dict()[key], clone.state_dict()[key])  # both the base W
