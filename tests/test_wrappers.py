@@ -69,3 +69,15 @@ def test_attach_into_an_already_ddp_wrapped_model_warns(tmp_path):
         with pytest.warns(UserWarning, match="before wrapping"):
             ll.attach(w, ll.from_spec("lora", r=4))
         assert ll.state(w.module) is not None
+
+
+def test_attach_and_detach_after_compiling_take_effect():
+    model = make_model(n_layers=1)
+    compiled = torch.compile(model, backend="eager")
+    base = logits(compiled)
+    ll.attach(compiled, ll.from_spec("pissa", r=4))
+    perturb(model)
+    adapted = logits(compiled)
+    assert (adapted - base).abs().max() > 1e-2 and torch.equal(adapted, logits(model))
+    ll.detach(compiled)
+    assert (logits(compiled) - base).abs().max() < 1e-5
