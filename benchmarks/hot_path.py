@@ -151,7 +151,7 @@ def cases(dtype, adapter_dtype, r: int):
     m = attached("dora", dtype, adapter_dtype, r=r, alpha=2.0 * r)
     w_sq = m.weight.detach().float().square().sum(1)
     out.append(
-        ("dora", m, m, lambda x, m=m: dora_cached(m, x, 2.0, w_sq), "W read/copied in fp32 each call, y - 0, + 0")
+        ("dora", m, m, lambda x, m=m: dora_cached(m, x, 2.0, w_sq), "||W_i||^2 reduced each call (cached before)")
     )
     m = attached("ia3", dtype, adapter_dtype)
     out.append(("ia3", m, m, lambda x, m=m: ia3_no_input_cast(m, x), "cast of x to the adapter dtype, unused"))

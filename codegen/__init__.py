@@ -2,14 +2,17 @@
 
 Map of the generator (read top to bottom):
 
-    spec.py      load YAML (safe loader, line numbers, duplicate keys refused)
+    spec.py      load YAML (bounded: size, aliases, depth; line numbers, duplicate keys refused)
+                 -> every string and number checked (control characters, finite numbers)
                  -> validate against specs/schema.json (jsonschema, draft 2020-12)
-                 -> semantic checks (shape expressions, tensors the core needs)
+                 -> semantic checks (bounds, shape expressions, tensors the core needs)
                  -> a frozen `Spec` dataclass
     shapes.py    the safe shape-expression evaluator (names, ints, + - * //)
+    safety.py    the only ways spec data enters code: literal(), doc_text(), comment_text();
+                 verify(): compile the module and check it against the allow-list
     compiler.py  Spec -> template context (all branching happens here, in Python)
                  -> Jinja2 render (StrictUndefined) from fragments in templates/
-                 -> ast.parse check -> write only if changed, remove orphans
+                 -> safety.verify -> write only if changed (atomic.py), remove orphans
     templates/   module.py.j2 plus fragments: basis/<source>.j2, core/<kind>_*.j2
 
 Installed as `lora_lite.codegen`; the CLI entry is `lora-lite gen`.

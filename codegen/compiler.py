@@ -1,6 +1,6 @@
 """Render validated specs into hook modules under generated/.
 
-    render(spec) -> str            the module text (deterministic; ast-checked)
+    render(spec) -> str            the module text (deterministic; compiled, allow-list checked)
     generate(specs_dir, out_dir)   write changed files, remove orphans; returns changed paths
     check(specs_dir, out_dir)      render in memory; returns stale/missing/orphaned paths
 
@@ -16,15 +16,16 @@ subtract (W untouched, the hook takes the frozen part out), chosen by cfg.residu
 
 from __future__ import annotations
 
-import ast
-import json
+import keyword
 import textwrap
 from pathlib import Path
 
 import jinja2
 
+from .atomic import write_atomic
+from .safety import UnsafeText, comment_text, doc_text, literal, verify
 from .shapes import parse_shape_expr, to_python
-from .spec import CORES, FROZEN_RESIDUALS, SPECTRAL_INPUT
+from .spec import CORES, FROZEN_RESIDUALS, SPECTRAL_INPUT, SpecError
 
 TEMPLATES = Path(__file__).parent / "templates"
 HEADER_CMD = "just gen"  # printed in every header
@@ -97,15 +98,14 @@ def has_fragments(
 
 
 def py(value) -> str:
-    """Python literal for a spec value, double-quoted as a formatter would write it."""
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, tuple):
-        inner = ", ".join(py(v) for v in value)
-        return f"({inner},)" if len(value) == 1 else f"({inner})"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{py(k)}: {py(v)}" for k, v in value.items()) + "}"
-    return repr(value)
+    """Python literal for a spec value, quoted as ruff writes it (safety.literal: checked to read back)."""
+    return literal(value)
+
+
+def _comment(text: str) -> str:
+    """A trailing `  # text` for a line of generated code ("" for no text), via safety.comment_text."""
+    text = comment_text(text)
+    return f"  # {text}" if text else ""
 
 
 def _dict_literal(d: dict, room: int) -> str:
@@ -124,13 +124,13 @@ def _dims_comment(shape: tuple[str, ...]) -> str:
 def _simple_init(p) -> list[str]:
     dims = ", ".join(to_python(parse_shape_expr(s), "cfg") for s in p.shape)
     c = _dims_comment(p.shape)
-    key = f't["{p.name}"]'
+    key = f"t[{py(p.name)}]"
     if p.init == "zeros":
         return [f"{key} = torch.zeros({dims})  # {c}"]
     if p.init == "ones":
         return [f"{key} = torch.ones({dims})  # {c}"]
     if p.init == "constant":
-        return [f"{key} = torch.full(({dims},), {p.value!r})  # {c}"]
+        return [f"{key} = torch.full(({dims},), {py(p.value)})  # {c}"]
     if p.init == "kaiming_uniform":
         return [
             f"{key} = torch.empty({dims})  # {c}",
@@ -159,7 +159,7 @@ def _docstring(spec) -> str:
         f"Spec: basis={spec.basis}{'+' + spec.select if spec.select else ''}, core={spec.core}, "
         f"residual={spec.residual}{other}, hook={spec.hook}."
     )
-    return "\n\n".join(p for p in parts if p)
+    return doc_text("\n\n".join(p for p in parts if p))
 
 
 # The RESIDUAL line of a module, by the spec's residual (the default of cfg.residual).
@@ -196,10 +196,10 @@ FORWARD_DOCS = {
 def context(spec, display: str) -> dict:
     """Everything the module template needs, as finished strings and lists."""
     pytype = {"int": "int", "float": "float", "bool": "bool"}
-    fields = [(h.name, pytype[h.type], repr(h.default), h.doc) for h in spec.hyperparameters]
-    params = [(p.name, py(tuple(p.shape)), p.init, p.trainable, p.doc) for p in spec.params]
+    fields = [(_identifier(h.name), pytype[h.type], py(h.default), _comment(h.doc)) for h in spec.hyperparameters]
+    params = [(py(p.name), py(tuple(p.shape)), py(p.init), py(p.trainable), _comment(p.doc)) for p in spec.params]
     shape_lines = [
-        (p.name, ", ".join(to_python(parse_shape_expr(s), "cfg") for s in p.shape) + ("," if len(p.shape) == 1 else ""))
+        (py(p.name), ", ".join(to_python(parse_shape_expr(s), "cfg") for s in p.shape) + "," * (len(p.shape) == 1))
         for p in spec.params
     ]
     simple = [line for p in spec.params if p.init not in ("basis", "core") for line in _simple_init(p)]
@@ -208,11 +208,12 @@ def context(spec, display: str) -> dict:
     base_weight = CORES[spec.core].get("base_weight")  # None | "init" | "forward"
     cast = (CORES[spec.core].get("cast_input", True), spec.hook)
     return dict(
-        source=display,
+        source=comment_text(display),
         regen=HEADER_CMD,
         docstring=_docstring(spec),
-        name=spec.name,
-        title=spec.title,
+        config_doc=doc_text(f"{spec.title} hyperparameters (defaults from {display})."),
+        name=py(spec.name),
+        title=py(spec.title),
         hook=spec.hook,
         cast_line=CAST_LINES[cast],
         forward_doc=FORWARD_DOCS[cast],
@@ -221,7 +222,7 @@ def context(spec, display: str) -> dict:
         residuals=py(FROZEN_RESIDUALS if spec.residual in FROZEN_RESIDUALS else ("none",)),
         calibration=spec.calibration,
         target_names=py(spec.target_names),
-        lr=repr(spec.lr),
+        lr=py(spec.lr),
         quantized_line=_quantized_line(spec),
         fields=fields,
         params=params,
@@ -241,17 +242,28 @@ def context(spec, display: str) -> dict:
 
 
 def render(spec, display: str | None = None) -> str:
-    """Module source for `spec`. Raises SyntaxError (with the spec named) if it does not parse."""
+    """Module source for `spec`, compiled and checked against the allow-list (safety.verify).
+
+    Raises SpecError naming the spec when a value cannot be written safely (safety.UnsafeText)
+    or the module holds anything generated code may not; nothing is imported or run.
+    """
     display = display or spec.source
-    ctx = context(spec, display)
-    text = _env.get_template("module.py.j2").render(**ctx, import_math=True)
-    if "math." not in text.split("from lora_lite.config import AdapterConfig", 1)[1]:
-        text = _env.get_template("module.py.j2").render(**ctx, import_math=False)  # no unused import
     try:
-        ast.parse(text)
-    except SyntaxError as e:
-        raise SyntaxError(f"{display}: generated code does not parse at line {e.lineno}: {e.msg}") from None
+        ctx = context(spec, display)
+        text = _env.get_template("module.py.j2").render(**ctx, import_math=True)
+        if "math." not in text.split("from lora_lite.config import AdapterConfig", 1)[1]:
+            text = _env.get_template("module.py.j2").render(**ctx, import_math=False)  # no unused import
+        verify(text)
+    except UnsafeText as e:
+        raise SpecError([f"{display}: $: generated code refused: {e}"]) from None
     return text
+
+
+def _identifier(name: str) -> str:
+    """A config field name as code: a public lower-case identifier (the schema's rule, checked again)."""
+    if not (name.isidentifier() and name.isascii() and name[:1].islower()) or keyword.iskeyword(name):
+        raise UnsafeText(f"{name!r} is not a plain identifier")
+    return name
 
 
 def _spec_files(specs_dir: Path) -> list[Path]:
@@ -290,6 +302,8 @@ class GenerateError(ValueError):
 
 def is_generated(path: Path) -> bool:
     """True for a file this compiler wrote (its first line is the DO NOT EDIT header)."""
+    if not Path(path).is_file():  # a folder, FIFO or device is never ours (and a FIFO would block)
+        return False
     try:
         with open(path, encoding="utf-8") as f:
             first = f.readline()
@@ -303,8 +317,11 @@ def generate(specs_dir: str | Path, out_dir: str | Path) -> list[Path]:
 
     Only files carrying the generated header are ever overwritten or removed: a hand-written
     file in `out_dir` with a spec's name raises GenerateError (nothing written), other
-    hand-written files are left alone. Returns the paths written or removed. Raises SpecError
-    listing every bad spec (nothing written).
+    hand-written files are left alone. Each file is written atomically (atomic.write_atomic: a
+    temporary file under an unpredictable name, then os.replace), so a concurrent reader or gen
+    sees an old or a new file, whole; a symlink at a destination is replaced, never written
+    through. Returns the paths written or removed. Raises SpecError listing every bad spec
+    (nothing written).
     """
     out_dir = Path(out_dir)
     files = _render_all(Path(specs_dir))
@@ -316,16 +333,23 @@ def generate(specs_dir: str | Path, out_dir: str | Path) -> list[Path]:
     changed = []
     for name, text in sorted(files.items()):
         path = out_dir / name
-        if not path.exists() or path.read_text(encoding="utf-8") != text:
-            tmp = path.with_suffix(".py.tmp")
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(path)
+        if path.is_symlink() or not _holds(path, text):
+            write_atomic(path, text)  # a symlink there is replaced by the file, its target untouched
             changed.append(path)
     for path in sorted(out_dir.glob("*.py")):
         if path.name not in files and is_generated(path):
-            path.unlink()
+            path.unlink(missing_ok=True)  # a concurrent gen may have removed it first
             changed.append(path)
     return changed
+
+
+def _holds(path: Path, text: str) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        return path.read_text(encoding="utf-8") == text
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def check(specs_dir: str | Path, out_dir: str | Path) -> list[str]:
@@ -338,7 +362,7 @@ def check(specs_dir: str | Path, out_dir: str | Path) -> list[str]:
         path = out_dir / name
         if not path.exists():
             problems.append(f"missing: {path}")
-        elif path.read_text(encoding="utf-8") != text:
+        elif path.is_symlink() or not _holds(path, text):
             problems.append(f"stale: {path}")
     for path in sorted(out_dir.glob("*.py")):
         if path.name not in files and is_generated(path):

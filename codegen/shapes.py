@@ -1,7 +1,9 @@
 """Safe evaluator for shape expressions in specs (`r`, `d_out`, `r - block`, `2 * r`).
 
 Only names, non-negative integer literals, unary minus and the operators + - * // are
-allowed; anything else (calls, attributes, strings, `**`) is refused. Nothing reaches `eval`.
+allowed, and // only by a positive integer literal (so no size divides by zero, whatever the
+hyperparameters); anything else (calls, attributes, strings, `**`) is refused. Nothing reaches
+`eval`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ def parse_shape_expr(text: str | int) -> ast.expr:
     except SyntaxError as e:
         raise ValueError(f"cannot parse {text!r}: {e.msg}") from None
     for node in ast.walk(tree.body):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.FloorDiv):
+            if not (isinstance(node.right, ast.Constant) and type(node.right.value) is int and node.right.value > 0):
+                raise ValueError(f"{ast.unparse(node)!r}: // divides only by a positive integer (no name, no zero)")
+            continue
         if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
             continue
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
@@ -48,7 +54,10 @@ def names_in(expr: ast.expr) -> list[str]:
 
 
 def eval_shape_expr(expr: ast.expr, env: dict[str, int]) -> int:
-    """Evaluate a parsed expression with integer bindings; KeyError names an unknown name."""
+    """Evaluate a parsed expression with integer bindings.
+
+    Raises KeyError naming an unknown name, ValueError for a division by zero.
+    """
     if isinstance(expr, ast.Constant):
         return expr.value
     if isinstance(expr, ast.Name):
@@ -58,7 +67,10 @@ def eval_shape_expr(expr: ast.expr, env: dict[str, int]) -> int:
     if isinstance(expr, ast.UnaryOp):
         return -eval_shape_expr(expr.operand, env)
     if isinstance(expr, ast.BinOp):
-        return _OPS[type(expr.op)](eval_shape_expr(expr.left, env), eval_shape_expr(expr.right, env))
+        try:
+            return _OPS[type(expr.op)](eval_shape_expr(expr.left, env), eval_shape_expr(expr.right, env))
+        except ZeroDivisionError:
+            raise ValueError(f"division by zero in {ast.unparse(expr)!r}") from None
     raise ValueError(f"{ast.unparse(expr)!r} is not allowed")
 
 

@@ -50,7 +50,11 @@ LR = 0.005  # recommended AdamW learning rate
 QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work with residual subtract (crop is refused)
 RUNTIME_KNOBS = ("coeff",)  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
-BOUNDS = {"r": (1, None), "k": (1, None), "coeff": (None, None)}  # (min, max) of each hyperparameter; None = unbounded
+BOUNDS = {
+    "r": (1, 65536),
+    "k": (1, 65536),
+    "coeff": (-1000.0, 1000.0),
+}  # (min, max) of each hyperparameter; None for a bool
 
 
 @dataclass(frozen=True)

@@ -48,11 +48,11 @@ QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work with residual subtrac
 RUNTIME_KNOBS = ("coeff",)  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
 BOUNDS = {
-    "r": (1, None),
-    "block": (1, None),
-    "coeff": (None, None),
+    "r": (1, 65536),
+    "block": (1, 65536),
+    "coeff": (-1000.0, 1000.0),
     "suppress_only": (None, None),
-}  # (min, max) of each hyperparameter; None = unbounded
+}  # (min, max) of each hyperparameter; None for a bool
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,10 @@ Identity at init: B = 0 and m = ||W||_row, so the scale is 1 and the update zero
 
 The forward reads the base weight W (to form the norm), so a checkpoint refuses a base whose
 weights differ. W A^T comes from the layer's own forward on A's rows, in W's dtype (a 4/8-bit
-W is never dequantized into a copy, a bf16 W never copied to fp32); ||W_i||^2 is computed once
-in fp32 and cached until that weight changes (a new parameter or storage, an in-place write).
-The norm follows the current W, A and B.
+W is never dequantized into a copy, a bf16 W never copied to fp32); ||W_i||^2 is reduced in
+fp32 every call from a float W (so it follows any write to W) and cached for a 4/8-bit W
+(runtime.base_row_sqnorm says which writes that cache sees). The norm follows the current W,
+A and B.
 
 Spec: basis=random, core=dora, residual=none, hook=output.
 """
@@ -47,7 +48,7 @@ QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (the hook runs on the
 USES_BASE_WEIGHT = True  # the math reads W: load refuses a base whose weights differ
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
-BOUNDS = {"r": (1, None), "alpha": (None, None)}  # (min, max) of each hyperparameter; None = unbounded
+BOUNDS = {"r": (1, 65536), "alpha": (-1000000.0, 1000000.0)}  # (min, max) of each hyperparameter; None for a bool
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     lora = (s * (x @ m.lora_A.T)) @ m.lora_B.T  # (..., o); s scales the (..., r) factor
     with torch.no_grad():  # the norm is a constant for autograd (DoRA sec. 4.3, as PEFT)
         # ||W_i + s (B A)_i||^2 = ||W_i||^2 + 2 s B_i . (W A^T)_i + s^2 B_i (A A^T) B_i^T: W is only
-        # applied to A's r rows, never copied, so a 4/8-bit W stays quantized; ||W_i||^2 is cached
+        # applied to A's r rows, never copied, so a 4/8-bit W stays quantized (its ||W_i||^2 is cached)
         A, B = m.lora_A.float(), m.lora_B.float()  # (r, i), (o, r)
         WAt = base_forward(m, A).T  # (o, r) W A^T by the layer's own forward, bias removed
         sq = base_row_sqnorm(m) + 2 * s * (WAt * B).sum(1) + s * s * ((B @ (A @ A.T)) * B).sum(1)  # (o,)

@@ -45,7 +45,7 @@ LR = 0.001  # recommended AdamW learning rate
 QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (the hook runs on their own forward)
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
-BOUNDS = {"r": (2, None)}  # (min, max) of each hyperparameter; None = unbounded
+BOUNDS = {"r": (2, 65536)}  # (min, max) of each hyperparameter; None for a bool
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ LR = 0.003  # recommended AdamW learning rate
 QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (the hook runs on their own forward)
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ()  # hyperparameters clamped per target to min(d_in, d_out)
-BOUNDS = {}  # (min, max) of each hyperparameter; None = unbounded
+BOUNDS = {}  # (min, max) of each hyperparameter; None for a bool
 
 
 @dataclass(frozen=True)

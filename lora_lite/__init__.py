@@ -6,6 +6,9 @@ ll.attach(model, cfg)                    # forward hooks; base frozen
 ll.save(model, "adapter.safetensors")
 ll.detach(model)                         # base model back, bit for bit (within rounding)
 ll.load(model, "adapter.safetensors")
+ll.export_peft(model, "adapter_dir")     # PEFT / vLLM format; ll.load_peft reads one
+ll.merge(model)                          # fold into the weights: a plain model
+with ll.disabled(model): ...             # the base model's outputs, nothing detached
 """
 
 __version__ = "0.1.0"
@@ -13,8 +16,20 @@ __version__ = "0.1.0"
 from .checkpoint import CheckpointError, load, read_metadata, save  # noqa: E402
 from .codegen import SpecError  # noqa: E402
 from .config import AdapterConfig  # noqa: E402
+from .merge import merge  # noqa: E402
+from .peft_io import export_peft, load_peft  # noqa: E402
 from .registry import from_spec, shipped_names, variant_module  # noqa: E402
-from .runtime import AttachError, attach, detach, set_coeff, state, trainable_parameters  # noqa: E402
+from .runtime import (  # noqa: E402
+    AttachError,
+    attach,
+    detach,
+    set_active,
+    set_coeff,
+    state,
+    states,
+    trainable_parameters,
+)
+from .scaling import disabled, scale  # noqa: E402
 
 # Typed configs, as in upstream's Quickstart: ll.LoRAConfig(r=8, alpha=16, dtype=torch.bfloat16)
 CONFIG_NAMES = {
@@ -52,13 +67,20 @@ __all__ = [
     "SpecError",
     "attach",
     "detach",
+    "disabled",
+    "export_peft",
     "from_spec",
     "load",
+    "load_peft",
+    "merge",
     "read_metadata",
     "save",
+    "scale",
+    "set_active",
     "set_coeff",
     "shipped_names",
     "state",
+    "states",
     "trainable_parameters",
     "variant_module",
     *CONFIG_NAMES,

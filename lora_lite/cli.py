@@ -34,6 +34,9 @@ def _gen(args) -> int:
     except (SpecError, GenerateError) as e:
         print(e, file=sys.stderr)
         return 1
+    except OSError as e:  # an unwritable or missing folder: one line, no traceback
+        print(f"lora-lite gen: cannot write {e.filename or out}: {e.strerror or e}", file=sys.stderr)
+        return 1
     for p in changed:
         print(f"wrote {p}" if p.exists() else f"removed {p}")
     print(f"{len(changed)} file(s) changed")

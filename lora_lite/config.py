@@ -5,11 +5,14 @@ hyperparameters (`lora_lite.generated.lora.Config` is `ll.LoRAConfig`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass
 from types import ModuleType
 
 import torch
+
+from .codegen.spec import SpecError
 
 _DTYPES = {
     "float32": torch.float32,
@@ -24,15 +27,20 @@ _DTYPES = {
 }
 
 
+def config_error(msg: str) -> SpecError:
+    """The error a bad config value raises: a one-line SpecError (a ValueError)."""
+    return SpecError([msg])
+
+
 def as_dtype(value: torch.dtype | str, what: str = "dtype") -> torch.dtype:
-    """torch dtype from a dtype or its name ('bfloat16', 'torch.bfloat16', 'bf16'); ValueError otherwise."""
+    """torch dtype from a dtype or its name ('bfloat16', 'torch.bfloat16', 'bf16'); SpecError otherwise."""
     if isinstance(value, torch.dtype):
         if not value.is_floating_point:
-            raise ValueError(f"{what}: {value} is not a floating-point dtype")
+            raise config_error(f"{what}: {value} is not a floating-point dtype")
         return value
-    key = str(value).removeprefix("torch.")
+    key = str(value).removeprefix("torch.") if isinstance(value, str) else None
     if key not in _DTYPES:
-        raise ValueError(f"{what}: unknown dtype {value!r}; use one of {sorted(_DTYPES)}")
+        raise config_error(f"{what}: unknown dtype {value!r}; use one of {sorted(_DTYPES)}")
     return _DTYPES[key]
 
 
@@ -63,52 +71,66 @@ class AdapterConfig:
     residual: str | None = None
 
     def __post_init__(self):
-        cls = type(self).__name__
+        """Validate and normalise every field. SpecError (a ValueError), one line naming the
+        field and value: an unknown dtype, empty or non-string target_names, non-integer
+        layers, a residual the variant does not take, a hyperparameter of the wrong type,
+        non-finite, or outside the spec's [min, max] (BOUNDS in the generated module)."""
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        gen = self.variant()
+        if not hasattr(gen, "BOUNDS"):
+            raise config_error(
+                f"{type(self).__name__} is the base class; use ll.from_spec(name) or a typed config (ll.LoRAConfig)"
+            )
+        cls = gen.NAME  # errors read `lora.alpha=nan is not finite`
         set_("dtype", as_dtype(self.dtype, f"{cls}.dtype"))
         if self.target_names is not None:
-            names = (self.target_names,) if isinstance(self.target_names, str) else tuple(self.target_names)
-            if not names or not all(isinstance(n, str) and n for n in names):
-                raise ValueError(f"{cls}.target_names: expected non-empty regex strings, got {self.target_names!r}")
-            set_("target_names", names)
+            names = (self.target_names,) if isinstance(self.target_names, str) else self.target_names
+            if not isinstance(names, (tuple, list)) or not names or not all(isinstance(n, str) and n for n in names):
+                raise config_error(f"{cls}.target_names: expected non-empty regex strings, got {self.target_names!r}")
+            set_("target_names", tuple(names))
         if self.layers is not None:
-            layers = (self.layers,) if isinstance(self.layers, int) else tuple(self.layers)
-            if not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-                raise ValueError(f"{cls}.layers: expected integers, got {self.layers!r}")
-            set_("layers", layers)
-        gen = self.variant()
+            layers = (self.layers,) if isinstance(self.layers, int) else self.layers
+            if not isinstance(layers, (tuple, list, range)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in layers
+            ):
+                raise config_error(f"{cls}.layers: expected integers, got {self.layers!r}")
+            set_("layers", tuple(layers))
         allowed = getattr(gen, "RESIDUALS", (gen.RESIDUAL,))
         if self.residual is None:
             set_("residual", gen.RESIDUAL)
-        elif self.residual not in RESIDUAL_MODES:
-            raise ValueError(f"{cls}.residual: {self.residual!r} is not one of {list(RESIDUAL_MODES)}")
+        elif not isinstance(self.residual, str) or self.residual not in RESIDUAL_MODES:
+            raise config_error(f"{cls}.residual: {self.residual!r} is not one of {list(RESIDUAL_MODES)}")
         elif self.residual not in allowed:
             why = (
                 "it has no frozen part to crop or subtract"
                 if allowed == ("none",)
                 else "its adapter holds the top-r part of W, which 'none' would count twice"
             )
-            raise ValueError(f"{cls}.residual={self.residual!r}: {gen.NAME} takes {list(allowed)} ({why})")
+            raise config_error(f"{cls}.residual={self.residual!r}: {gen.NAME} takes {list(allowed)} ({why})")
         for f in dataclasses.fields(self):
             if f.name not in gen.BOUNDS:
                 continue
             v = getattr(self, f.name)
             want = f.type if isinstance(f.type, str) else f.type.__name__
             if want == "float" and isinstance(v, int) and not isinstance(v, bool):
+                if abs(v) > 2**1023:  # float() would overflow
+                    raise config_error(f"{cls}.{f.name}: an int of {len(str(abs(v)))} digits overflows a float")
                 v = float(v)
                 set_(f.name, v)
+            if want == "float" and isinstance(v, float) and not math.isfinite(v):
+                raise config_error(f"{cls}.{f.name}={v!r} is not finite (expected finite float)")
             ok = {
                 "int": isinstance(v, int) and not isinstance(v, bool),
                 "float": isinstance(v, float),
                 "bool": isinstance(v, bool),
             }[want]
             if not ok:
-                raise ValueError(f"{cls}.{f.name}: expected {want}, got {v!r}")
+                raise config_error(f"{cls}.{f.name}: expected {want}, got {v!r}")
             lo, hi = gen.BOUNDS[f.name]
             if lo is not None and v < lo:
-                raise ValueError(f"{cls}.{f.name}={v!r} is below its minimum {lo}")
+                raise config_error(f"{cls}.{f.name}={v!r} is below its minimum {lo}")
             if hi is not None and v > hi:
-                raise ValueError(f"{cls}.{f.name}={v!r} is above its maximum {hi}")
+                raise config_error(f"{cls}.{f.name}={v!r} is above its maximum {hi}")
 
     @classmethod
     def variant(cls) -> ModuleType:

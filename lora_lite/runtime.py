@@ -8,18 +8,21 @@ target's tensors are built, so a failure leaves the model as it was):
          Conv1D, weight stored (d_in, d_out)) whose names match cfg.target_names (re.search)
          and cfg.layers; lm_head and embeddings excluded; a matching layer of another kind
          with a weight matrix (Conv2d, an Embedding under another name, ...) or one inside a
-         WEIGHT_READERS parent is refused
+         WEIGHT_READERS parent is refused; preflight: every check on the model and its targets
+         (load runs it too)
       2. clamp rank hyperparameters per target to the dimension they need (min(d_in, d_out);
          HRA: d_in), alpha scaled with r so alpha / r stays as configured (one warning each)
       3. calibrate on the *intact* model: input statistics of every target (padding excluded)
       4. build each target's tensors with the variant's init(W, cfg, stats), in fp32
       5. install: freeze every base parameter, register the tensors on the target (names
          start `lora_`; trainable ones as nn.Parameter, frozen ones as buffers), crop W to
-         W_res = W - frozen_weight() when cfg.residual == "crop", register the hook
+         W_res = W - frozen_weight() when cfg.residual == "crop", register the hook; a
+         failure here takes all of it back out
     cfg.residual == "subtract" leaves W untouched (the hook takes the frozen part out), which is
     what bitsandbytes 4/8-bit targets need: attach refuses crop on them before step 3.
     A hook returns the layer's new output (output hooks) or new input (input pre-hooks),
-    never a delta; the input is cast to cfg.dtype and the result back to the layer's dtype,
+    never a delta; the input is cast to the adapter tensors' dtype (cfg.dtype until the model is
+    moved with .to(dtype)) and the result back to the layer's dtype,
     except for variants whose module says CAST_INPUT = False (IA3: the gain is cast instead).
 
     detach(model)
@@ -29,8 +32,8 @@ target's tensors are built, so a failure leaves the model as it was):
 
 Quantized targets (bitsandbytes Linear4bit nf4/fp4, Linear8bitLt) keep their own forward and
 their quantized weight; W is read only through base_weight (a dequantized fp32 copy, at init),
-base_forward (x W^T by the layer's own forward) and base_row_sqnorm (cached row norms, as
-for float weights).
+base_forward (x W^T by the layer's own forward) and base_row_sqnorm (row norms, cached for
+them: dequantizing is costly; computed every call for float weights).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import dataclasses
 import math
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import ModuleType, SimpleNamespace
 
@@ -46,16 +50,23 @@ import torch
 from torch import Tensor, nn
 
 from .calibration import collect_input_stats
-from .config import AdapterConfig
+from .codegen.spec import SpecError
+from .config import AdapterConfig, config_error
 from .wrappers import full, is_sharded, shard_like, unwrap, wraps_data_parallel
 
 STATE_ATTR = "_lora_lite"
+NAMED_ATTR = "_lora_lite_named"  # {name: State} of the adapters attached with a name other than "default"
+SLOT_PREFIX = "lora_lite_"  # a named adapter's tensors live on a child module <layer>.lora_lite_<name>
 EXCLUDE = re.compile(r"(^|\.)(lm_head|embed_tokens|embed_out|wte|wpe|embeddings?)$")
 LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
 
 
-class AttachError(RuntimeError):
-    """attach/detach/load refused; the model was left unchanged."""
+class AttachError(RuntimeError, ValueError):
+    """attach/detach/load/set_coeff or calibration refused; the model was left unchanged.
+
+    A RuntimeError (as it always was) and a ValueError (as bad calibration data and a variant's
+    refusal of a layer were before they became AttachErrors), so either `except` catches it.
+    """
 
 
 @dataclass
@@ -68,7 +79,15 @@ class Target:
     tensors: tuple[str, ...]
     info: dict  # d_in, d_out, weight shape/dtype, quantization, fingerprint
     handle: object = None
+    scale: float = 1.0  # ll.scale: y = y_base + scale (y_adapted - y_base); saved in checkpoints
+    enabled: bool = True  # False inside ll.disabled or when set_active leaves it out
+    host: nn.Module | None = None  # where its tensors live: None = the layer (the default adapter)
     state_dict_handles: tuple = ()  # crop: the state_dict hooks that present W, not W_res
+
+    @property
+    def holder(self) -> nn.Module:
+        """The module the generated forward reads (`m.lora_A`): the layer, or a named adapter's slot."""
+        return self.module if self.host is None else self.host
 
 
 @dataclass
@@ -79,6 +98,7 @@ class State:
     cfg: AdapterConfig
     targets: dict[str, Target]
     requires_grad: dict[str, bool] = field(default_factory=dict)
+    name: str = "default"
 
     @property
     def variant(self) -> ModuleType:
@@ -86,9 +106,52 @@ class State:
         return self.cfg.variant()
 
 
-def state(model: nn.Module) -> State | None:
-    """The attached adapter's state, or None. `model` may be wrapped (see lora_lite.wrappers)."""
-    return unwrap(model).__dict__.get(STATE_ATTR)
+def state(model: nn.Module, name: str = "default") -> State | None:
+    """The state of the adapter attached as `name` (the default adapter unless named), or None.
+    `model` may be wrapped (see lora_lite.wrappers). AttachError when it is not an nn.Module."""
+    if not isinstance(model, nn.Module):
+        raise AttachError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap(model)
+    if name == "default":
+        return model.__dict__.get(STATE_ATTR)
+    return model.__dict__.get(NAMED_ATTR, {}).get(name)
+
+
+def states(model: nn.Module) -> dict[str, State]:
+    """Every attached adapter's state by name, in attach order (the default adapter first).
+    `model` may be wrapped. AttachError when it is not an nn.Module."""
+    if not isinstance(model, nn.Module):
+        raise AttachError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    return _states_of(unwrap(model))
+
+
+def _states_of(mod: nn.Module) -> dict[str, State]:
+    d = mod.__dict__
+    out = {"default": d[STATE_ATTR]} if isinstance(d.get(STATE_ATTR), State) else {}
+    named = d.get(NAMED_ATTR)
+    return out | ({k: v for k, v in named.items() if isinstance(v, State)} if isinstance(named, dict) else {})
+
+
+class AdapterSlot(nn.Module):
+    """Holds a named adapter's tensors on one layer (as the child `lora_lite_<name>`). Attribute
+    reads it cannot answer go to the layer (weight, bias, in_features, ...), except `lora_*`
+    names, so a generated forward(m, ...) reads a slot as it reads the layer itself."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.__dict__["layer"] = layer  # not a submodule: no cycle in modules() or state_dict
+
+    def __getattr__(self, k: str):
+        try:
+            return super().__getattr__(k)
+        except AttributeError:
+            layer = self.__dict__.get("layer")
+            if layer is None or k.startswith("lora_"):
+                raise
+            return getattr(layer, k)
+
+    def forward(self, *args, **kwargs):  # base_forward calls m.forward on quantized layers
+        return self.__dict__["layer"].forward(*args, **kwargs)
 
 
 # Parents that read a child layer's weight without calling the child, so a hook on it never
@@ -99,7 +162,10 @@ WEIGHT_READERS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
 
 def is_conv1d(m: nn.Module) -> bool:
     """transformers' Conv1D (GPT-2 family): y = x W + b with W stored (d_in, d_out), PEFT's
-    fan_in_fan_out case. Recognised by name so transformers need not be imported."""
+    fan_in_fan_out case. Recognised by name so transformers need not be imported; a named
+    adapter's slot is read as its layer."""
+    if isinstance(m, AdapterSlot):
+        m = m.__dict__["layer"]
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and isinstance(getattr(m, "weight", None), Tensor)
 
 
@@ -149,8 +215,8 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> dict[str, nn.Module]:
         for c, _ in pm.named_children()
     }
     for name, m in model.named_modules():
-        if not name or EXCLUDE.search(name):
-            continue
+        if not name or isinstance(m, AdapterSlot) or EXCLUDE.search(name):
+            continue  # a named adapter's slot reads like its layer but is never a target
         matches = any(rx.search(name) for rx in regexes) and (cfg.layers is None or layer_index(name) in cfg.layers)
         if not is_linear_like(m):
             w = m._parameters.get("weight")
@@ -226,9 +292,12 @@ def base_weight(m: nn.Module) -> Tensor:
     has repacked it for CPU inference; Linear8bitLt is int8 * SCB / 127 per row,
     SCB read from the weight or, after the layer's first forward, from `m.state`. A new tensor:
     callers that keep only a statistic let it go (no dequantized copy stays alive).
-    Raises AttachError for an int8 layer that was never moved to a device (no SCB yet).
+    Raises AttachError for a weight on the meta device and for an int8 layer that was never
+    moved to a device (no SCB yet).
     """
     w = m.weight
+    if w.is_meta:
+        raise AttachError(f"a {type(m).__name__} weight {tuple(w.shape)} is on the meta device (not loaded)")
     if type(w).__name__ == "Params4bit":
         import bitsandbytes.functional as bnbf
 
@@ -269,29 +338,43 @@ def base_forward(m: nn.Module, x: Tensor) -> Tensor:
     return y.float()
 
 
-SQNORM_ATTR = "_lora_lite_row_sqnorm"  # module attribute holding (weight key, ||W_i||^2)
+SQNORM_ATTR = "_lora_lite_row_sqnorm"  # module attribute: (weight key, ||W_i||^2), bitsandbytes only
 
 
 def base_row_sqnorm(m: nn.Module) -> Tensor:
     """||W_i||^2 for each output row i of the base weight, (d_out,) fp32.
 
-    Computed once (from a float W in fp32; from one dequantization of a bitsandbytes W), then
-    cached on the module (not a buffer: not in state_dict or checkpoints) until the weight
-    changes: a new parameter, new storage (a device or dtype move, bitsandbytes' CPU
-    repacking) or an in-place write that autograd counts (an optimizer step, `copy_`/`mul_`
-    under no_grad, load_state_dict). A write through `w.data` bypasses that count: assign a new
-    parameter instead, or drop the cache (`m.__dict__.pop(SQNORM_ATTR)`). detach removes it.
-    A weight made under torch.inference_mode has no such count: it is read on every call.
+    Float W: computed on every call (one (o, i) reduction in fp32, small beside the layer's own
+    (tokens, o, i) product), so it always follows the current weight, whatever wrote it
+    (load_state_dict, copy_, `W.data` writes, dtype and device moves), and traces under
+    torch.compile without a graph break. bitsandbytes W: dequantizing is costly, so the result
+    is cached on the module (not a buffer: not in state_dict or checkpoints) until the weight
+    changes as the cache can see: a new parameter, quant_state or storage (load_state_dict, a
+    device move, bitsandbytes' CPU repacking) or an in-place write that autograd counts
+    (`copy_` under no_grad). A write into `W.data` in place is not counted: call
+    `refresh_row_norms(model)` after one. detach removes the cache.
     """
+    if not is_quantized(m):
+        return _row_sqnorm(m)
     w = m.weight
     if w.is_inference():  # made under torch.inference_mode: no version counter, nothing to key on
         return _row_sqnorm(m)
-    key = (id(w), w.data_ptr(), w._version, w.device, w.dtype, id(getattr(w, "quant_state", None)))
+    qs = getattr(w, "quant_state", None)
+    key = (id(w), w.data_ptr(), w._version, w.device, id(qs), getattr(qs, "dtype", None))
     cached = m.__dict__.get(SQNORM_ATTR)
     if cached is None or cached[0] != key:
         cached = (key, _row_sqnorm(m))
         m.__dict__[SQNORM_ATTR] = cached
     return cached[1]
+
+
+def refresh_row_norms(model: nn.Module) -> int:
+    """Drop the ||W_i||^2 that DoRA caches for bitsandbytes weights (recomputed on the next
+    forward); needed only after writing a quantized weight's `.data` in place. Returns how many
+    modules had one."""
+    if not isinstance(model, nn.Module):
+        raise AttachError(f"refresh_row_norms: expected a torch.nn.Module, got {type(model).__name__}")
+    return sum(m.__dict__.pop(SQNORM_ATTR, None) is not None for m in unwrap(model).modules())
 
 
 def _row_sqnorm(m: nn.Module) -> Tensor:
@@ -323,18 +406,171 @@ def check_quantized(gen: ModuleType, cfg: AdapterConfig, name: str, m: nn.Module
         )
 
 
-def check_tied(model: nn.Module, gen: ModuleType, cfg: AdapterConfig, name: str, m: nn.Module, fix: str) -> None:
-    """Refuse crop on a weight the model shares with another module (a tied embedding /
-    lm_head): cropping it would change the other one too. AttachError naming both."""
-    if cfg.residual != "crop":
-        return
-    owners = [n for n, p in model.named_parameters(remove_duplicate=False) if p is m.weight]
-    others = [n for n in owners if n != f"{name}.weight"]
-    if others:
+def check_model(model: nn.Module, op: str) -> None:
+    """AttachError unless `model` is an nn.Module and torch.inference_mode is off: tensors made
+    or written under it can never be trained, and a model's own weights or flags written there
+    cannot be restored outside it."""
+    if not isinstance(model, nn.Module):
+        raise AttachError(f"{op}: expected a torch.nn.Module, got {type(model).__name__}")
+    if torch.is_inference_mode_enabled():
+        raise AttachError(f"{op}: refused under torch.inference_mode (its tensors cannot be trained); call it outside")
+
+
+def preflight(
+    model: nn.Module, cfg: AdapterConfig, targets: dict[str, nn.Module], op: str = "attach", name: str = "default"
+) -> None:
+    """Every check attach and load make on the model before changing anything (both call it,
+    and install again); `name` is the adapter about to be attached.
+
+    AttachError, one line naming the layer or tensor, for: a model that is not an nn.Module, or
+    a call under torch.inference_mode; a name that is not an identifier, or one already attached;
+    a parameter made under inference_mode (its flag could not be restored); a target whose
+    weight is on the meta device; a target adapted through another module, or holding something
+    (parameter, buffer, child module, attribute) with an adapter tensor's name (a PEFT-wrapped
+    layer has a `lora_A` ModuleDict) or the new adapter's slot name; a quantized target the
+    config cannot handle (check_quantized); under residual crop, a target another attached
+    adapter already crops, or whose weight storage another parameter or buffer shares (tied
+    weights, or two targets on one weight), since crop would rewrite both; lora-lite tensors or
+    hooks (forward hooks, and a cropped target's state_dict hooks) anywhere in the model that no
+    attached adapter (of any name) accounts for (left by a failed attach, a copied state, a
+    half-detached copy). `model` may be wrapped (see lora_lite.wrappers).
+    """
+    check_model(model, op)
+    model = unwrap(model)
+    check_name(name)
+    gen = cfg.variant()
+    mine = states(model)
+    if name in mine:
+        what, how = ("", "model") if name == "default" else (f" named {name!r}", f"model, name={name!r}")
         raise AttachError(
-            f"{gen.NAME}: {name}.weight is tied to {others[0]}; residual crop would change both. "
-            f"Use residual='subtract' ({fix})"
+            f"{op}: model already has a {mine[name].variant.NAME} adapter{what} attached; call ll.detach({how}) first"
         )
+    fix = f"ll.from_spec({gen.NAME!r}, residual='subtract')" if op == "attach" else f"ll.{op}(..., residual='subtract')"
+    made_inference = next((n for n, p in model.named_parameters() if p.is_inference()), None)
+    if made_inference is not None:
+        raise AttachError(
+            f"{op}: parameter {made_inference} was made under torch.inference_mode, so its requires_grad cannot be "
+            "set back after detach; build the model outside inference_mode"
+        )
+    tensors, hooks = _accounted(model)
+    stray = _stray(model, tensors, hooks)
+    if stray:
+        raise AttachError(
+            f"{op}: {stray}, which no attached lora-lite adapter accounts for (left by a failed attach, "
+            "a copied state, or an adapter on a model that contains this one); remove it or use a fresh model"
+        )
+    own_tensors, own_hooks = _accounted_by(mine.values())
+    cropped = {id(t.module): n for n, st in mine.items() for t in st.targets.values() if t.cfg.residual == "crop"}
+    for tname, m in targets.items():
+        dims = layer_dims(m)
+        if not all(isinstance(d, int) and d > 0 for d in dims):
+            raise AttachError(f"{gen.NAME}: {tname}: (in_features, out_features) = {dims}, expected positive integers")
+        if m.weight.is_meta:
+            raise AttachError(f"{gen.NAME}: {tname}: weight is on the meta device (not loaded); load the weights first")
+        elsewhere = lambda key: key in tensors and key not in own_tensors  # noqa: E731
+        ours = [k for k in (*m._parameters, *m._buffers) if k.startswith("lora_") and elsewhere((id(m), k))]
+        if ours or any(id(h.target) in hooks and id(h.target) not in own_hooks for h in _hooks(m)):
+            raise AttachError(
+                f"{gen.NAME}: {tname} already has a lora-lite adapter ({', '.join(ours) or 'a hook'}), "
+                "attached through another module; detach that one first"
+            )
+        taken = [k for k in gen.PARAMS if _has(m, k) and (id(m), k) not in own_tensors]
+        if taken:
+            raise AttachError(
+                f"{gen.NAME}: {tname} already has {_kind(m, taken[0])} named {taken[0]!r} (a PEFT-wrapped layer?), "
+                "which the adapter's tensor would replace; attach to the unwrapped model"
+            )
+        if name != "default" and _has(m, SLOT_PREFIX + name):
+            raise AttachError(
+                f"{gen.NAME}: {tname} already has {_kind(m, SLOT_PREFIX + name)} named {SLOT_PREFIX + name!r}, "
+                f"where adapter {name!r} would keep its tensors; remove it or choose another name"
+            )
+        if cfg.residual == "crop" and id(m) in cropped:
+            raise AttachError(
+                f"{gen.NAME}: {tname} is already cropped by adapter {cropped[id(m)]!r}; a second crop would "
+                f"mix their residuals: use residual='subtract' ({fix})"
+            )
+        check_quantized(gen, cfg, tname, m, fix=fix)
+    if cfg.residual == "crop":
+        _check_crop_weights(gen, model, targets, fix)
+
+
+def _hooks(m: nn.Module) -> list:
+    """The lora-lite hooks registered on a module: forward hooks and pre-hooks, and a cropped
+    target's state_dict post-hook and load_state_dict pre-hook (each holds its Target)."""
+    forward = [h for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()) if isinstance(h, OutputHook)]
+    loading = (getattr(h, "hook", h) for h in m._load_state_dict_pre_hooks.values())  # torch wraps these
+    weight = [h for h in (*m._state_dict_hooks.values(), *loading) if isinstance(h, (SaveFullWeight, CropLoadedWeight))]
+    return forward + weight
+
+
+def _has(m: nn.Module, k: str) -> bool:
+    """True when module `m` has anything called `k`: parameter, buffer, child or attribute."""
+    return k in m._parameters or k in m._buffers or k in m._modules or k in vars(m) or hasattr(type(m), k)
+
+
+def _kind(m: nn.Module, k: str) -> str:
+    if k in m._parameters:
+        return "a parameter"
+    if k in m._buffers:
+        return "a buffer"
+    if k in m._modules:
+        return f"a child module ({type(m._modules[k]).__name__})"
+    return "an attribute"
+
+
+def _accounted(model: nn.Module) -> tuple[set, set]:
+    """What attached adapters (of any name, on the model or any submodule) installed:
+    {(id(module holding it), tensor name)} and {id(Target)} (each hook holds its Target)."""
+    return _accounted_by(st for mod in model.modules() for st in _states_of(mod).values())
+
+
+def _accounted_by(sts) -> tuple[set, set]:
+    tensors, hooks = set(), set()
+    for st in sts:
+        for t in st.targets.values():
+            tensors.update((id(t.holder), k) for k in t.tensors)
+            hooks.add(id(t))
+    return tensors, hooks
+
+
+def _stray(model: nn.Module, tensors: set, hooks: set) -> str | None:
+    """The first lora-lite tensor (a `lora_` parameter or buffer on a layer with a weight) or hook
+    that no attached adapter accounts for, described; None when there is none."""
+    for name, m in model.named_modules():
+        where = name or "the model"
+        if isinstance(getattr(m, "weight", None), Tensor):
+            for k in (*m._parameters, *m._buffers):
+                if k.startswith("lora_") and (id(m), k) not in tensors:
+                    return f"{where} holds {k}"
+        if any(id(h.target) not in hooks for h in _hooks(m)):
+            return f"{where} has a lora-lite hook"
+    return None
+
+
+def _storage(t: Tensor) -> tuple:
+    """Where a tensor's memory lives: equal for tensors that share storage (tied weights, views).
+    A tensor subclass without a storage of its own (DTensor) is keyed by identity."""
+    try:
+        return (t.device, t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return ("object", id(t))
+
+
+def _check_crop_weights(gen: ModuleType, model: nn.Module, targets: dict[str, nn.Module], fix: str) -> None:
+    """Residual crop writes each target's weight in place: refuse a weight another parameter or
+    buffer shares (tied embeddings, a layer reused under two names, two targets on one weight)."""
+    owners: dict[tuple, list[str]] = {}
+    for n, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
+        if t.numel():
+            owners.setdefault(_storage(t), []).append(n)
+    for name, m in targets.items():
+        others = [n for n in owners.get(_storage(m.weight), []) if n != f"{name}.weight"]
+        if others:
+            raise AttachError(
+                f"{gen.NAME}: {name}.weight shares its storage with {others[0]}, so residual crop would rewrite "
+                f"both; use residual='subtract' ({fix}), which leaves W untouched"
+            )
 
 
 def weight_fingerprint(W: Tensor, k: int = 8) -> list[float]:
@@ -406,14 +642,16 @@ def _build(gen: ModuleType, name: str, m: nn.Module, cfg_t: AdapterConfig, stats
     W = base_weight(m)
     try:
         tensors = gen.init(W, cfg_t, stats)
-    except ValueError as e:  # a variant's init refuses this layer (odd HRA rank, too little data)
-        raise ValueError(f"{gen.NAME}: {name}: {e}") from None
     except torch.linalg.LinAlgError as e:  # an SVD/eigendecomposition failed: NaN/inf weights or statistics
         msg = str(e).splitlines()[0]
         finite = bool(torch.isfinite(W).all())
         raise AttachError(
             f"{gen.NAME}: {name}: {msg} (weight {'finite' if finite else 'has NaN/inf entries'})"
         ) from None
+    except ValueError as e:  # a variant's init refuses this layer (odd HRA rank, too little data)
+        raise AttachError(f"{gen.NAME}: {name}: {_first_line(e)}") from None
+    except Exception as e:  # anything else a (user's) variant raises: name the layer, keep the cause
+        raise AttachError(f"{gen.NAME}: {name}: init failed: {type(e).__name__}: {_first_line(e)}") from e
     want = gen.shapes(cfg_t, *layer_dims(m))
     if set(tensors) != set(want):
         raise AttachError(f"{gen.NAME}: {name}: init returned {sorted(tensors)}, spec declares {sorted(want)}")
@@ -423,6 +661,11 @@ def _build(gen: ModuleType, name: str, m: nn.Module, cfg_t: AdapterConfig, stats
         if not torch.isfinite(t).all():
             raise AttachError(f"{gen.NAME}: {name}: {k} is not finite after init (check the weights/calibration)")
     return {"tensors": tensors, "info": target_info(m, W)}
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def target_info(m: nn.Module, W: Tensor) -> dict:
@@ -437,46 +680,50 @@ def target_info(m: nn.Module, W: Tensor) -> dict:
     }
 
 
-def attach(model: nn.Module, cfg: AdapterConfig, calibration_data=None, *, progress: bool = True) -> nn.Module:
+def attach(
+    model: nn.Module, cfg: AdapterConfig, calibration_data=None, *, progress: bool = True, name: str = "default"
+) -> nn.Module:
     """Attach the adapter `cfg` describes to every matching layer of `model`; returns `model`.
 
     calibration_data: iterable of batches (dicts of input_ids/attention_mask/..., tuples, or
-    tensors) for data-driven bases; ignored by variants that need none. Raises AttachError
-    (already attached, no targets, missing calibration data, crop on a quantized layer) or
-    ValueError (bad calibration data) and leaves the model unchanged. bitsandbytes 4/8-bit
-    targets work with every variant whose spec says quantized_base: true; a variant with a
-    frozen part needs residual='subtract' on them (crop is refused, naming the layer).
+    tensors) for data-driven bases; ignored by variants that need none. Every check runs before
+    anything changes, and any refusal leaves the model exactly as it was: AttachError, one line
+    naming the layer or value, for a model that is not an nn.Module or a cfg that is not a
+    config, a name that is not an identifier, an adapter of that name already attached, no
+    targets, everything `preflight` refuses (meta weights, PEFT-wrapped layers, tied weights
+    under crop, a second crop on a cropped layer, stray lora-lite tensors or hooks,
+    torch.inference_mode, crop on a quantized layer), missing or bad calibration data
+    (calibration.collect_input_stats), and a variant's init refusing a layer. bitsandbytes
+    4/8-bit targets work with every variant whose spec says quantized_base: true; a variant
+    with a frozen part needs residual='subtract' on them.
+    name: several adapters can be attached under different names (an identifier; "default"
+    keeps today's layout: tensors on the layer itself). A named adapter's tensors live on a
+    child `<layer>.lora_lite_<name>`; its hook runs after those attached before it (see the
+    README's composition table). Calibration runs with the other adapters switched off.
+    `model` may be wrapped (torch.compile, DDP, accelerate, FSDP2; see lora_lite.wrappers): the
+    adapter goes on the model inside, and the wrapper is returned.
     """
+    check_model(model, "attach")
+    wrapper, model = model, unwrap(model)
     if not isinstance(cfg, AdapterConfig):
-        raise TypeError(
+        raise AttachError(
             f"attach: expected a config from ll.from_spec(...) or ll.LoRAConfig(...), got {type(cfg).__name__}"
         )
-    wrapper, model = model, unwrap(model)
-    if state(model) is not None:
-        raise AttachError(
-            f"model already has a {state(model).variant.NAME} adapter attached; call ll.detach(model) first"
-        )
+    check_name(name)
     gen = cfg.variant()
     targets = find_targets(model, cfg)
-    for name, m in targets.items():
-        taken = [k for k in (*m._parameters, *m._buffers) if k.startswith("lora_")]
-        hooked = any(isinstance(h, OutputHook) for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
-        if taken or hooked:
-            raise AttachError(
-                f"{gen.NAME}: {name} already has a lora-lite adapter ({', '.join(taken) or 'a hook'}), "
-                "attached through another module; detach that one first"
-            )
-        check_quantized(gen, cfg, name, m, fix=f"ll.from_spec({gen.NAME!r}, residual='subtract')")
-        check_tied(model, gen, cfg, name, m, fix=f"ll.from_spec({gen.NAME!r}, residual='subtract')")
+    preflight(model, cfg, targets, op="attach", name=name)
     _warn_cpu_packed(model)
-    cfgs = {name: target_config(cfg, name, m) for name, m in targets.items()}
+    cfgs = {tname: target_config(cfg, tname, m) for tname, m in targets.items()}
     stats = None
     if gen.CALIBRATION == "required" and calibration_data is None:
         raise AttachError(f"{gen.NAME} needs calibration_data: pass ll.attach(model, cfg, calibration_data=batches)")
     if gen.CALIBRATION != "none" and calibration_data is not None:
-        stats = collect_input_stats(model, targets, calibration_data, progress=progress)
-    built = {name: _build(gen, name, m, cfgs[name], stats[name] if stats else None) for name, m in targets.items()}
-    install(model, cfg, {name: (targets[name], cfgs[name], b["tensors"], b["info"]) for name, b in built.items()})
+        with all_off(model):  # statistics of the base model, not of the other adapters
+            stats = collect_input_stats(model, targets, calibration_data, progress=progress)
+    built = {n: _build(gen, n, m, cfgs[n], stats[n] if stats else None) for n, m in targets.items()}
+    per_target = {n: (targets[n], cfgs[n], b["tensors"], b["info"]) for n, b in built.items()}
+    install(model, cfg, per_target, op="attach", name=name)
     warn_if_wrapped_already(wrapper, "attach")
     return wrapper
 
@@ -492,6 +739,28 @@ def warn_if_wrapped_already(wrapper: nn.Module, what: str) -> None:
             f"{what} before wrapping",
             stacklevel=3,
         )
+
+
+def check_name(name: str) -> None:
+    """An adapter name is an identifier (it becomes part of a module name); AttachError (a
+    ValueError) otherwise."""
+    if not isinstance(name, str) or not name.isidentifier() or len(name) > 64:
+        raise AttachError(f"adapter name must be an identifier like 'math', got {_short_name(name)}")
+
+
+@contextmanager
+def all_off(model: nn.Module):
+    """Every attached adapter switched off inside (each target's previous on/off back on exit)."""
+    model = unwrap(model)
+    targets = [t for st in states(model).values() for t in st.targets.values()]
+    before = [t.enabled for t in targets]
+    for t in targets:
+        t.enabled = False
+    try:
+        yield
+    finally:
+        for t, on in zip(targets, before):
+            t.enabled = on
 
 
 def _warn_cpu_packed(model: nn.Module) -> None:
@@ -515,33 +784,108 @@ def _warn_cpu_packed(model: nn.Module) -> None:
         )
 
 
-def install(model: nn.Module, cfg: AdapterConfig, per_target: dict) -> State:
-    """Register tensors, crop, add hooks (attach step 5; load uses it too). No input checks here."""
+def is_adapter_parameter(name: str) -> bool:
+    """A parameter some lora-lite adapter registered (its last name part starts with `lora_`)."""
+    return name.rsplit(".", 1)[-1].startswith("lora_")
+
+
+def install(model: nn.Module, cfg: AdapterConfig, per_target: dict, op: str = "load", name: str = "default") -> State:
+    """Register tensors, crop, add hooks (attach step 5; load uses it too); returns the State.
+
+    per_target: {target name: (module, its config, {tensor name: tensor}, info)}. Runs
+    `preflight` first (a second time for attach: it is cheap), then converts every tensor before
+    touching the model, so running out of memory there changes nothing. Freezes the base (every
+    parameter that is not another adapter's) and records its flags as they were before the first
+    adapter (detach of the last adapter restores them). A failure after that (a variant's
+    frozen_weight raising while cropping) takes everything back out: tensors, slots, hooks and
+    requires_grad flags exactly, already cropped weights within the weight dtype's rounding (as
+    detach does).
+    """
+    preflight(model, cfg, {tname: v[0] for tname, v in per_target.items()}, op=op, name=name)
     gen = cfg.variant()
-    st = State(cfg=cfg, targets={}, requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
-    for p in model.parameters():
-        p.requires_grad_(False)
-    trainable = {name: spec[2] for name, spec in gen.PARAMS.items()}
-    for name, (m, cfg_t, tensors, info) in per_target.items():
+    trainable = {k: spec[2] for k, spec in gen.PARAMS.items()}
+    ready = {}
+    for tname, (m, _, tensors, _) in per_target.items():
         device = m.weight.device if m.weight.device.type != "meta" else None
-        for k, t in tensors.items():
-            # row-major like a loaded checkpoint (SVD factors come back column-major): same GEMMs, same bits
-            t = t.detach().to(device=device, dtype=cfg.dtype).clone(memory_format=torch.contiguous_format)
-            if trainable[k]:
-                m.register_parameter(k, nn.Parameter(t))
-            else:
-                m.register_buffer(k, t)
-        target = Target(name=name, module=m, cfg=cfg_t, tensors=tuple(tensors), info=info)
-        if cfg_t.residual == "crop":
-            add_to_weight(m, -gen.frozen_weight(m, cfg_t))
-            target.state_dict_handles = (
-                m.register_state_dict_post_hook(SaveFullWeight(target)),
-                m.register_load_state_dict_pre_hook(CropLoadedWeight(target)),
-            )
-        target.handle = _register_hook(gen, target)
-        st.targets[name] = target
-    model.__dict__[STATE_ATTR] = st
+        # row-major like a loaded checkpoint (SVD factors come back column-major): same GEMMs, same bits
+        ready[tname] = {
+            k: t.detach().to(device=device, dtype=cfg.dtype).clone(memory_format=torch.contiguous_format)
+            for k, t in tensors.items()
+        }
+    before = {n: p.requires_grad for n, p in model.named_parameters()}  # what a rollback restores
+    base = {n: p for n, p in model.named_parameters() if not is_adapter_parameter(n)}
+    earlier = list(states(model).values())
+    flags = dict(earlier[0].requires_grad) if earlier else {n: p.requires_grad for n, p in base.items()}
+    st = State(cfg=cfg, targets={}, requires_grad=flags, name=name)
+    cropped: set[str] = set()
+    try:
+        for p in base.values():
+            p.requires_grad_(False)
+        for tname, (m, cfg_t, tensors, info) in per_target.items():
+            target = Target(name=tname, module=m, cfg=cfg_t, tensors=tuple(tensors), info=info)
+            st.targets[tname] = target
+            host = m
+            if name != "default":
+                host = AdapterSlot(m)
+                m.add_module(SLOT_PREFIX + name, host)
+                target.host = host
+            for k, t in ready[tname].items():
+                if trainable[k]:
+                    host.register_parameter(k, nn.Parameter(t))
+                else:
+                    host.register_buffer(k, t)
+            if cfg_t.residual == "crop":
+                add_to_weight(m, -gen.frozen_weight(host, cfg_t))
+                cropped.add(tname)
+                target.state_dict_handles = (
+                    m.register_state_dict_post_hook(SaveFullWeight(target)),
+                    m.register_load_state_dict_pre_hook(CropLoadedWeight(target)),
+                )
+            target.handle = _register_hook(gen, target)
+    except BaseException:
+        _uninstall(model, st, cropped, before)
+        raise
+    if name == "default":
+        model.__dict__[STATE_ATTR] = st
+    else:
+        model.__dict__.setdefault(NAMED_ATTR, {})[name] = st
     return st
+
+
+def _uninstall(model: nn.Module, st: State, cropped, flags: dict | None) -> None:
+    """Take out what install put in: hooks, W restored for the targets in `cropped` (W_res +
+    frozen_weight(), within the weight dtype's rounding), tensors (a named adapter's slot),
+    the State; then the requires_grad `flags` (None: leave every flag as it is)."""
+    gen = st.variant
+    for t in st.targets.values():
+        m = t.module
+        if t.handle is not None:
+            t.handle.remove()
+        for h in t.state_dict_handles:
+            h.remove()
+        if t.name in cropped:
+            add_to_weight(m, gen.frozen_weight(t.holder, t.cfg))
+        if t.host is None:
+            for k in t.tensors:
+                m._parameters.pop(k, None)
+                m._buffers.pop(k, None)
+        elif m._modules.get(SLOT_PREFIX + st.name) is t.host:
+            del m._modules[SLOT_PREFIX + st.name]
+        m.__dict__.pop(SQNORM_ATTR, None)
+    if flags is not None:
+        params = dict(model.named_parameters())
+        for n, flag in flags.items():
+            if n in params:
+                params[n].requires_grad_(flag)
+    if st.name == "default":
+        if model.__dict__.get(STATE_ATTR) is st:
+            del model.__dict__[STATE_ATTR]
+    else:
+        named = model.__dict__.get(NAMED_ATTR, {})
+        if named.get(st.name) is st:
+            del named[st.name]
+        if not named:
+            model.__dict__.pop(NAMED_ATTR, None)
 
 
 class OutputHook:
@@ -556,43 +900,80 @@ class OutputHook:
     def __init__(self, target: Target):
         self.target = target
 
-    def adapter_dtype(self, m: nn.Module) -> torch.dtype:
-        return getattr(m, self.target.tensors[0]).dtype
+    def adapter_dtype(self) -> torch.dtype:
+        return getattr(self.target.holder, self.target.tensors[0]).dtype
 
     def __call__(self, m, args, y):
-        cfg = self.target.cfg
+        t = self.target
+        cfg, v = t.cfg, (t.scale if t.enabled else 0.0)
+        if v == 0.0 and cfg.residual != "crop":
+            return None  # the layer's own output: the base model's, bit for bit
         gen = cfg.variant()
-        x = args[0].to(self.adapter_dtype(m)) if gen.CAST_INPUT else args[0]
-        return gen.forward(m, x, y, cfg)
+        x = args[0].to(self.adapter_dtype()) if gen.CAST_INPUT else args[0]
+        if v == 1.0:
+            return gen.forward(t.holder, x, y, cfg)
+        return scaled_output(gen, t.holder, x, y, cfg, v)
+
+
+def scaled_output(gen: ModuleType, m: nn.Module, x: Tensor, y: Tensor, cfg: AdapterConfig, v: float) -> Tensor:
+    """y_base + v (y_adapted - y_base), (..., o) in y's dtype; v = 0 is the base layer (ll.scale).
+
+    Crop: y = x W_res^T lacks the frozen part; forward on a zero y in crop mode gives the frozen part
+    plus the change, in subtract mode the change alone, both in factored form (no (o, i) matrix),
+    so y_base is the base output within the rounding of the frozen part. Otherwise y is y_base.
+    """
+    if cfg.residual == "crop":
+        zero = torch.zeros_like(y)
+        whole = gen.forward(m, x, zero, cfg).float()  # (..., o) frozen part + change
+        change = gen.forward(m, x, zero, dataclasses.replace(cfg, residual="subtract")).float()  # (..., o)
+        return (y.float() + whole - (1.0 - v) * change).to(y.dtype)
+    adapted = gen.forward(m, x, y, cfg).float()  # (..., o)
+    return (y.float() + v * (adapted - y.float())).to(y.dtype)
 
 
 class InputHook(OutputHook):
-    """Forward pre-hook: x -> forward(m, x, cfg), cast back to x's dtype."""
+    """Forward pre-hook: x -> forward(m, x, cfg), cast back to x's dtype; with ll.scale v,
+    x -> x + v (forward(x) - x), so v = 0 (or ll.disabled) leaves the input untouched."""
 
     def __call__(self, m, args):
-        cfg = self.target.cfg
-        gen = cfg.variant()
+        t = self.target
+        cfg, v = t.cfg, (t.scale if t.enabled else 0.0)
+        if v == 0.0:
+            return None
+        gen, m = cfg.variant(), t.holder
         x = args[0]
-        if not gen.CAST_INPUT:
-            return (gen.forward(m, x, cfg), *args[1:])
-        return (gen.forward(m, x.to(self.adapter_dtype(m)), cfg).to(x.dtype), *args[1:])
+        if gen.CAST_INPUT:
+            new = gen.forward(m, x.to(self.adapter_dtype()), cfg).to(x.dtype)
+        else:
+            new = gen.forward(m, x, cfg)
+        if v != 1.0:
+            new = (x.float() + v * (new.float() - x.float())).to(x.dtype)  # (..., i)
+        return (new, *args[1:])
 
 
 class SaveFullWeight:
     """state_dict post-hook of a cropped target: the saved `weight` is W = W_res + frozen part
     (within the weight dtype's rounding), never the cropped W_res, so `model.state_dict()`,
     `save_pretrained` and whole-model checkpoints hold the base weight. The adapter's own
-    tensors are saved beside it under their `lora_` names."""
+    tensors are saved beside it under their `lora_` names (a named adapter's under its slot)."""
 
     def __init__(self, target: Target):
         self.target = target
 
     def __call__(self, m, state_dict, prefix, local_metadata):
-        key = prefix + "weight"
-        if key in state_dict:
-            w = state_dict[key]
-            frozen = self.target.cfg.variant().frozen_weight(m, self.target.cfg)  # (o, i) fp32
-            state_dict[key] = shifted(w, stored_layout(m, frozen))
+        key, t = prefix + "weight", self.target
+        if key not in state_dict:
+            return
+        gone = [k for k in t.tensors if k not in t.holder._parameters and k not in t.holder._buffers]
+        if gone:  # removed by hand: W cannot be rebuilt (detach refuses too); say what is saved
+            warnings.warn(
+                f"state_dict: {t.name} lacks {gone[0]}, so its weight is saved cropped (W_res, not the base W); "
+                "put it back, or ll.load the adapter's checkpoint into a fresh model",
+                stacklevel=2,
+            )
+            return
+        frozen = t.cfg.variant().frozen_weight(t.holder, t.cfg)  # (o, i) fp32
+        state_dict[key] = shifted(state_dict[key], stored_layout(m, frozen))
 
 
 class CropLoadedWeight:
@@ -606,20 +987,16 @@ class CropLoadedWeight:
     def __call__(self, m, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         key = prefix + "weight"
         if key in state_dict:
-            given = {k: state_dict.get(prefix + k, getattr(m, k)) for k in self.target.tensors}
-            frozen = self.target.cfg.variant().frozen_weight(SimpleNamespace(**given), self.target.cfg)
+            t = self.target
+            slot = "" if t.host is None else next(k for k, c in m._modules.items() if c is t.host) + "."
+            given = {k: state_dict.get(prefix + slot + k, getattr(t.holder, k)) for k in t.tensors}
+            frozen = t.cfg.variant().frozen_weight(SimpleNamespace(**given), t.cfg)
             state_dict[key] = shifted(state_dict[key], -stored_layout(m, frozen))
 
 
 def shifted(w: Tensor, delta: Tensor) -> Tensor:
     """A new tensor w + delta in w's dtype and layout (sharded or not); delta fp32, shaped as w."""
     return shard_like((full(w).detach().float() + delta.to(w.device)).to(w.dtype), w)
-
-
-def _register_hook(gen: ModuleType, target: Target):
-    if gen.HOOK == "output":
-        return target.module.register_forward_hook(OutputHook(target))
-    return target.module.register_forward_pre_hook(InputHook(target))
 
 
 def add_to_weight(m: nn.Module, delta: Tensor) -> None:
@@ -632,55 +1009,118 @@ def add_to_weight(m: nn.Module, delta: Tensor) -> None:
         m.weight.copy_(shifted(m.weight, stored_layout(m, delta)))
 
 
-def detach(model: nn.Module) -> nn.Module:
-    """Remove the adapter and give the base model back (see the module docstring); returns `model`.
+def _register_hook(gen: ModuleType, target: Target):
+    if gen.HOOK == "output":
+        return target.module.register_forward_hook(OutputHook(target))
+    # a later adapter wraps the layer as it was: its new input is made first (PEFT's W H_1 H_2 for HRA)
+    prepend = any(isinstance(h, InputHook) for h in target.module._forward_pre_hooks.values())
+    return target.module.register_forward_pre_hook(InputHook(target), prepend=prepend)
 
-    Raises AttachError when nothing is attached.
+
+def detach(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Remove the adapter `name` (None: every adapter, the last attached first) and give the base
+    model back (see the module docstring); returns `model`. The base's requires_grad flags come
+    back when the last adapter goes.
+
+    Checks first, changes nothing on refusal: AttachError when `model` is not an nn.Module,
+    under torch.inference_mode, when nothing (or no adapter `name`) is attached, or when a
+    cropping target lacks a tensor its W needs back (removed by hand after attach).
     """
+    check_model(model, "detach")
     wrapper, model = model, unwrap(model)
-    st = state(model)
-    if st is None:
+    every = states(model)
+    if not every:
         raise AttachError("detach: no lora-lite adapter is attached to this model")
-    gen = st.variant
-    for t in st.targets.values():
-        m = t.module
-        t.handle.remove()
-        for h in t.state_dict_handles:
-            h.remove()
-        if t.cfg.residual == "crop":
-            add_to_weight(m, gen.frozen_weight(m, t.cfg))
-        for k in t.tensors:
-            m._parameters.pop(k, None)
-            m._buffers.pop(k, None)
-        m.__dict__.pop(SQNORM_ATTR, None)
-    params = dict(model.named_parameters())
-    for n, flag in st.requires_grad.items():
-        if n in params:
-            params[n].requires_grad_(flag)
-    del model.__dict__[STATE_ATTR]
+    if name is not None and name not in every:
+        raise AttachError(f"detach: no adapter named {_short_name(name)} (attached: {list(every)})")
+    order = list(reversed(every)) if name is None else [name]
+    for n in order:
+        for t in every[n].targets.values():
+            if t.cfg.residual != "crop":
+                continue
+            gone = [k for k in t.tensors if k not in t.holder._parameters and k not in t.holder._buffers]
+            if gone:
+                raise AttachError(
+                    f"detach: {t.name} lacks {gone[0]}, which restoring its cropped weight needs; "
+                    "put it back (or ll.load the adapter's checkpoint into a fresh model)"
+                )
+    for n in order:
+        st, last = every[n], len(states(model)) == 1
+        cropped = {t.name for t in st.targets.values() if t.cfg.residual == "crop"}
+        # the last adapter gives back the base's flags from before the first attach
+        _uninstall(model, st, cropped, st.requires_grad if last else None)
     return wrapper
 
 
-def set_coeff(model: nn.Module, value: float) -> None:
-    """Change the `coeff` knob of an attached adapter without re-attaching (0 = identity).
+def set_active(model: nn.Module, names: str | list[str]) -> None:
+    """Make exactly the adapters `names` active (a str or a list; [] switches all off); the
+    others stay attached, their hooks passing the base through. ll.disabled nests with it.
 
-    Raises AttachError when nothing is attached or the variant has no `coeff`.
+    Raises AttachError naming an adapter that is not attached, or for `names` that is not a
+    str or a list of str (nothing is changed then). `model` may be wrapped.
     """
-    st = state(model)
+    every = states(model)
+    if isinstance(names, str):
+        want = [names]
+    elif isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+        want = list(names)
+    else:
+        raise AttachError(f"set_active: expected an adapter name or a list of names, got {_short_name(names)}")
+    unknown = [n for n in want if n not in every]
+    if unknown:
+        raise AttachError(f"set_active: no adapter named {_short_name(unknown[0])} (attached: {list(every)})")
+    for n, st in every.items():
+        for t in st.targets.values():
+            t.enabled = n in want
+
+
+def _short_name(name) -> str:
+    """repr of a user-given adapter name, cut to one short line."""
+    text = repr(name)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def set_coeff(model: nn.Module, value: float, name: str = "default") -> None:
+    """Change the `coeff` knob of the adapter `name` without re-attaching (0 = identity).
+
+    Raises AttachError when `model` is not an nn.Module, nothing (or no adapter `name`) is
+    attached or the variant has no `coeff`; SpecError (a ValueError) for a value that is not a
+    finite number within the spec's bounds. Nothing changes on refusal. Allowed under
+    torch.inference_mode (no tensor changes: the hooks read the new value on their next call).
+    """
+    if not isinstance(model, nn.Module):
+        raise AttachError(f"set_coeff: expected a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap(model)
+    st = state(model, name) if isinstance(name, str) else None
     if st is None:
-        raise AttachError("set_coeff: no lora-lite adapter is attached to this model")
+        what = (
+            "no lora-lite adapter is attached"
+            if name == "default"
+            else f"no adapter named {_short_name(name)} is attached"
+        )
+        raise AttachError(f"set_coeff: {what} to this model")
     if "coeff" not in st.variant.RUNTIME_KNOBS:
         raise AttachError(
             f"set_coeff: {st.variant.NAME} has no runtime 'coeff' knob "
             f"(its knobs: {list(st.variant.RUNTIME_KNOBS) or 'none'})"
         )
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise ValueError(f"set_coeff: coeff must be a finite number, got {value!r}")
-    st.cfg = dataclasses.replace(st.cfg, coeff=float(value))
-    for t in st.targets.values():
-        t.cfg = dataclasses.replace(t.cfg, coeff=float(value))
+    finite = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < math.inf
+    if not finite or (isinstance(value, int) and abs(value) > 2**1023):  # float() would overflow
+        raise config_error(f"set_coeff: coeff must be a finite number, got {repr(value)[:40]}")
+    try:  # the config checks the spec's bounds; build every new config before assigning any
+        cfg = dataclasses.replace(st.cfg, coeff=float(value))
+        per_target = {tname: dataclasses.replace(t.cfg, coeff=float(value)) for tname, t in st.targets.items()}
+    except SpecError as e:
+        raise config_error(f"set_coeff: {_first_line(e)}") from None
+    st.cfg = cfg
+    for tname, t in st.targets.items():
+        t.cfg = per_target[tname]
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters an optimiser should train: those with requires_grad (of the model or a wrapper)."""
+    """The parameters an optimiser should train: those with requires_grad (of the model or a wrapper).
+
+    AttachError when `model` is not an nn.Module."""
+    if not isinstance(model, nn.Module):
+        raise AttachError(f"trainable_parameters: expected a torch.nn.Module, got {type(model).__name__}")
     return [p for p in unwrap(model).parameters() if p.requires_grad]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 
@@ -84,23 +86,95 @@ def lm_loss(model, batch: dict) -> torch.Tensor:
     )
 
 
-def snapshot(model) -> tuple[dict, dict]:
-    """Copies of the state_dict values and the requires_grad flags, for assert_unchanged."""
-    return {k: v.clone() for k, v in model.state_dict().items()}, {
-        n: p.requires_grad for n, p in model.named_parameters()
+class Snapshot(NamedTuple):
+    """What a refusal must leave exactly as it was (see assert_unchanged)."""
+
+    state_dict: dict  # name -> cloned tensor
+    requires_grad: dict  # parameter name -> flag
+    training: dict  # module name -> its own train/eval flag
+    hooks: dict  # module name -> (forward, forward pre-, state_dict, load_state_dict pre-hooks), each ((id, hook), ...)
+    attributes: dict  # module name -> sorted names in its __dict__ (no stray caches or state)
+    state: object  # ll.state(model): the attached adapter's State, or None
+    configs: object  # that State's config and each target's, or None
+    adapters: dict  # every attached adapter (named ones too): name -> (id(State), config, per-target knobs)
+
+
+def _hooks(m) -> tuple:
+    forward = tuple(m._forward_hooks.items()), tuple(m._forward_pre_hooks.items())
+    return *forward, tuple(m._state_dict_hooks.items()), tuple(m._load_state_dict_pre_hooks.items())
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes (NaN equals itself, -0.0 differs from 0.0)."""
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
+def _configs(st) -> tuple | None:
+    return None if st is None else (st.cfg, {n: t.cfg for n, t in st.targets.items()})
+
+
+def _adapters(model) -> dict:
+    return {
+        n: (id(st), st.cfg, {k: (t.cfg, t.scale, t.enabled, t.handle) for k, t in st.targets.items()})
+        for n, st in ll.states(model).items()
     }
 
 
-def assert_unchanged(model, snap) -> None:
-    """State_dict bitwise equal, same flags, no adapter state, no hooks left behind."""
-    sd, flags = snap
+def snapshot(model) -> Snapshot:
+    """Everything assert_unchanged compares, copied now."""
+    return Snapshot(
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {n: p.requires_grad for n, p in model.named_parameters()},
+        {n: m.training for n, m in model.named_modules()},
+        {n: _hooks(m) for n, m in model.named_modules()},
+        {n: sorted(vars(m)) for n, m in model.named_modules()},
+        ll.state(model),
+        _configs(ll.state(model)),
+        _adapters(model),
+    )
+
+
+def assert_unchanged(model, snap: Snapshot) -> None:
+    """State_dict bitwise equal (same keys, dtypes, values), the same requires_grad flags, every
+    submodule's own train/eval flag, the same hooks (no new ones, none removed), no new module
+    attributes, and the same adapter state and configs (None when nothing was attached), for
+    every attached adapter by name (config, ll.scale, on/off, hook)."""
     now = model.state_dict()
-    assert now.keys() == sd.keys()
-    for k in sd:
-        assert torch.equal(now[k], sd[k]), k
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert ll.state(model) is None
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert now.keys() == snap.state_dict.keys()
+    for k, v in snap.state_dict.items():
+        assert now[k].dtype == v.dtype and now[k].shape == v.shape and now[k].device == v.device, k
+        assert v.is_meta or torch.equal(_bits(now[k]), _bits(v)), k  # meta tensors hold no values
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == snap.requires_grad
+    assert {n: m.training for n, m in model.named_modules()} == snap.training
+    assert {n: _hooks(m) for n, m in model.named_modules()} == snap.hooks
+    assert {n: sorted(vars(m)) for n, m in model.named_modules()} == snap.attributes
+    assert ll.state(model) is snap.state
+    assert _configs(ll.state(model)) == snap.configs
+    assert _adapters(model) == snap.adapters
+
+
+def llama(seed: int = 0):
+    """Tiny random LlamaForCausalLM (fp32, biases on q/k/v/o); q 32->32, k/v 32->16, MLP 32->64->32."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attention_bias=True,
+        initializer_range=0.2,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # HF zero-initialises biases; give them values so bias handling matters
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.2)
+    return model
 
 
 def hf_llama(seed: int = 0, tie: bool = False):

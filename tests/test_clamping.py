@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 import lora_lite as ll
 from conftest import make_model, perturb
+from lora_lite.checkpoint import digest
 
 V = "model.layers.0.self_attn.v_proj"  # 32 -> 16
 Q = "model.layers.0.self_attn.q_proj"  # 32 -> 32
@@ -70,6 +71,7 @@ def test_a_checkpoint_keeps_the_per_target_scaling_it_was_saved_with(tmp_path):
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = json.loads(f.metadata()["lora_lite"])
     meta["targets"][V]["hyperparameters"]["alpha"] = 16.0  # the earlier rule: alpha unchanged
+    meta["sha256"] = digest(meta, tensors)  # a valid file, as that rule's save wrote it
     old = tmp_path / "old.safetensors"
     save_file(tensors, str(old), metadata={"lora_lite": json.dumps(meta)})
     fresh = make_model()

@@ -9,12 +9,6 @@ from torch import nn
 import lora_lite as ll
 from conftest import SPECS, attach_small, make_model, token_batch
 
-# Specs whose hot path still breaks the graph, with the reason; the test below fails once one
-# of them compiles cleanly, so the entry is removed and the spec joins the zero-break test.
-GRAPH_BREAKS_PENDING: dict[str, str] = {
-    "dora": "base_row_sqnorm keys its ||W_i||^2 cache on tensor identity (is_inference, data_ptr, _version)",
-}
-
 
 def graph_breaks(name: str) -> int:
     model = make_model(n_layers=1)
@@ -23,14 +17,10 @@ def graph_breaks(name: str) -> int:
     return torch._dynamo.explain(model)(**token_batch(seed=7)).graph_break_count
 
 
-@pytest.mark.parametrize("name", [n for n in SPECS if n not in GRAPH_BREAKS_PENDING])
+@pytest.mark.parametrize("name", SPECS)
 def test_adapted_model_traces_without_graph_breaks(name):
+    """Every shipped spec, DoRA included (its ||W_i||^2 of a float W is reduced on every call)."""
     assert graph_breaks(name) == 0
-
-
-@pytest.mark.parametrize("name", sorted(GRAPH_BREAKS_PENDING))
-def test_pending_specs_still_break_the_graph(name):
-    assert graph_breaks(name) > 0, f"{name} compiles cleanly now: remove it from GRAPH_BREAKS_PENDING"
 
 
 class OneLayer(nn.Module):

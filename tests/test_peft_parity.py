@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import lora_lite as ll
-from conftest import SPECS, token_batch
+from conftest import SPECS, llama, token_batch
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -38,39 +38,19 @@ KNOWN_DIVERGENCES: dict[str, str] = {
     "eva": "A is the exact top-r eigenbasis of the pooled input covariance, where PEFT runs an "
     "incremental randomized PCA until its components stop moving (same subspace, compared "
     "as one); uniform rank only (PEFT's rho=1), no rank redistribution",
-    "dora": "the norm ||W + s B A||_row is expanded: ||W_i||^2 in fp32 (cached per weight), W A^T in "
-    "W's dtype, the rest in fp32, where PEFT forms W + s B A in the input's dtype: identical in fp32",
+    "dora": "the norm ||W + s B A||_row is expanded: ||W_i||^2 in fp32 (cached for 4/8-bit W), W A^T in "
+    "W's dtype, the rest in fp32, where PEFT forms W + s B A in the input's dtype: identical in fp32. "
+    "ll.scale interpolates DoRA's output; PEFT's rescale_adapter_scale scales s inside the norm (equal at 0 and 1)",
     "ia3": "the gain is cast to the layer's dtype and multiplies y there; PEFT multiplies in the "
     "adapter's dtype: identical in fp32",
     "ia3_ff": "the gain is cast to the layer's dtype and multiplies x there; PEFT casts x to the "
     "adapter's dtype and back: identical in fp32",
     "pissa": "singular vectors get canonical signs (largest entry positive), so A and B may differ "
-    "from PEFT's by a sign per direction; B A, W_res and every output agree",
+    "from PEFT's by a sign per direction; B A, W_res and every output agree. PEFT's disable_adapter() "
+    "and rescale_adapter_scale(0) give W_res's outputs; ll.disabled and ll.scale(0) the base model's",
     "antipasto_corda": "upstream lora-lite's whitened CorDA: SVD of W C^1/2 and P = Vh C^-1/2, where "
     "CorDA's paper and PEFT decompose W C and keep Vh C^-1; damping cov_eps is absolute (no parity test)",
 }
-
-
-def llama(seed: int = 0):
-    """Tiny random LlamaForCausalLM (fp32, biases on q/k/v/o); q 32->32, k/v 32->16, MLP 32->64->32."""
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attention_bias=True,
-        initializer_range=0.2,
-    )
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # HF zero-initialises biases; give them values so bias handling matters
-        for n, p in model.named_parameters():
-            if n.endswith("bias"):
-                p.normal_(0, 0.2)
-    return model
 
 
 def peft_configs() -> dict:

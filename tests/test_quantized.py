@@ -238,6 +238,26 @@ def test_base_row_sqnorm_is_cached_once_per_quantized_weight(device):
     # float weights: tests/test_dora_delora_hra_eva.py
 
 
+def test_quantized_row_norm_cache_sees_counted_writes_and_refresh_clears_the_rest(device):
+    layers = quantize(nn.ModuleDict({"a": nn.Linear(64, 64), "b": nn.Linear(64, 64)}), "nf4", device=device)
+    a, other = layers["a"], layers["b"].weight.data
+
+    def fresh():
+        return rt.base_weight(a).square().sum(1)
+
+    rt.base_row_sqnorm(a)
+    with torch.no_grad():
+        a.weight.copy_(other.flip(0))  # in place, counted by autograd: seen
+    torch.testing.assert_close(rt.base_row_sqnorm(a), fresh())
+    a.weight.data = other.clone()  # new storage: seen
+    torch.testing.assert_close(rt.base_row_sqnorm(a), fresh())
+    stale = rt.base_row_sqnorm(a).clone()
+    a.weight.data.copy_(other.flip(0))  # in place through .data: not counted, the cache is stale
+    assert torch.equal(rt.base_row_sqnorm(a), stale) and not torch.equal(stale, fresh())
+    assert rt.refresh_row_norms(layers) == 1  # the documented fix
+    torch.testing.assert_close(rt.base_row_sqnorm(a), fresh())
+
+
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_dora_norm_on_a_quantized_base_equals_the_dense_formula(kind, device):
     model = qmodel(kind, device).train()  # train mode: the CPU forward is exact in fp32

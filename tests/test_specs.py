@@ -23,10 +23,13 @@ EXPECTED = {
     "yaml_syntax.yaml": ["yaml_syntax.yaml:", "YAML syntax error"],
     "duplicate_key.yaml": ["duplicate_key.yaml:19:", "duplicate key 'hook' (first at line 18)"],
     "bad_enum.yaml": ["bad_enum.yaml:16:", "$.core.kind: 'magnitde' is not one of ['lowrank'"],
-    "injection.yaml": ["$.summary", "triple quotes"],
-    "injection_name.yaml": ["$.name", "does not match"],
+    "injection.yaml": ["$.summary: text holds a line break", "only identity, math, notes may span lines"],
+    "injection_name.yaml": ["$.name: text holds a line break"],
     "injection_math.yaml": ["$.math", "triple quotes"],
-    "injection_hyper.yaml": ["$.hyperparameters", "does not match"],
+    "injection_hyper.yaml": [
+        "injection_hyper.yaml:13:",
+        "$.hyperparameters['alpha: float = 1\\nimport os']: a key holds a line break",
+    ],
     "name_mismatch.yaml": ["$.name: 'something_else' must equal the file name 'name_mismatch'"],
     "missing_tensor.yaml": ["$.params: core 'lowrank' needs tensor 'lora_B'"],
     "crop_without_basis.yaml": ["$.residual: crop needs a basis"],
@@ -34,6 +37,55 @@ EXPECTED = {
     "svd_without_residual.yaml": ["$.residual: basis 'svd' puts W's top-r part into the adapter"],
     "shadowing_name.yaml": ["$.hyperparameters.variant: 'variant' is reserved"],
     "bad_regex.yaml": ["$.target.names[0]: bad regex '(q_proj'"],
+    # YAML and the document itself: refused before anything is built from it
+    "yaml_alias.yaml": ["yaml_alias.yaml:14:", "$: YAML aliases (*r) are not allowed"],
+    "yaml_deep_nesting.yaml": ["yaml_deep_nesting.yaml:10:", "nested deeper than 20 levels"],
+    "yaml_not_utf8.yaml": ["yaml_not_utf8.yaml:3:", "not UTF-8 (byte 0xe9"],
+    "yaml_key_not_a_string.yaml": ["yaml_key_not_a_string.yaml:13:", "$.hyperparameters: key '1' is not a string"],
+    "yaml_not_a_mapping.yaml": ["$: expected a mapping of spec fields, got list"],
+    "yaml_two_documents.yaml": ["yaml_two_documents.yaml:24:", "YAML syntax error", "another document"],
+    "yaml_python_tag.yaml": ["yaml_python_tag.yaml:3:", "could not determine a constructor", "python/object"],
+    "yaml_date.yaml": ["$.references[0].year: YAML date values are not allowed"],
+    "yaml_int_too_long.yaml": ["$.hyperparameters.r.default: an integer of 5000 characters"],
+    # prose: no control characters, line separators or what a docstring or comment cannot carry
+    "prose_cr.yaml": ["prose_cr.yaml:3:", "$.title: text holds U+000D"],
+    "prose_nul.yaml": ["$.title: text holds U+0000"],
+    "prose_nel.yaml": ["$.summary: text holds U+0085"],
+    "prose_line_separator.yaml": ["$.math: text holds U+2028 LINE SEPARATOR"],
+    "prose_paragraph_separator.yaml": ["$.identity: text holds U+2029 PARAGRAPH SEPARATOR"],
+    "prose_lone_surrogate.yaml": ["prose_lone_surrogate.yaml:3: $"],  # libyaml refuses the escape itself
+    "prose_bidi_override.yaml": ["$.title: text holds U+202E RIGHT-TO-LEFT OVERRIDE"],
+    "prose_tab.yaml": ["$.hyperparameters.r.doc: text holds U+0009"],
+    "prose_line_break_in_a_line.yaml": ["$.params.lora_A.doc: text holds a line break"],
+    "prose_backslash.yaml": ["$.math: text may not contain backslashes"],
+    "target_line_break.yaml": ["$.target.names[0]: text holds a line break"],
+    # numbers: finite, typed, inside the declared bounds, and every int/float declares both
+    "number_nan.yaml": ["$.hyperparameters.alpha.default: nan is not a finite number"],
+    "number_infinite_lr.yaml": ["$.train.lr: inf is not a finite number"],
+    "number_bool_for_float.yaml": ["$.hyperparameters.alpha.default: True is not a float"],
+    "number_below_min.yaml": ["$.hyperparameters.r.default: 0 is below min 1"],
+    "number_above_max.yaml": ["$.hyperparameters.r.default: 100000 is above max 65536"],
+    "number_missing_max.yaml": ["$.hyperparameters.r: 'max' is a required property"],
+    "number_min_above_max.yaml": ["$.hyperparameters.alpha.min: min 1000000.0 is above max -1000000.0"],
+    "number_float_bounds_for_int.yaml": ["$.hyperparameters.r.max: 65536.5: the bounds of an int"],
+    "number_bounds_on_bool.yaml": ["$.hyperparameters.flag.min: a bool hyperparameter has no bounds"],
+    "number_too_large.yaml": ["$.hyperparameters.alpha.max: 1e+300 is larger than 2**53"],
+    "number_written_as_text.yaml": ["'1.0e6' is not of type 'number'", "write 1.0e+6"],
+    # shapes: evaluated with the defaults, sizes in [1, 2**31], no division by zero possible
+    "shape_zero.yaml": ["$.params.lora_A.shape[0]: 'r - r' is 0 with the defaults"],
+    "shape_too_large.yaml": ["'d_in * d_in * d_in * d_in * d_in * d_in' is 68719476736 with the defaults"],
+    "shape_division_by_zero.yaml": ["$.params.lora_A.shape[0]: bad shape expression: 'd_in // 0': // divides only"],
+    "shape_division_by_a_name.yaml": ["'d_in // (r - 8)': // divides only by a positive integer"],
+    "shape_characters.yaml": ["$.params.lora_A.shape[0]: 'r\"' does not match"],
+}
+# Bad specs too big to keep as files: name -> (text made from lora.yaml, fragments of the first error)
+_LORA = (ROOT / "specs" / "lora.yaml").read_text()
+GENERATED = {
+    "huge.yaml": (_LORA + "# padding\n" * 30_000, ["huge.yaml: $: larger than 256 KiB"]),
+    "many_nodes.yaml": (
+        _LORA.replace("names: ['\\.q_proj$', '\\.v_proj$']", "names: [" + ", ".join(["q"] * 20_001) + "]"),
+        ["many_nodes.yaml:14: $: more than 20000 YAML nodes"],
+    ),
 }
 
 
@@ -56,6 +108,17 @@ def test_bad_spec_message(fname):
 
 def test_every_bad_spec_has_an_expectation():
     assert sorted(p.name for p in BAD.glob("*.yaml")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("fname", sorted(GENERATED))
+def test_generated_bad_spec_message(fname, tmp_path):
+    text, fragments = GENERATED[fname]
+    (tmp_path / fname).write_text(text)
+    with pytest.raises(SpecError) as e:
+        load_spec(tmp_path / fname)
+    assert len(e.value.problems) == 1 and "\n" not in str(e.value)
+    for frag in fragments:
+        assert frag in str(e.value), f"{frag!r} not in {str(e.value)!r}"
 
 
 def test_missing_file_and_empty_file(tmp_path):

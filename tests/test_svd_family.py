@@ -202,20 +202,26 @@ def test_padding_is_excluded_from_the_statistics(monkeypatch):
     "name, data, error, match",
     [
         ("antipasto_corda", None, ll.AttachError, r"antipasto_corda needs calibration_data"),
-        ("corda_arrow", [], ValueError, r"calibration_data is empty"),
+        ("corda_arrow", [], ll.AttachError, r"calibration_data is empty"),
         (
             "antipasto_corda",
             [token_batch(seed=1, batch=1, seq=8)],
-            ValueError,
+            ll.AttachError,
             r"antipasto_corda: model.layers.0.self_attn.q_proj: CorDA needs at least d_in=32 calibration tokens, got 8",
         ),
         (
             "antipasto",
             [token_batch(seed=1, batch=1, seq=6, pad=3)],
-            ValueError,
+            ll.AttachError,
             r"antipasto: model.layers.0.self_attn.q_proj: Wanda selection needs at least r=4 calibration tokens, got 3",
         ),
-        ("antipasto_arrow", [{"bad": "batch"}], TypeError, r"unexpected keyword argument 'bad'"),
+        ("antipasto_arrow", [{"bad": "batch"}], ll.AttachError, r"calibration: batch 0: no tensors in \['bad'\]"),
+        (
+            "antipasto_arrow",
+            [{"input_ids": torch.zeros(1, 4, dtype=torch.long), "bad": torch.ones(1)}],
+            ll.AttachError,
+            r"calibration: batch 0: the model raised TypeError: .*unexpected keyword argument 'bad'",
+        ),
     ],
 )
 def test_bad_calibration_is_a_clear_error_and_leaves_the_model_untouched(name, data, error, match):

@@ -1,0 +1,569 @@
+"""PEFT-format adapter directories: ll.export_peft writes one, ll.load_peft attaches one.
+
+A PEFT directory holds `adapter_config.json` and `adapter_model.safetensors`, keys
+`base_model.model.<module>.<tensor>` with no adapter name (PEFT's `save_pretrained` layout), and
+loads with `peft.PeftModel.from_pretrained(base, dir)` or a server (vLLM, SGLang: plain LoRA only).
+
+Export routes, by spec (ROUTES):
+    direct      lora, eva (LoRA), dora (LoRA + use_dora), ia3, ia3_ff (IA3), hra (HRA), delora (DELORA)
+    converted   pissa: trained on W_res = W - s B0 A0, so on the original W the change is
+                s (B A - B0 A0) = s [B, -B0] [A; A0]: rank and lora_alpha doubled,
+                init_lora_weights true (as PEFT's path_initial_model_for_weight_conversion)
+    as-LoRA     antipasto, antipasto_corda (lora_B = U diag(S_eff - S), lora_A = Vh or P),
+                antipasto_arrow, corda_arrow (lora_B = U D diag(S), D the core minus I),
+                antipasto_ablate (rank k: lora_B = U Chat diag(-coeff strength), lora_A = Chat^T diag(S) Vh);
+                exact at the current coeff and scale, for serving: the parametrisation is gone
+Every LoRA-form export keeps each layer's scaling at lora_alpha / r (per-layer ranks go to
+rank_pattern with a matching alpha_pattern, any other factor into lora_B), so a server that
+reads only `r` and `lora_alpha` (vLLM) computes what PEFT computes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .checkpoint import CheckpointError
+from .codegen import SpecError
+from .registry import variant_module
+from .runtime import (
+    EXCLUDE,
+    AdapterSlot,
+    AttachError,
+    base_weight,
+    check_model,
+    check_name,
+    check_quantized,
+    install,
+    is_linear_like,
+    is_quantized,
+    states,
+    target_info,
+)
+
+PREFIX = "base_model.model."
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+
+
+# ---------------------------------------------------------------- export: per-spec routes
+# Each returns the PEFT tensors of one target as {suffix: tensor}, plus its LoRA scaling s_t
+# (None for non-LoRA types). Inputs are the target `t` (module, cfg) and the ll.scale value v.
+
+
+def _lowrank(t, v):
+    """LoRA, EVA, DoRA: (A, B, s) as trained; v folds into B (DoRA refuses v != 1 earlier)."""
+    m, cfg = t.holder, t.cfg
+    out = {"lora_A.weight": m.lora_A.detach(), "lora_B.weight": m.lora_B.detach() * v}
+    if hasattr(m, "lora_magnitude_vector"):
+        out["lora_magnitude_vector"] = m.lora_magnitude_vector.detach()
+    return out, cfg.alpha / cfg.r
+
+
+def _pissa(t, v):
+    """PiSSA on the original W: s B A - s B0 A0 = s [B, -B0] [A; A0] (rank 2r)."""
+    m, cfg = t.holder, t.cfg
+    A = torch.cat([m.lora_A.detach(), m.lora_A0.detach()], 0)  # (2r, i)
+    B = torch.cat([m.lora_B.detach(), -m.lora_B0.detach()], 1) * v  # (o, 2r)
+    return {"lora_A.weight": A, "lora_B.weight": B}, cfg.alpha / cfg.r
+
+
+def _gain(t, v):
+    """AntiPaSTO (+CorDA): the change U diag(S_eff - S) basis."""
+    m, cfg = t.holder, t.cfg
+    basis = m.lora_P if hasattr(m, "lora_P") else m.lora_Vh  # (r, i)
+    g = m.lora_g.float().clamp(max=0.0) if cfg.suppress_only else m.lora_g.float()  # (r,)
+    S = m.lora_S.float()
+    S_eff = S * (1.0 + nn.functional.elu(cfg.coeff * g))  # (r,)
+    B = m.lora_U.float() * (S_eff - S) * v  # (o, r)
+    return {"lora_A.weight": basis.detach().float(), "lora_B.weight": B}, 1.0
+
+
+def _arrow(t, v):
+    """Arrow core on an SVD/CorDA basis: the change U D diag(S) basis, D = blockdiag(coeff M, ELU(coeff g))."""
+    m, cfg = t.holder, t.cfg
+    basis = m.lora_P if hasattr(m, "lora_P") else m.lora_Vh  # (r, i)
+    b = cfg.block
+    g = m.lora_g.float().clamp(max=0.0) if cfg.suppress_only else m.lora_g.float()  # (r - b,)
+    D = torch.diag(nn.functional.elu(cfg.coeff * torch.cat([g.new_zeros(b), g])))  # (r, r)
+    D[:b, :b] = cfg.coeff * m.lora_M.float()  # (b, b) the dense block
+    B = (m.lora_U.float() @ D) * m.lora_S.float() * v  # (o, r)
+    return {"lora_A.weight": basis.detach().float(), "lora_B.weight": B}, 1.0
+
+
+def _ablate(t, v):
+    """Ablation of k directions: the change U Chat diag(-coeff strength) Chat^T diag(S) Vh, rank k."""
+    m, cfg = t.holder, t.cfg
+    c = m.lora_c.float()  # (r, k)
+    Chat = c / torch.linalg.vector_norm(c) if cfg.k == 1 else torch.linalg.qr(c)[0]  # (r, k) orthonormal
+    w = -cfg.coeff * torch.sigmoid(m.lora_strength_logit.float())  # (k,)
+    B = (m.lora_U.float() @ Chat) * w * v  # (o, k)
+    A = (Chat.T * m.lora_S.float()) @ m.lora_Vh.float()  # (k, i)
+    return {"lora_A.weight": A, "lora_B.weight": B}, 1.0
+
+
+def _ia3(t, v):
+    """IA3 / IA3-FF: gain g, scaled as 1 + v (g - 1) (y + v (y g - y) = y (1 + v (g - 1)))."""
+    g = 1.0 + v * (t.holder.lora_ia3.detach().float() - 1.0)
+    return {"ia3_l": g[None, :] if t.cfg.variant().HOOK == "input" else g[:, None]}, None  # (1, i) / (o, 1)
+
+
+def _hra(t, v):
+    return {"hra_u": t.holder.lora_hra_u.detach()}, None  # (i, r)
+
+
+def _delora(t, v):
+    """DeLoRA: lambda is linear in the update (B's norm is divided out), so v folds into lambda."""
+    m = t.holder
+    return {
+        "delora_A": m.lora_A.detach(),
+        "delora_B": m.lora_B.detach(),
+        "delora_lambda": m.lora_lambda.detach() * v,
+        "delora_w_norm": m.lora_w_norm.detach(),
+    }, None
+
+
+# spec -> (route, PEFT type, tensors, whether ll.scale != 1 is representable)
+ROUTES = {
+    "lora": ("direct", "LORA", _lowrank, True),
+    "eva": ("direct", "LORA", _lowrank, True),
+    "dora": ("direct", "LORA", _lowrank, False),
+    "ia3": ("direct", "IA3", _ia3, True),
+    "ia3_ff": ("direct", "IA3", _ia3, True),
+    "hra": ("direct", "HRA", _hra, False),
+    "delora": ("direct", "DELORA", _delora, True),
+    "pissa": ("converted", "LORA", _pissa, True),
+    "antipasto": ("as-LoRA", "LORA", _gain, True),
+    "antipasto_corda": ("as-LoRA", "LORA", _gain, True),
+    "antipasto_arrow": ("as-LoRA", "LORA", _arrow, True),
+    "corda_arrow": ("as-LoRA", "LORA", _arrow, True),
+    "antipasto_ablate": ("as-LoRA", "LORA", _ablate, True),
+}
+
+
+def _pattern_key(name: str) -> str:
+    """A rank_pattern/alpha_pattern key PEFT matches to exactly this module (it uses re.match)."""
+    return re.escape(name)
+
+
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _lora_layout(st, per: dict) -> tuple[dict, dict]:
+    """Uniform scaling lora_alpha / r across layers; fold each layer's own factor into lora_B."""
+    ranks = {n: p[0]["lora_A.weight"].shape[0] for n, p in per.items()}
+    r = max(ranks.values())
+    s = next(per[n][1] for n in per if ranks[n] == r)
+    rank_pattern, alpha_pattern, tensors = {}, {}, {}
+    for n, (ts, s_t) in per.items():
+        ts = dict(ts)
+        if s_t != s:
+            ts["lora_B.weight"] = ts["lora_B.weight"] * (s_t / s)
+        if ranks[n] != r:
+            rank_pattern[_pattern_key(n)] = ranks[n]
+            alpha_pattern[_pattern_key(n)] = _number(s * ranks[n])
+        tensors[n] = ts
+    cfg = {
+        "r": r,
+        "lora_alpha": _number(s * r),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": False,
+        "use_dora": st.variant.NAME == "dora",
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "lora_bias": False,
+        "lora_dropout": 0.0,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "modules_to_save": None,
+    }
+    return cfg, tensors
+
+
+def export_peft(model: nn.Module, out_dir: str | os.PathLike, name: str | None = None) -> Path:
+    """Write the attached adapters as PEFT adapter directories in PEFT's layout (`default` in
+    out_dir, adapter `name` in out_dir/name); name None: every attached adapter. Returns `out_dir`.
+
+    Files: adapter_config.json (peft_type, r, lora_alpha, target_modules as exact module names,
+    use_rslora, use_dora, rank_pattern/alpha_pattern, ...) and adapter_model.safetensors (keys
+    `base_model.model.<module>.lora_A.weight` (r, i), `lora_B.weight` (o, r), DoRA's
+    `lora_magnitude_vector` (o,), IA3's `ia3_l` (o, 1) or (1, i), HRA's `hra_u` (i, r), DeLoRA's
+    `delora_A/B/lambda/w_norm`), each written atomically (temp file + rename). The export is of
+    the adapter as it acts now (coeff, ll.scale): `peft.PeftModel.from_pretrained(base, out_dir)`
+    on the original base model gives this model's logits (measured within 1e-6 of max|y| in
+    fp32, tests/test_deploy.py). The routes per spec are in this module's docstring.
+    Raises AttachError, writing nothing, when nothing is attached, `name` is not an attached
+    adapter, an adapter is switched off (ll.disabled), a spec has no route (use ll.merge), a
+    DoRA/HRA adapter has ll.scale != 1 (not representable), or HRA ranks differ per layer (PEFT's
+    HRA has no rank_pattern).
+    Source: PEFT's save_pretrained layout (peft/utils/save_and_load.py) and, for PiSSA,
+    LoraModel._convert_state_dict_for_initial_model (peft/tuners/lora/model.py).
+    """
+    every = states(model)
+    if not every:
+        raise AttachError("export_peft: no lora-lite adapter is attached to this model")
+    if name is not None and name not in every:
+        raise AttachError(f"export_peft: no adapter named {repr(name)[:60]} (attached: {list(every)})")
+    out = Path(out_dir)
+    files = {n: _payload(model, st) for n, st in every.items() if name in (None, n)}  # all checked first
+    for n, (flat, provenance, text) in files.items():
+        d = out if n == "default" else out / n
+        meta = {"format": "pt", "lora_lite": json.dumps(provenance)}
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            _atomic(d / WEIGHTS_FILE, lambda p: save_file(flat, p, metadata=meta))
+            _atomic(d / CONFIG_FILE, lambda p: Path(p).write_text(text))
+        except OSError as e:
+            raise CheckpointError(f"{d}: cannot write: {e.strerror or _line(e)}") from None
+    return out
+
+
+def _payload(model: nn.Module, st) -> tuple[dict, dict, str]:
+    """(safetensors tensors, provenance, adapter_config.json text) of one adapter; AttachError
+    when it has no PEFT form (see export_peft)."""
+    spec = st.variant.NAME
+    if spec not in ROUTES:
+        raise AttachError(
+            f"export_peft: {spec} has no PEFT route (no PEFT type computes its forward); "
+            "use ll.merge(model) and save_pretrained for a plain model"
+        )
+    route, peft_type, fn, scalable = ROUTES[spec]
+    per = {}
+    for n, t in st.targets.items():
+        if not t.enabled:
+            raise AttachError(f"export_peft: adapter {st.name!r} is switched off (ll.disabled or ll.set_active) at {n}")
+        if t.scale != 1.0 and not scalable:
+            raise AttachError(
+                f"export_peft: {spec} at ll.scale {t.scale} is not a {peft_type} adapter "
+                f"({n}); ll.scale(model, 1.0) first, or ll.merge"
+            )
+        per[n] = fn(t, t.scale)
+    names = list(per)
+    common = {
+        "peft_type": peft_type,
+        "task_type": None,
+        "target_modules": names,
+        "exclude_modules": None,
+        "inference_mode": True,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "revision": None,
+    }
+    if peft_type == "LORA":
+        cfg, tensors = _lora_layout(st, per)
+    else:
+        tensors = {n: p[0] for n, p in per.items()}
+        if peft_type == "IA3":
+            cfg = {"feedforward_modules": names if spec == "ia3_ff" else [], "fan_in_fan_out": False}
+            cfg |= {"init_ia3_weights": True, "modules_to_save": None}
+        elif peft_type == "HRA":
+            ranks = {n: ts["hra_u"].shape[1] for n, ts in tensors.items()}
+            r = ranks[names[0]]
+            odd = [n for n in names if ranks[n] != r]
+            if odd:
+                raise AttachError(
+                    f"export_peft: hra: {odd[0]} has r={ranks[odd[0]]}, {names[0]} r={r}; "
+                    "PEFT's HRA takes one r for all layers (no rank_pattern): use ll.merge"
+                )
+            cfg = {"r": r, "apply_GS": False, "init_weights": True, "bias": "none", "modules_to_save": None}
+            cfg |= {"layers_to_transform": None, "layers_pattern": None}
+        else:  # DELORA
+            ranks = {n: ts["delora_A"].shape[0] for n, ts in tensors.items()}
+            r = max(ranks.values())
+            cfg = {
+                "r": r,
+                "delora_lambda": _number(st.cfg.lambda0),
+                "rank_pattern": {_pattern_key(n): k for n, k in ranks.items() if k != r},
+                "lambda_pattern": {},
+                "module_dropout": 0.0,
+                "init_weights": True,
+                "bias": "none",
+                "modules_to_save": None,
+                "layers_to_transform": None,
+                "layers_pattern": None,
+            }
+    flat = {
+        f"{PREFIX}{n}.{k}": v.detach().to(device="cpu", dtype=st.cfg.dtype).contiguous()
+        for n, ts in tensors.items()
+        for k, v in ts.items()
+    }
+    provenance = {"spec": spec, "route": route, "scale": [t.scale for t in st.targets.values()][0]}
+    if "coeff" in st.variant.RUNTIME_KNOBS:
+        provenance["coeff"] = st.cfg.coeff
+    return flat, provenance, json.dumps(dict(sorted({**common, **cfg}.items())), indent=2) + "\n"
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ---------------------------------------------------------------- load_peft
+
+# adapter_config.json keys read below, and keys that change nothing in the math
+HANDLED = {
+    "peft_type", "r", "lora_alpha", "target_modules", "exclude_modules", "layers_to_transform",
+    "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "init_lora_weights",
+    "feedforward_modules", "apply_GS", "delora_lambda", "lambda_pattern", "eva_config",
+}  # fmt: skip
+HARMLESS = {
+    "auto_mapping", "base_model_name_or_path", "revision", "inference_mode", "task_type", "peft_version",
+    "lora_dropout", "module_dropout", "megatron_core", "qalora_group_size", "init_weights", "init_ia3_weights",
+}  # fmt: skip
+AS_LORA_INITS = (True, False, "gaussian", "eva", "orthogonal")  # init only: the saved tensors replace it
+
+
+def _refuse(path, key, value, why: str):
+    raise CheckpointError(f"{path}: {key}={value!r} is not supported: {why}")
+
+
+def _check_config(path: Path, c: dict) -> str:
+    """The lora-lite spec for this PEFT config; CheckpointError naming the first unsupported key."""
+    for key, value in c.items():
+        if key in HANDLED or key in HARMLESS:
+            continue
+        if key == "bias" and value != "none":
+            _refuse(path, key, value, "trained biases are not a lora-lite adapter")
+        if key == "modules_to_save" and value:
+            _refuse(path, key, value, "fully trained modules are not a lora-lite adapter")
+        if key in ("bias", "modules_to_save") or value in (None, False, {}, [], ""):
+            continue  # an option left off
+        _refuse(path, key, value, "lora-lite does not implement this option")
+    kind = c.get("peft_type")
+    if kind == "LORA":
+        init = c.get("init_lora_weights", True)
+        if c.get("use_dora") and init not in AS_LORA_INITS:
+            _refuse(path, "init_lora_weights", init, "no lora-lite spec combines it with use_dora")
+        if init == "pissa":
+            return "pissa"
+        if init not in AS_LORA_INITS:
+            why = (
+                "PEFT's randomized SVD cannot be reproduced: save it from PEFT with "
+                "path_initial_model_for_weight_conversion (plain LoRA) or use init 'pissa'"
+                if str(init).startswith("pissa_niter")
+                else "it re-initialises the base weight in a way lora-lite does not reproduce"
+            )
+            _refuse(path, "init_lora_weights", init, why)
+        return "dora" if c.get("use_dora") else "lora"
+    if kind == "IA3":
+        return "ia3"  # or ia3_ff, decided per target below
+    if kind == "HRA":
+        if c.get("apply_GS"):
+            _refuse(path, "apply_GS", True, "lora-lite's HRA has no Gram-Schmidt option")
+        return "hra"
+    if kind == "DELORA":
+        return "delora"
+    _refuse(path, "peft_type", kind, "lora-lite loads LORA, IA3, HRA and DELORA adapters")
+
+
+def _pattern_get(pattern: dict, name: str, default):
+    """PEFT's get_pattern_key: the first key k with re.match(r'(.*\\.)?(k)$', name)."""
+    for k, v in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({k})$", name):
+            return v
+    return default
+
+
+def _matches(c: dict, name: str) -> bool:
+    """PEFT's check_target_module_exists (peft/tuners/tuners_utils.py) for one module name."""
+    ex = c.get("exclude_modules")
+    if ex and (re.fullmatch(ex, name) if isinstance(ex, str) else any(name == e or name.endswith("." + e) for e in ex)):
+        return False
+    tm = c.get("target_modules")
+    if tm is None:
+        return False
+    if isinstance(tm, str):
+        return re.fullmatch(tm, name) is not None
+    if name in tm:
+        return True
+    if not any(name.endswith("." + k) for k in tm):
+        return False
+    layers = c.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    patterns = c.get("layers_pattern")
+    if not patterns:
+        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        found = None
+        for p in [patterns] if isinstance(patterns, str) else patterns:
+            found = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name)
+            if found:
+                break
+    if not found:
+        return False
+    idx = int(found.group("idx"))
+    return idx == layers if isinstance(layers, int) else idx in layers
+
+
+def _resolve(peft_dir, name: str) -> Path:
+    d = Path(peft_dir)
+    if not d.is_dir():
+        try:  # a hub id, when the hub is reachable
+            from huggingface_hub import snapshot_download
+
+            sub = "" if name == "default" else f"{name}/"
+            d = Path(snapshot_download(str(peft_dir), allow_patterns=[f"{sub}{CONFIG_FILE}", f"{sub}{WEIGHTS_FILE}"]))
+        except Exception as e:  # offline, unknown repo, no huggingface_hub
+            raise CheckpointError(
+                f"{peft_dir}: not a local directory, and the hub did not give it ({type(e).__name__})"
+            ) from None
+    return d if name == "default" else d / name
+
+
+def load_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "default") -> nn.Module:
+    """Attach a PEFT adapter directory (LoRA, rsLoRA, DoRA, PiSSA, IA3, HRA, DeLoRA) as the matching
+    lora-lite spec; returns `model`. Logits equal PEFT's on the same base (tests/test_deploy.py).
+
+    peft_dir: a local directory (PEFT's layout: `default` in it, adapter `name` in peft_dir/name),
+    or a hub id when the hub is reachable; attached as adapter `name` (see ll.attach).
+    Read: target_modules (list: exact name or '.'-suffix; str: a regex PEFT full-matches),
+    exclude_modules, layers_to_transform/layers_pattern,
+    rank_pattern/alpha_pattern (lambda_pattern), use_rslora (as alpha sqrt(r)), use_dora,
+    feedforward_modules (all or none of the targets), init_lora_weights 'pissa' (loads as our
+    pissa: W_res recomputed from this model's W, as PEFT does; A and B from the file; on a
+    bitsandbytes base, or on layers another adapter crops, with residual 'subtract').
+    Raises CheckpointError naming the key, leaving the model unchanged, for what lora-lite does
+    not reproduce: pissa_niter_*, olora, corda, loftq, modules_to_save, bias other than "none",
+    trainable_token_indices, any other option that is switched on, pickle weights
+    (adapter_model.bin), a missing, extra or misshapen tensor, a target that is not a linear
+    layer, or anything else malformed in the directory; AttachError (before anything changes) when
+    an adapter `name` is already attached or for whatever runtime.preflight refuses.
+    Source: PEFT's LoraModel/IA3Model/HRAModel/DeloraModel _create_and_replace and
+    check_target_module_exists (peft/tuners/).
+    """
+    check_model(model, "load_peft")
+    check_name(name)
+    try:  # the directory is untrusted input: whatever it breaks is one CheckpointError line
+        cfg, per_target = _read_peft(model, peft_dir, name)
+    except (CheckpointError, AttachError, SpecError):
+        raise
+    except Exception as e:  # noqa: BLE001 (a malformed file or value; no other type may escape)
+        lines = str(e).strip().splitlines() or [""]
+        raise CheckpointError(
+            f"{peft_dir}: not a readable PEFT adapter ({type(e).__name__}: {lines[0][:200]})"
+        ) from None
+    install(model, cfg, per_target, op="load_peft", name=name)
+    return model
+
+
+def _read_peft(model: nn.Module, peft_dir, name: str) -> tuple:
+    """(adapter config, install's per_target) from a PEFT adapter directory; changes nothing."""
+    d = _resolve(peft_dir, name)
+    cpath, wpath = d / CONFIG_FILE, d / WEIGHTS_FILE
+    try:
+        c = json.loads(cpath.read_text())
+    except (OSError, ValueError) as e:  # missing, a folder, bad UTF-8 or JSON
+        raise CheckpointError(f"{cpath}: not a readable adapter config ({type(e).__name__}: {_line(e)})") from None
+    if not isinstance(c, dict):
+        raise CheckpointError(f"{cpath}: expected a JSON object")
+    if not wpath.exists():
+        if (d / "adapter_model.bin").exists():
+            raise CheckpointError(
+                f"{d / 'adapter_model.bin'}: pickle weights are refused (loading them can run code); "
+                "save the adapter as safetensors (PEFT's default)"
+            )
+        raise CheckpointError(f"{wpath}: missing")
+    spec = _check_config(cpath, c)
+    modules = {n: m for n, m in model.named_modules() if not isinstance(m, AdapterSlot)}  # slots: never targets
+    found = [n for n in modules if n and _matches(c, n)]
+    if not found:
+        raise CheckpointError(f"{cpath}: target_modules={c.get('target_modules')!r} matches no module of this model")
+    for n in found:
+        if not is_linear_like(modules[n]) or EXCLUDE.search(n):
+            raise CheckpointError(f"{cpath}: target {n} is not a linear layer lora-lite adapts")
+    if c["peft_type"] == "IA3":
+        ff = c.get("feedforward_modules") or []
+        is_ff = [bool(re.fullmatch(ff, n)) if isinstance(ff, str) else any(n.endswith(k) for k in ff) for n in found]
+        if any(is_ff) and not all(is_ff):
+            _refuse(cpath, "feedforward_modules", ff, "some targets but not all (one lora-lite spec per model)")
+        spec = "ia3_ff" if all(is_ff) else "ia3"
+    gen = variant_module(spec)
+    base = {"target_names": tuple(f"^{re.escape(n)}$" for n in found)}
+    cropped = {t for st in states(model).values() for t, x in st.targets.items() if x.cfg.residual == "crop"}
+    if spec == "pissa" and any(is_quantized(modules[n]) or n in cropped for n in found):
+        base["residual"] = "subtract"  # W stays as it is (quantized, or another adapter's W_res)
+    per_target = {}
+    with safe_open(str(wpath), framework="pt") as f:
+        keys = set(f.keys())
+        for n in found:
+            m = modules[n]
+            cfg_t = gen.Config(**base, **_hyper(c, spec, n))
+            check_quantized(gen, cfg_t, n, m, fix="load the base in float")
+            want = gen.shapes(cfg_t, m.in_features, m.out_features)
+            tensors = {}
+            for ours, suffix in _names(spec).items():
+                key = next((f"{PREFIX}{n}.{s}" for s in suffix if f"{PREFIX}{n}.{s}" in keys), None)
+                if key is None:
+                    raise CheckpointError(f"{wpath}: tensor {PREFIX}{n}.{suffix[0]} is missing")
+                t = f.get_tensor(key)
+                w = tuple(want[ours])  # matrices exactly; vectors as PEFT stores them, (o, 1), (1, i), (1,)
+                if (tuple(t.shape) != w) if len(w) == 2 else (t.numel() != math.prod(w)):
+                    raise CheckpointError(f"{wpath}: {key} has shape {tuple(t.shape)}, expected {tuple(want[ours])}")
+                if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                    raise CheckpointError(f"{wpath}: {key} is not finite floating point; refusing to load")
+                tensors[ours] = t.float().reshape(want[ours])
+                keys.discard(key)
+            W = base_weight(m)
+            if spec == "pissa":  # W_res from this model's W, as PEFT's init_lora_weights='pissa'
+                init = gen.init(W, cfg_t)
+                tensors["lora_A0"], tensors["lora_B0"] = init["lora_A0"], init["lora_B0"]
+            per_target[n] = (m, cfg_t, tensors, target_info(m, W))
+        if keys:
+            raise CheckpointError(f"{wpath}: tensor {sorted(keys)[0]} belongs to no target of adapter_config.json")
+    return per_target[found[0]][1], per_target
+
+
+def _line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines() or [""]
+    return lines[0][:200]
+
+
+def _names(spec: str) -> dict[str, tuple[str, ...]]:
+    """Our tensor -> PEFT's saved key suffixes (the first is today's; older PEFT used the others)."""
+    lora = {"lora_A": ("lora_A.weight",), "lora_B": ("lora_B.weight",)}
+    return {
+        "lora": lora,
+        "pissa": lora,
+        "dora": {**lora, "lora_magnitude_vector": ("lora_magnitude_vector", "lora_magnitude_vector.weight")},
+        "ia3": {"lora_ia3": ("ia3_l",)},
+        "ia3_ff": {"lora_ia3": ("ia3_l",)},
+        "hra": {"lora_hra_u": ("hra_u",)},
+        "delora": {
+            "lora_A": ("delora_A",),
+            "lora_B": ("delora_B",),
+            "lora_lambda": ("delora_lambda",),
+            "lora_w_norm": ("delora_w_norm",),
+        },
+    }[spec]
+
+
+def _hyper(c: dict, spec: str, name: str) -> dict:
+    """Our hyperparameters for one target from PEFT's config and its patterns."""
+    if spec in ("ia3", "ia3_ff"):
+        return {}
+    r = int(_pattern_get(c.get("rank_pattern"), name, c.get("r", 8)))
+    if spec == "hra":
+        return {"r": r}
+    if spec == "delora":
+        return {"r": r, "lambda0": float(_pattern_get(c.get("lambda_pattern"), name, c.get("delora_lambda", 15)))}
+    alpha = float(_pattern_get(c.get("alpha_pattern"), name, c.get("lora_alpha", 8)))
+    if c.get("use_rslora"):
+        alpha *= math.sqrt(r)  # s = alpha / sqrt(r) = (alpha sqrt(r)) / r
+    return {"r": r, "alpha": alpha}

@@ -1,0 +1,450 @@
+"""Using a trained adapter: PEFT-format export and import, merge, ll.disabled and ll.scale.
+
+On a tiny random Llama (fp32, attention biases on): every shipped spec, moved off its init,
+exports to a directory that peft.PeftModel.from_pretrained loads onto the original base with the
+same logits (max|diff| <= 1e-5 max|y|); adapters made by PEFT load with ll.load_peft and give
+PEFT's logits; merge folds every spec into a plain model; disabled and scale(0) give the base.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import lora_lite as ll
+from conftest import SPECS, assert_unchanged, calibration, llama, perturb, small_cfg, snapshot, token_batch
+
+peft = pytest.importorskip("peft")
+
+TOL = 1e-5  # max|ours - theirs| / max|ours|, fp32
+CROP = [n for n in SPECS if ll.variant_module(n).RESIDUAL == "crop"]
+QV = ["q_proj", "v_proj"]
+
+
+def batch() -> dict:
+    return {"input_ids": token_batch(seed=7)["input_ids"]}
+
+
+def out(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch()).logits
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def trained(name: str, **kw):
+    """(base, adapted copy): spec `name` attached with small ranks and moved off its init."""
+    base = llama()
+    model = copy.deepcopy(base)
+    ll.attach(model, small_cfg(name, **kw), calibration_data=calibration(), progress=False)
+    perturb(model, scale=0.3)
+    return base, model
+
+
+def peft_load(base, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.PeftModel.from_pretrained(copy.deepcopy(base), str(path)).eval()
+
+
+# ---------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_export_loads_in_peft_with_the_same_logits(name, tmp_path):
+    base, model = trained(name)
+    want = out(model)
+    assert rel(want, out(base)) > 1e-2, "the adapter should change the output"
+    ll.export_peft(model, tmp_path)
+    got = out(peft_load(base, tmp_path))
+    assert rel(got, want) <= TOL, f"{name}: PEFT's logits differ by {rel(got, want):.2e}"
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    targets = sorted(ll.state(model).targets)
+    assert sorted(config["target_modules"]) == targets  # exact module names
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in keys} == {
+        f"base_model.model.{t}" for t in targets
+    }
+    assert ".default." not in " ".join(keys)
+
+
+def test_pissa_exports_converted_with_doubled_rank_and_alpha(tmp_path):
+    base, model = trained("pissa", r=4, alpha=8.0)
+    ll.export_peft(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (8, 16, True)
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), framework="pt") as f:
+        A = f.get_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
+    assert A.shape == (8, 32)
+
+
+@pytest.mark.parametrize("name", ["lora", "eva", "pissa", "antipasto"])
+def test_clamped_ranks_export_with_one_scaling_for_every_layer(name, tmp_path):
+    """r=20 fits q_proj (32 x 32) but is clamped to 16 on v_proj (16 x 32): rank_pattern and an
+    alpha_pattern that keeps lora_alpha / r per layer, so vLLM (r, lora_alpha only) agrees."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base, model = trained(name, r=20, **({"alpha": 8.0} if name != "antipasto" else {}))
+    ll.export_peft(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["rank_pattern"], "v_proj's clamped rank goes to rank_pattern"
+    for key, r_t in config["rank_pattern"].items():
+        assert config["alpha_pattern"][key] / r_t == pytest.approx(config["lora_alpha"] / config["r"])
+    got = out(peft_load(base, tmp_path))
+    assert rel(got, out(model)) <= TOL
+
+
+@pytest.mark.parametrize("name", ["lora", "pissa", "antipasto_arrow", "ia3", "delora"])
+def test_export_carries_the_current_scale(name, tmp_path):
+    base, model = trained(name)
+    ll.scale(model, 0.4)
+    ll.export_peft(model, tmp_path)
+    assert rel(out(peft_load(base, tmp_path)), out(model)) <= TOL
+
+
+@pytest.mark.parametrize("name", ["dora", "hra"])
+def test_export_refuses_a_scale_peft_cannot_represent(name, tmp_path):
+    _, model = trained(name)
+    ll.scale(model, 0.5)
+    with pytest.raises(ll.AttachError, match=f"{name} at ll.scale 0.5"):
+        ll.export_peft(model, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_refuses_inside_disabled_and_without_an_adapter(tmp_path):
+    _, model = trained("lora")
+    with ll.disabled(model), pytest.raises(ll.AttachError, match="switched off"):
+        ll.export_peft(model, tmp_path / "x")
+    with pytest.raises(ll.AttachError, match="no lora-lite adapter"):
+        ll.export_peft(llama(), tmp_path / "y")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+# ---------------------------------------------------------------- load_peft
+
+
+def peft_made(pcfg, tmp_path, seed: int = 3):
+    """(base, PEFT model moved off its init, its saved directory)."""
+    base = llama()
+    torch.manual_seed(1234)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(base), pcfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.save_pretrained(str(tmp_path))
+    return base, theirs, tmp_path
+
+
+def peft_adapters():
+    from peft import DeloraConfig, HRAConfig, IA3Config, LoraConfig
+
+    lora = dict(r=4, lora_alpha=8, lora_dropout=0.0)
+    return {
+        "lora": ("lora", LoraConfig(target_modules=QV, **lora)),
+        "rslora": ("lora", LoraConfig(target_modules=QV, use_rslora=True, **lora)),
+        "dora": ("dora", LoraConfig(target_modules=QV, use_dora=True, **lora)),
+        "pissa": ("pissa", LoraConfig(target_modules=QV, init_lora_weights="pissa", **lora)),
+        "patterns": (
+            "lora",
+            LoraConfig(
+                target_modules=["q_proj", "v_proj", "down_proj"],
+                rank_pattern={"v_proj": 2, "layers.1.self_attn.q_proj": 6},
+                alpha_pattern={"down_proj": 3},
+                layers_to_transform=[1],
+                **lora,
+            ),
+        ),
+        "regex": ("lora", LoraConfig(target_modules=r".*\.layers\.0\..*(q|k)_proj", **lora)),
+        "ia3": ("ia3", IA3Config(target_modules=["k_proj", "v_proj"], feedforward_modules=[])),
+        "ia3_ff": ("ia3_ff", IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"])),
+        "hra": ("hra", HRAConfig(r=4, target_modules=QV)),
+        "delora": ("delora", DeloraConfig(r=4, delora_lambda=15, target_modules=QV, rank_pattern={"v_proj": 2})),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(peft_adapters()))
+def test_load_peft_gives_peft_logits(case, tmp_path):
+    spec, pcfg = peft_adapters()[case]
+    base, theirs, path = peft_made(pcfg, tmp_path)
+    want = out(theirs)
+    assert rel(want, out(base)) > 1e-2
+    ours = ll.load_peft(copy.deepcopy(base), path)
+    assert ll.state(ours).variant.NAME == spec
+    assert sorted(ll.state(ours).targets) == sorted(
+        n for n, m in theirs.base_model.model.named_modules() if hasattr(m, "base_layer")
+    )
+    assert rel(out(ours), want) <= TOL, f"{case}: logits differ from PEFT by {rel(out(ours), want):.2e}"
+    ll.save(ours, tmp_path / "ours.safetensors")  # a loaded PEFT adapter is an ordinary lora-lite one
+    again = ll.load(copy.deepcopy(base), tmp_path / "ours.safetensors")
+    assert torch.equal(out(again), out(ours))
+
+
+def test_load_peft_then_export_round_trips_through_peft(tmp_path):
+    spec, pcfg = peft_adapters()["patterns"]
+    base, theirs, path = peft_made(pcfg, tmp_path / "a")
+    ours = ll.load_peft(copy.deepcopy(base), path)
+    ll.export_peft(ours, tmp_path / "b")
+    assert rel(out(peft_load(base, tmp_path / "b")), out(theirs)) <= TOL
+
+
+REFUSED = {
+    "init_lora_weights": "pissa_niter_4",
+    "corda_config": {"cache_file": "c.pt"},
+    "loftq_config": {"loftq_bits": 4},
+    "modules_to_save": ["lm_head"],
+    "bias": "all",
+    "trainable_token_indices": [1, 2],
+    "use_qalora": True,
+}
+
+
+@pytest.mark.parametrize("key", sorted(REFUSED))
+def test_load_peft_refuses_an_unsupported_key_naming_it(key, tmp_path):
+    from peft import LoraConfig
+
+    base, _, path = peft_made(LoraConfig(r=4, lora_alpha=8, target_modules=QV), tmp_path)
+    cpath = path / "adapter_config.json"
+    config = json.loads(cpath.read_text())
+    config[key] = REFUSED[key]
+    cpath.write_text(json.dumps(config))
+    snap = snapshot(base)
+    with pytest.raises(ll.CheckpointError, match=key) as e:
+        ll.load_peft(base, path)
+    assert "\n" not in str(e.value)
+    assert_unchanged(base, snap)
+
+
+def test_load_peft_refuses_pickle_weights(tmp_path):
+    from peft import LoraConfig
+
+    base, _, path = peft_made(LoraConfig(r=4, lora_alpha=8, target_modules=QV), tmp_path)
+    (path / "adapter_model.safetensors").rename(path / "adapter_model.bin")
+    snap = snapshot(base)
+    with pytest.raises(ll.CheckpointError, match="adapter_model.bin"):
+        ll.load_peft(base, path)
+    assert_unchanged(base, snap)
+
+
+def test_load_peft_refuses_a_misshapen_tensor(tmp_path):
+    from peft import LoraConfig
+
+    base, _, path = peft_made(LoraConfig(r=4, lora_alpha=8, target_modules=QV), tmp_path)
+    cpath = path / "adapter_config.json"
+    cpath.write_text(json.dumps({**json.loads(cpath.read_text()), "r": 3}))
+    snap = snapshot(base)
+    with pytest.raises(ll.CheckpointError, match=r"lora_A.weight has shape \(4, 32\), expected \(3, 32\)"):
+        ll.load_peft(base, path)
+    assert_unchanged(base, snap)
+
+
+# ---------------------------------------------------------------- merge
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_merge_gives_the_same_logits_and_a_plain_model(name):
+    _, model = trained(name)
+    want = out(model)
+    merged = ll.merge(model)
+    assert merged is model and ll.state(model) is None
+    assert not any(k.split(".")[-1].startswith("lora_") for k in model.state_dict())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters()), "requires_grad as before attach"
+    assert rel(out(model), want) <= TOL, f"{name}: merged logits differ by {rel(out(model), want):.2e}"
+
+
+def test_merge_applies_scale_and_coeff_and_round_trips_save_pretrained(tmp_path):
+    import transformers
+
+    _, model = trained("antipasto_arrow")
+    ll.set_coeff(model, 0.7)
+    ll.scale(model, 0.5)
+    want = out(model)
+    ll.merge(model).save_pretrained(str(tmp_path))
+    again = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert rel(out(again), want) <= TOL
+
+
+def test_merge_in_bf16_is_no_worse_than_peft_merge_and_unload():
+    """Same LoRA tensors on a bf16 base: the merged weights' error against the exact fp32 merge."""
+    from peft import LoraConfig
+
+    base = llama().to(torch.bfloat16)
+    ours = copy.deepcopy(base)
+    ll.attach(ours, ll.from_spec("lora", r=4, alpha=8.0))
+    perturb(ours, scale=0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=QV))
+    exact = {}
+    with torch.no_grad():
+        for n, t in ll.state(ours).targets.items():
+            layer = theirs.base_model.model.get_submodule(n)
+            layer.lora_A["default"].weight.copy_(t.module.lora_A)
+            layer.lora_B["default"].weight.copy_(t.module.lora_B)
+            exact[n] = t.module.weight.double() + 2.0 * (t.module.lora_B.double() @ t.module.lora_A.double())
+    ll.merge(ours)
+    theirs = theirs.merge_and_unload()
+    for n, W in exact.items():
+        err_ours = (ours.get_submodule(n).weight.double() - W).abs().max()
+        err_peft = (theirs.get_submodule(n).weight.double() - W).abs().max()
+        assert err_ours <= err_peft, (n, float(err_ours), float(err_peft))
+
+
+def test_merge_refuses_inside_disabled_leaving_the_model_adapted():
+    _, model = trained("lora")
+    want = out(model)
+    with ll.disabled(model), pytest.raises(ll.AttachError, match="adapter 'default' is inactive"):
+        ll.merge(model)
+    assert ll.state(model) is not None and torch.equal(out(model), want)
+
+
+def test_merge_refuses_a_quantized_target_naming_it():
+    pytest.importorskip("bitsandbytes")
+    from lora_lite.testing import quantize
+    from lora_lite.tiny import tiny_lm
+
+    model = quantize(tiny_lm(seed=0, d=64, d_ff=128), "int8", device="cpu").eval()
+    ll.attach(model, small_cfg("lora"))
+    with pytest.raises(ll.AttachError, match=r"merge: model\.layers\.0\.self_attn\.q_proj is quantized \(int8\)"):
+        ll.merge(model)
+    assert ll.state(model) is not None
+
+
+# ---------------------------------------------------------------- disabled and scale
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_disabled_and_scale_zero_give_the_base_outputs(name):
+    base, model = trained(name)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    adapted, want = out(model), out(base)
+    with ll.disabled(model):
+        off = out(model)
+    ll.scale(model, 0.0)
+    zero = out(model)
+    if name in CROP:  # x W_res^T + the frozen part: the base within rounding
+        assert rel(off, want) <= TOL
+    else:
+        assert torch.equal(off, want), "bit for bit where W is not cropped"
+    assert torch.equal(zero, off)
+    ll.scale(model, 1.0)
+    assert torch.equal(out(model), adapted)
+    now = model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in sd.items()), "no tensor changed"
+
+
+def test_disabled_nests_and_restores_after_an_exception():
+    base, model = trained("lora")
+    adapted = out(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with ll.disabled(model):
+            with ll.disabled(model):
+                pass
+            assert torch.equal(out(model), out(base)), "still off after the inner block"
+            raise RuntimeError("boom")
+    assert torch.equal(out(model), adapted)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_scale_interpolates_between_base_and_adapted(name):
+    base, model = trained(name)
+    y0, y1 = out(base), out(model)
+    ll.scale(model, 0.5)
+    # per layer y_base + v (y_adapted - y_base); the model's logits are not linear in v, so check one layer
+    t = next(iter(ll.state(model).targets.values()))
+    x = torch.randn(3, t.module.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        half = t.module(x)
+        ll.scale(model, 1.0)
+        full = t.module(x)
+        ll.scale(model, 0.0)
+        zero = t.module(x)
+    torch.testing.assert_close(half, zero + 0.5 * (full - zero), rtol=0, atol=1e-5 * float(full.abs().max()))
+    assert rel(y1, y0) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["lora", "eva"])
+def test_scale_equals_peft_rescale_adapter_scale(name, tmp_path):
+    from peft.helpers import rescale_adapter_scale
+
+    base, model = trained(name)
+    ll.export_peft(model, tmp_path)
+    theirs = peft_load(base, tmp_path)
+    ll.scale(model, 0.3)
+    with rescale_adapter_scale(theirs, 0.3):
+        want = out(theirs)
+    assert rel(out(model), want) <= TOL
+
+
+def test_scale_is_saved_in_checkpoints(tmp_path):
+    base, model = trained("antipasto")
+    ll.scale(model, 0.25)
+    want = out(model)
+    ll.save(model, tmp_path / "a.safetensors")
+    fresh = ll.load(copy.deepcopy(base), tmp_path / "a.safetensors")
+    assert all(t.scale == 0.25 for t in ll.state(fresh).targets.values())
+    assert rel(out(fresh), want) <= TOL
+
+
+def test_scale_refuses_a_non_finite_value():
+    _, model = trained("lora")
+    with pytest.raises(ValueError, match="finite"):
+        ll.scale(model, float("nan"))
+    with pytest.raises(ll.AttachError, match="no lora-lite adapter"):
+        ll.scale(llama(), 0.5)
+
+
+def test_pissa_disabled_gives_the_base_where_peft_gives_w_res(tmp_path):
+    """The KNOWN_DIVERGENCES entry: PEFT's disable_adapter() on PiSSA leaves W_res in the layer;
+    ours gives the base model. PEFT on the converted export agrees with ours, also when rescaled."""
+    from peft import LoraConfig
+    from peft.helpers import rescale_adapter_scale
+
+    base, theirs, path = peft_made(
+        LoraConfig(r=4, lora_alpha=8, target_modules=QV, init_lora_weights="pissa"), tmp_path
+    )
+    ours = ll.load_peft(copy.deepcopy(base), path)
+    with theirs.disable_adapter():
+        peft_off = out(theirs)
+    with ll.disabled(ours):
+        ours_off = out(ours)
+    assert rel(ours_off, out(base)) <= TOL
+    assert rel(peft_off, out(base)) > 1e-2, "PEFT's disabled PiSSA is W_res, not the base"
+    ll.export_peft(ours, tmp_path / "converted")
+    converted = peft_load(base, tmp_path / "converted")
+    ll.scale(ours, 0.3)
+    with rescale_adapter_scale(converted, 0.3):
+        assert rel(out(converted), out(ours)) <= TOL
+    with converted.disable_adapter():
+        assert rel(out(converted), out(base)) <= TOL
+
+
+def test_load_peft_pissa_onto_a_quantized_base_subtracts_leaving_w_untouched(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig
+
+    from lora_lite.testing import quantize
+
+    base, theirs, path = peft_made(
+        LoraConfig(r=4, lora_alpha=8, target_modules=QV, init_lora_weights="pissa"), tmp_path
+    )
+    q = quantize(copy.deepcopy(base), "int8", device="cpu").eval()
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    ll.load_peft(q, path)
+    assert ll.state(q).cfg.residual == "subtract"
+    now = q.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in before.items()), "the quantized weights are never rewritten"
