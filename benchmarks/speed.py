@@ -14,6 +14,10 @@ on its own deep copy of that model:
   - the AntiPaSTO family (lora-lite only: antipasto, _corda, _ablate, _arrow) at --r-spectral,
     beside PEFT's PiSSA (full SVD, and 4 power iterations) and CorDA inits at the same rank and
     targets, whose attach time is the reference.
+With --compile, the limit and both libraries' version of each shared variant also run under
+torch.compile (--compile-backend, inductor by default; compiled in the warm-up steps, so at least
+one is run): their rows say "compiled", and their ratios are to the compiled limit and the
+compiled PEFT row.
 A training step is forward (causal LM loss on the batch), backward and an AdamW step. Steps are
 interleaved: each repetition runs every configuration once, in an order rotated by one each
 repetition, so machine load and clock changes hit all of them alike. Ratios are paired: the
@@ -179,6 +183,7 @@ class Row:
     targets: list[str]
     attach: Callable[[nn.Module], nn.Module] | None  # copy -> model to train (timed)
     step: bool = True  # False: attach time only
+    compiled: bool = False  # the model runs under torch.compile
     model: nn.Module | None = None
     opt: torch.optim.Optimizer | None = None
     attach_s: list[float] = field(default_factory=list)
@@ -296,6 +301,28 @@ def ll_overrides(name: str, r: int, r_spectral: int) -> dict:
     if name in ("delora", "hra"):
         return dict(r=r)
     return dict(r=r_spectral)  # the AntiPaSTO family: other hyperparameters at the spec's defaults
+
+
+def compiled_rows(rows: list[Row], backend: str) -> list[Row]:
+    """A torch.compile'd copy of the limit and of each shared variant's PEFT and lora-lite rows."""
+
+    def compiling(attach: Callable | None) -> Callable:
+        def build(model: nn.Module) -> nn.Module:
+            if attach is None:  # the limit, as attach_all sets it up
+                model.enable_input_require_grads()
+            else:
+                model = attach(model)
+            return torch.compile(model, backend=backend)
+
+        return build
+
+    out = []
+    for row in rows:
+        if row.step and (row.key == "limit" or row.variant in SHARED):
+            key, label = f"{row.key}+compiled", f"{row.label} (compiled)"  # fresh measurement lists
+            attach = compiling(row.attach)
+            out.append(Row(key, row.variant, row.library, label, row.rank, row.targets, attach, compiled=True))
+    return out
 
 
 def build_rows(variants: list[str], r: int, r_spectral: int, adapter_dtype: torch.dtype, calib) -> list[Row]:
@@ -487,14 +514,16 @@ def peak_mb(row: Row) -> float | None:
 
 def summarise(rows: list[Row]) -> list[dict]:
     by = {r.key: r for r in rows}
-    limit = by["limit"]
     out = []
     for row in rows:
+        suffix = "+compiled" if row.compiled else ""  # compiled rows are compared with compiled rows
+        limit = by["limit" + suffix]
         d = {
             "key": row.key,
             "variant": row.variant,
             "library": row.library,
             "label": row.label,
+            "compiled": row.compiled,
             "rank": row.rank,
             "targets": row.targets,
             "trainable": row.trainable,
@@ -510,7 +539,7 @@ def summarise(rows: list[Row]) -> list[dict]:
             p25, med, p75 = quartiles(row.step_s)
             d |= {"step_median_ms": 1e3 * med, "step_min_ms": 1e3 * min(row.step_s), "spread": (p75 - p25) / med}
             d["vs_limit"] = paired(row, limit) if row is not limit else None
-        peer = by.get(f"peft:{row.variant}") if row.library == "lora-lite" else None
+        peer = by.get(f"peft:{row.variant}{suffix}") if row.library == "lora-lite" else None
         d["vs_peft"] = paired(row, peer) if peer else None
         if peer and d["peak_mb"] and peak_mb(peer):
             d["peak_vs_peft"] = d["peak_mb"] / peak_mb(peer)
@@ -542,6 +571,14 @@ def markdown(summary: list[dict], meta: dict, settings: dict, checks: list[dict]
         "step times. Ratios are paired per repetition: median [p25, p75]. "
         f"Peak memory: {s['memory_method']}.",
         "",
+    ]
+    if s.get("compile_backend"):
+        lines += [
+            f"Rows marked (compiled) run under torch.compile (backend {s['compile_backend']}, compiled during the "
+            "warm-up); their / PEFT and / limit ratios are to the compiled PEFT row and the compiled limit.",
+            "",
+        ]
+    lines += [
         "| variant | library | trainable | step median (ms) | step min (ms) | spread | peak (MB) | attach, min (s) "
         "| / PEFT | / limit |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
@@ -676,6 +713,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--r", type=int, help="rank of the shared low-rank variants (default: the preset's)")
     ap.add_argument("--r-spectral", type=int, help="rank of the AntiPaSTO family (default: the preset's)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--compile", action="store_true", help="also time the limit and shared variants compiled")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
     ap.add_argument(
         "--out",
         default="bench-out/speed",
@@ -698,6 +737,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {SHARED + FAMILY}")
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.compile:
+        a.warmup = max(a.warmup, 1)  # the compile happens in the first step
     device = torch.device(a.device)
     dtype = ll.config.as_dtype(a.dtype)
     adapter_dtype = ll.config.as_dtype(a.adapter_dtype or a.dtype)
@@ -708,6 +749,8 @@ def main(argv=None) -> int:
     ids = token_batch(preset["model"]["vocab_size"], a.batch, a.seq, device)
     calib = calibration_batches(ids)
     rows = build_rows(variants, a.r, a.r_spectral, adapter_dtype, calib)
+    if a.compile:
+        rows += compiled_rows(rows, a.compile_backend)
     log(f"{len(rows)} configurations on {a.model} ({device}, {dtype}); attaching")
     warm_up(base, ids, device)
     attach_all(rows, base, a.attach_reps, device, log)
@@ -747,6 +790,7 @@ def main(argv=None) -> int:
         "r": a.r,
         "r_spectral": a.r_spectral,
         "variants": variants,
+        "compile_backend": a.compile_backend if a.compile else None,
         "memory_method": (
             "CUDA max_memory_allocated above the step's start + the configuration's resident tensors"
             if device.type == "cuda"

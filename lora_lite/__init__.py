@@ -60,11 +60,16 @@ CONFIG_NAMES = {
 def __getattr__(name):
     if name in CONFIG_NAMES:
         return variant_module(CONFIG_NAMES[name]).Config
+    if name == "AdapterTrainer":  # imports transformers, so only on first use
+        from .hf import AdapterTrainer
+
+        return AdapterTrainer
     raise AttributeError(f"module 'lora_lite' has no attribute {name!r}")
 
 
 __all__ = [
     "AdapterConfig",
+    "AdapterTrainer",
     "AttachError",
     "CheckpointError",
     "SpecError",

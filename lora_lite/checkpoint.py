@@ -2,7 +2,8 @@
 
 File layout (one safetensors file, format 2):
     tensors   "<target module name>.<tensor name>" -> adapter tensor (trainable and frozen),
-              all in the adapter dtype (config.dtype)
+              all in the adapter dtype (config.dtype: the dtype the tensors are held in when
+              saved, so an adapter moved with model.to(bfloat16) saves as bfloat16)
     metadata  {"lora_lite": JSON} with format_version, spec name and YAML text (so a custom
               spec reloads anywhere), config (hyperparameters, targets, dtype), per target:
               its own hyperparameters (clamped rank), base weight shape/dtype/quantization and a
@@ -57,10 +58,14 @@ from .runtime import (
     fingerprint_distance,
     install,
     is_linear_like,
+    layer_dims,
     preflight,
+    rank_limit,
     state,
     target_info,
+    warn_if_wrapped_already,
 )
+from .wrappers import full, is_writer, unwrap
 
 try:  # POSIX: a save holds an advisory lock on its temporary file (see save)
     import fcntl
@@ -487,8 +492,10 @@ def load(model: nn.Module, path: str | os.PathLike, *, residual: str | None = No
     read only after their shapes passed. Raises CheckpointError naming the file and key path or
     tensor, AttachError naming the layer (already attached, quantized target, a layer that
     cannot take the adapter), ValueError for a residual the variant does not take.
+    `model` may be wrapped (torch.compile, DDP, accelerate, FSDP2); the wrapper is returned.
     """
     check_model(model, "load")
+    wrapper, model = model, unwrap(model)
     check_name(name)
     path = Path(path)
     with _File(path) as ck:
@@ -507,7 +514,8 @@ def load(model: nn.Module, path: str | os.PathLike, *, residual: str | None = No
     st = install(model, cfg, per_target, op="load", name=name)
     for tname, t in st.targets.items():
         t.scale = scales[tname]
-    return model
+    warn_if_wrapped_already(wrapper, "load")
+    return wrapper
 
 
 def _load_config(path: Path, gen, values: dict, residual: str | None):
@@ -533,7 +541,8 @@ def _plan_target(ck: _File, gen, cfg, name: str, tmeta: dict, modules: dict) -> 
     if m is None or not is_linear_like(m):
         what = "missing from" if m is None else "not linear-like in"
         raise _err(path, "$.targets", f"target {name!r} is {what} this model")
-    shape = [m.out_features, m.in_features]
+    d_in, d_out = layer_dims(m)
+    shape = [d_out, d_in]
     if shape != [tmeta["d_out"], tmeta["d_in"]] or tmeta["weight_shape"] != shape:
         saved = (tmeta["d_out"], tmeta["d_in"])
         msg = f"model layer is (d_out, d_in) = {tuple(shape)}, checkpoint expects {saved}"
@@ -542,14 +551,15 @@ def _plan_target(ck: _File, gen, cfg, name: str, tmeta: dict, modules: dict) -> 
     hyper = tmeta["hyperparameters"]
     _config(path, gen, hyper, where + ("hyperparameters",), list(gen.BOUNDS))
     for k in gen.RANKS:
-        if hyper[k] > min(shape):
-            msg = f"{hyper[k]} exceeds min(d_in, d_out) = {min(shape)} (attach clamps ranks to it)"
+        what, limit = rank_limit(gen, k, d_in, d_out)
+        if hyper[k] > limit:
+            msg = f"{hyper[k]} exceeds {what} = {limit} (attach clamps ranks to it)"
             raise _err(path, _jpath(where + ("hyperparameters", k)), msg)
     try:
         cfg_t = gen.Config(**{**cfg.to_dict(), **hyper, "residual": cfg.residual})
     except (ValueError, TypeError) as e:
         raise _err(path, _jpath(where + ("hyperparameters",)), str(e)) from None
-    want = gen.shapes(cfg_t, m.in_features, m.out_features)
+    want = gen.shapes(cfg_t, d_in, d_out)
     for k, shape_k in want.items():
         key = f"{name}.{k}"
         if key not in ck.table:
@@ -588,7 +598,13 @@ def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Pa
     The file holds that one adapter (with each target's ll.scale), in the same format whatever
     its name.
 
-    Before the destination is touched: every adapter tensor must be finite and in the adapter
+    The adapter dtype saved (config.dtype) is the one its tensors are held in: after
+    `model.to(torch.bfloat16)` the file holds bfloat16 tensors and says dtype bfloat16, so load
+    puts back the same tensors and the same logits. `model` may be wrapped (DDP, torch.compile,
+    accelerate, FSDP2). In a distributed run only rank 0 writes: call save on rank 0 or on every
+    rank; with FSDP2 every rank must call it (the sharded tensors are gathered).
+
+    Before the destination is touched: every adapter tensor must be finite and all in one
     dtype (CheckpointError naming the tensors), and the metadata must pass the schema. The file
     is written to a temporary sibling `<name>.<random>.tmp` (created exclusively, never through
     a symlink, with the usual umask mode; an existing destination's mode is kept, and its owner
@@ -611,17 +627,18 @@ def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Pa
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise _err(path, None, f"ll.load refuses {path.suffix} files (pickle); name it .safetensors")
-    tensors, targets, bad = {}, {}, []
+    tensors, targets, bad, held = {}, {}, [], None
     for name, t in st.targets.items():
         for k in t.tensors:
             key = f"{name}.{k}"
-            v = getattr(t.holder, k).detach().to("cpu").contiguous()
-            if v.dtype != st.cfg.dtype:
+            v = full(getattr(t.holder, k)).detach().to("cpu").contiguous()  # FSDP2: gathered
+            held = held or (key, v.dtype)
+            if v.dtype != held[1]:
                 raise _err(
                     path,
                     f"tensor {key!r}",
-                    f"is {dtype_name(v.dtype)}, the adapter dtype is {dtype_name(st.cfg.dtype)} "
-                    "(model.to(dtype) after attach?); not saved",
+                    f"is {dtype_name(v.dtype)}, but {held[0]!r} is {dtype_name(held[1])}; an adapter is saved "
+                    "in one dtype (move the whole model with model.to(dtype)); not saved",
                 )
             if not bool(torch.isfinite(v).all()):
                 bad.append(key)
@@ -636,13 +653,15 @@ def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Pa
         "lora_lite_version": __version__,
         "spec_name": st.variant.NAME,
         "spec": spec_text(st.variant),
-        "config": st.cfg.to_dict(),
+        "config": {**st.cfg.to_dict(), "dtype": dtype_name(held[1] if held else st.cfg.dtype)},  # as held
         "targets": targets,
     }
     meta["sha256"] = digest(meta, tensors)
     problem = _metadata_problem(meta)  # the same checks load makes, so load will not refuse it
     if problem:
         raise _err(path, _jpath(problem[0]), f"{problem[1]}; not saved")
+    if not is_writer():  # a distributed run: rank 0 writes
+        return path
     blob = safetensors_bytes(tensors, metadata={"lora_lite": json.dumps(meta, sort_keys=True)})
     _write_atomic(path, blob)
     return path

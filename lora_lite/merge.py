@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .runtime import AttachError, InputHook, OutputHook, detach, is_quantized, quantization, states
+from .runtime import AttachError, InputHook, OutputHook, detach, is_quantized, quantization, states, stored_layout
+from .wrappers import full, shard_like, unwrap
 
 
 def _ours(hooks: dict) -> list:
@@ -25,7 +26,7 @@ def merged_weight(m: nn.Module, name: str) -> tuple[Tensor, Tensor | None]:
     Runs the layer's hooks in their order on the identity (i, i) and on a zero row, with the
     base product done in fp32 (x W^T for x = I is W^T), so a bf16 W is rounded once, at the end.
     """
-    W = m.weight.detach().float()  # (o, i) W, or W_res under residual crop
+    W = stored_layout(m, full(m.weight).detach().float())  # (o, i) W, or W_res under residual crop
     bias = getattr(m, "bias", None)
     b = bias.detach().float() if bias is not None else torch.zeros(W.shape[0], device=W.device)  # (o,)
     X = torch.cat([torch.eye(W.shape[1], device=W.device), torch.zeros(1, W.shape[1], device=W.device)])  # (i + 1, i)
@@ -53,6 +54,8 @@ def merge(model: nn.Module) -> nn.Module:
     measured on the tiny test models; a bf16 W is rounded once, from fp32: no worse than PEFT's
     `merge_and_unload`, which adds a bf16-rounded delta in bf16). IA3 scales the bias too.
     `save_pretrained` / `from_pretrained` then round-trip like any model.
+    `model` may be wrapped (torch.compile, DDP, accelerate, FSDP2); Conv1D layers and a model
+    moved with model.to(dtype) after attach merge too.
     Raises AttachError, leaving the model unchanged, when nothing is attached, when an adapter
     is inactive (ll.disabled, ll.set_active; named), or when a target is a quantized layer:
     load the base in float (or dequantize it, e.g. transformers' `model.dequantize()`), attach or
@@ -60,6 +63,7 @@ def merge(model: nn.Module) -> nn.Module:
     Source: PEFT's `merge_and_unload` (peft/tuners/tuners_utils.py), here computed from the
     hook itself rather than per-variant delta_weight formulas.
     """
+    wrapper, model = model, unwrap(model) if isinstance(model, nn.Module) else model
     every = states(model)
     if not every:
         raise AttachError("merge: no lora-lite adapter is attached to this model (nothing to merge)")
@@ -82,7 +86,7 @@ def merge(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for tname, (W, b) in new.items():
             m = layers[tname]
-            m.weight.copy_(W.to(m.weight.dtype))
+            m.weight.copy_(shard_like(stored_layout(m, W).to(m.weight.dtype), m.weight))  # Conv1D: stored (i, o)
             if b is not None:
-                m.bias.copy_(b.to(m.bias.dtype))
-    return model
+                m.bias.copy_(shard_like(b.to(m.bias.dtype), m.bias))
+    return wrapper

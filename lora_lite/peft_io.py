@@ -50,11 +50,14 @@ from .runtime import (
     check_name,
     check_quantized,
     install,
+    is_conv1d,
     is_linear_like,
     is_quantized,
+    layer_dims,
     states,
     target_info,
 )
+from .wrappers import unwrap
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -182,6 +185,29 @@ ROUTES = {
 }
 
 
+def _fan_in_fan_out(st) -> bool:
+    """PEFT's fan_in_fan_out for the adapter's targets: True when they are transformers Conv1D
+    (weight stored (d_in, d_out); lora_A/lora_B keep their (r, i)/(o, r) shapes). AttachError
+    when Conv1D and linear targets are mixed (PEFT has one flag per adapter) or for a PEFT type
+    with no Conv1D layer (HRA, DeLoRA)."""
+    conv = [n for n, t in st.targets.items() if is_conv1d(t.module)]
+    if not conv:
+        return False
+    peft_type = ROUTES[st.variant.NAME][1]
+    if peft_type not in ("LORA", "IA3"):
+        raise AttachError(
+            f"export_peft: {st.variant.NAME}: {conv[0]} is a transformers Conv1D, which PEFT's {peft_type} "
+            "does not adapt; use ll.merge(model) and save_pretrained"
+        )
+    linear = [n for n in st.targets if n not in conv]
+    if linear:
+        raise AttachError(
+            f"export_peft: {conv[0]} is a Conv1D (fan_in_fan_out) and {linear[0]} is not; PEFT takes one "
+            "fan_in_fan_out per adapter: attach separate adapters to each kind"
+        )
+    return True
+
+
 def _pattern_key(name: str) -> str:
     """A rank_pattern/alpha_pattern key PEFT matches to exactly this module (it uses re.match)."""
     return re.escape(name)
@@ -212,7 +238,7 @@ def _lora_layout(st, per: dict) -> tuple[dict, dict]:
         "alpha_pattern": alpha_pattern,
         "use_rslora": False,
         "use_dora": any("lora_magnitude_vector" in ts for ts in tensors.values()),
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": _fan_in_fan_out(st),
         "bias": "none",
         "lora_bias": False,
         "lora_dropout": 0.0,
@@ -237,6 +263,8 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, name: str | None =
     the adapter as it acts now (coeff, ll.scale): `peft.PeftModel.from_pretrained(base, out_dir)`
     on the original base model gives this model's logits (measured within 1e-6 of max|y| in
     fp32, tests/test_deploy.py). The routes per spec are in this module's docstring.
+    Conv1D targets (GPT-2) export with fan_in_fan_out: true (LoRA-form and IA3 routes only).
+    `model` may be wrapped (torch.compile, DDP, accelerate, FSDP2).
     Raises AttachError, writing nothing, when nothing is attached, `name` is not an attached
     adapter, an adapter is switched off (ll.disabled), a spec has no route (use ll.merge), a
     DoRA-type or HRA adapter has ll.scale != 1 (not representable), or HRA ranks differ per layer (PEFT's
@@ -244,6 +272,7 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, name: str | None =
     Source: PEFT's save_pretrained layout (peft/utils/save_and_load.py) and, for PiSSA,
     LoraModel._convert_state_dict_for_initial_model (peft/tuners/lora/model.py).
     """
+    model = unwrap(model) if isinstance(model, nn.Module) else model
     every = states(model)
     if not every:
         raise AttachError("export_peft: no lora-lite adapter is attached to this model")
@@ -273,6 +302,7 @@ def _payload(model: nn.Module, st) -> tuple[dict, dict, str]:
             "use ll.merge(model) and save_pretrained for a plain model"
         )
     route, peft_type, fn, scalable = ROUTES[spec]
+    _fan_in_fan_out(st)  # Conv1D targets: one layout for all, and a PEFT type that takes them
     per = {}
     for n, t in st.targets.items():
         if not t.enabled:
@@ -298,7 +328,7 @@ def _payload(model: nn.Module, st) -> tuple[dict, dict, str]:
     else:
         tensors = {n: p[0] for n, p in per.items()}
         if peft_type == "IA3":
-            cfg = {"feedforward_modules": names if spec == "ia3_ff" else [], "fan_in_fan_out": False}
+            cfg = {"feedforward_modules": names if spec == "ia3_ff" else [], "fan_in_fan_out": _fan_in_fan_out(st)}
             cfg |= {"init_ia3_weights": True, "modules_to_save": None}
         elif peft_type == "HRA":
             ranks = {n: ts["hra_u"].shape[1] for n, ts in tensors.items()}
@@ -354,7 +384,7 @@ def _atomic(path: Path, write) -> None:
 HANDLED = {
     "peft_type", "r", "lora_alpha", "target_modules", "exclude_modules", "layers_to_transform",
     "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "init_lora_weights",
-    "feedforward_modules", "apply_GS", "delora_lambda", "lambda_pattern", "eva_config",
+    "feedforward_modules", "apply_GS", "delora_lambda", "lambda_pattern", "eva_config", "fan_in_fan_out",
 }  # fmt: skip
 HARMLESS = {
     "auto_mapping", "base_model_name_or_path", "revision", "inference_mode", "task_type", "peft_version",
@@ -479,10 +509,13 @@ def load_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "defaul
     (adapter_model.bin), a missing, extra or misshapen tensor, a target that is not a linear
     layer, or anything else malformed in the directory; AttachError (before anything changes) when
     an adapter `name` is already attached or for whatever runtime.preflight refuses.
+    `model` may be wrapped (torch.compile, DDP, accelerate, FSDP2); the wrapper is returned.
+    fan_in_fan_out: true is read for transformers Conv1D targets and refused for any other.
     Source: PEFT's LoraModel/IA3Model/HRAModel/DeloraModel _create_and_replace and
     check_target_module_exists (peft/tuners/).
     """
     check_model(model, "load_peft")
+    wrapper, model = model, unwrap(model)
     check_name(name)
     try:  # the directory is untrusted input: whatever it breaks is one CheckpointError line
         cfg, per_target = _read_peft(model, peft_dir, name)
@@ -494,7 +527,7 @@ def load_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "defaul
             f"{peft_dir}: not a readable PEFT adapter ({type(e).__name__}: {lines[0][:200]})"
         ) from None
     install(model, cfg, per_target, op="load_peft", name=name)
-    return model
+    return wrapper
 
 
 def _read_peft(model: nn.Module, peft_dir, name: str) -> tuple:
@@ -522,6 +555,8 @@ def _read_peft(model: nn.Module, peft_dir, name: str) -> tuple:
     for n in found:
         if not is_linear_like(modules[n]) or EXCLUDE.search(n):
             raise CheckpointError(f"{cpath}: target {n} is not a linear layer lora-lite adapts")
+        if c.get("fan_in_fan_out") and not is_conv1d(modules[n]):  # PEFT would transpose W of a Linear
+            _refuse(cpath, "fan_in_fan_out", True, f"target {n} is a {type(modules[n]).__name__}, not a Conv1D")
     if c["peft_type"] == "IA3":
         ff = c.get("feedforward_modules") or []
         is_ff = [bool(re.fullmatch(ff, n)) if isinstance(ff, str) else any(n.endswith(k) for k in ff) for n in found]
@@ -540,7 +575,7 @@ def _read_peft(model: nn.Module, peft_dir, name: str) -> tuple:
             m = modules[n]
             cfg_t = gen.Config(**base, **_hyper(c, spec, n))
             check_quantized(gen, cfg_t, n, m, fix="load the base in float")
-            want = gen.shapes(cfg_t, m.in_features, m.out_features)
+            want = gen.shapes(cfg_t, *layer_dims(m))
             tensors = {}
             for ours, suffix in _names(spec).items():
                 key = next((f"{PREFIX}{n}.{s}" for s in suffix if f"{PREFIX}{n}.{s}" in keys), None)

@@ -4,10 +4,14 @@ The contract, in order (each step finishes before the next; nothing is modified 
 target's tensors are built, so a failure leaves the model as it was):
 
     attach(model, cfg, calibration_data=None)
-      1. find targets: linear-like modules (in_features, out_features, weight) whose names
-         match cfg.target_names (re.search) and cfg.layers; lm_head and embeddings excluded;
-         preflight: every check on the model and its targets (load runs it too)
-      2. clamp rank hyperparameters per target to min(d_in, d_out) (one warning per target)
+      1. find targets: linear-like modules (in_features, out_features, weight; and transformers
+         Conv1D, weight stored (d_in, d_out)) whose names match cfg.target_names (re.search)
+         and cfg.layers; lm_head and embeddings excluded; a matching layer of another kind
+         with a weight matrix (Conv2d, an Embedding under another name, ...) or one inside a
+         WEIGHT_READERS parent is refused; preflight: every check on the model and its targets
+         (load runs it too)
+      2. clamp rank hyperparameters per target to the dimension they need (min(d_in, d_out);
+         HRA: d_in), alpha scaled with r so alpha / r stays as configured (one warning each)
       3. calibrate on the *intact* model: input statistics of every target (padding excluded)
       4. build each target's tensors with the variant's init(W, cfg, stats), in fp32
       5. install: freeze every base parameter, register the tensors on the target (names
@@ -17,7 +21,8 @@ target's tensors are built, so a failure leaves the model as it was):
     cfg.residual == "subtract" leaves W untouched (the hook takes the frozen part out), which is
     what bitsandbytes 4/8-bit targets need: attach refuses crop on them before step 3.
     A hook returns the layer's new output (output hooks) or new input (input pre-hooks),
-    never a delta; the input is cast to cfg.dtype and the result back to the layer's dtype,
+    never a delta; the input is cast to the adapter tensors' dtype (cfg.dtype until the model is
+    moved with .to(dtype)) and the result back to the layer's dtype,
     except for variants whose module says CAST_INPUT = False (IA3: the gain is cast instead).
 
     detach(model)
@@ -39,7 +44,7 @@ import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +52,7 @@ from torch import Tensor, nn
 from .calibration import collect_input_stats
 from .codegen.spec import SpecError
 from .config import AdapterConfig, config_error
+from .wrappers import full, is_sharded, shard_like, unwrap, wraps_data_parallel
 
 STATE_ATTR = "_lora_lite"
 NAMED_ATTR = "_lora_lite_named"  # {name: State} of the adapters attached with a name other than "default"
@@ -76,6 +82,7 @@ class Target:
     scale: float = 1.0  # ll.scale: y = y_base + scale (y_adapted - y_base); saved in checkpoints
     enabled: bool = True  # False inside ll.disabled or when set_active leaves it out
     host: nn.Module | None = None  # where its tensors live: None = the layer (the default adapter)
+    state_dict_handles: tuple = ()  # crop: the state_dict hooks that present W, not W_res
 
     @property
     def holder(self) -> nn.Module:
@@ -101,9 +108,10 @@ class State:
 
 def state(model: nn.Module, name: str = "default") -> State | None:
     """The state of the adapter attached as `name` (the default adapter unless named), or None.
-    AttachError when `model` is not an nn.Module."""
+    `model` may be wrapped (see lora_lite.wrappers). AttachError when it is not an nn.Module."""
     if not isinstance(model, nn.Module):
         raise AttachError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap(model)
     if name == "default":
         return model.__dict__.get(STATE_ATTR)
     return model.__dict__.get(NAMED_ATTR, {}).get(name)
@@ -111,10 +119,10 @@ def state(model: nn.Module, name: str = "default") -> State | None:
 
 def states(model: nn.Module) -> dict[str, State]:
     """Every attached adapter's state by name, in attach order (the default adapter first).
-    AttachError when `model` is not an nn.Module."""
+    `model` may be wrapped. AttachError when it is not an nn.Module."""
     if not isinstance(model, nn.Module):
         raise AttachError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    return _states_of(model)
+    return _states_of(unwrap(model))
 
 
 def _states_of(mod: nn.Module) -> dict[str, State]:
@@ -146,10 +154,41 @@ class AdapterSlot(nn.Module):
         return self.__dict__["layer"].forward(*args, **kwargs)
 
 
+# Parents that read a child layer's weight without calling the child, so a hook on it never
+# runs (nn.MultiheadAttention passes out_proj.weight to F.multi_head_attention_forward). A
+# layer inside one of these is refused at attach. The one list; the README shows it.
+WEIGHT_READERS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
+
+
+def is_conv1d(m: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 family): y = x W + b with W stored (d_in, d_out), PEFT's
+    fan_in_fan_out case. Recognised by name so transformers need not be imported; a named
+    adapter's slot is read as its layer."""
+    if isinstance(m, AdapterSlot):
+        m = m.__dict__["layer"]
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and isinstance(getattr(m, "weight", None), Tensor)
+
+
+def layer_dims(m: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a linear-like layer or a Conv1D."""
+    if is_conv1d(m):
+        d_in, d_out = m.weight.shape  # stored (in, out)
+        return int(d_in), int(d_out)
+    return m.in_features, m.out_features
+
+
 def is_linear_like(m: nn.Module) -> bool:
-    return all(hasattr(m, a) for a in ("in_features", "out_features", "weight")) and isinstance(
-        getattr(m, "weight", None), Tensor
+    """A layer lora-lite adapts: in_features, out_features and a weight tensor (nn.Linear and
+    bitsandbytes' Linear4bit/Linear8bitLt), or a transformers Conv1D."""
+    return is_conv1d(m) or (
+        all(hasattr(m, a) for a in ("in_features", "out_features", "weight"))
+        and isinstance(getattr(m, "weight", None), Tensor)
     )
+
+
+def stored_layout(m: nn.Module, W: Tensor) -> Tensor:
+    """A (d_out, d_in) matrix laid out as the layer stores its weight ((d_in, d_out) for Conv1D)."""
+    return W.T if is_conv1d(m) else W
 
 
 def layer_index(name: str) -> int | None:
@@ -169,14 +208,32 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> dict[str, nn.Module]:
         except re.error as e:
             raise AttachError(f"{gen.NAME}: target_names: bad regex {p!r}: {e}") from None
     found, linear = {}, []
+    readers = {
+        f"{p}.{c}" if p else c: type(pm).__name__
+        for p, pm in model.named_modules()
+        if isinstance(pm, WEIGHT_READERS)
+        for c, _ in pm.named_children()
+    }
     for name, m in model.named_modules():
-        if not name or isinstance(m, AdapterSlot) or not is_linear_like(m) or EXCLUDE.search(name):
+        if not name or isinstance(m, AdapterSlot) or EXCLUDE.search(name):
             continue  # a named adapter's slot reads like its layer but is never a target
+        matches = any(rx.search(name) for rx in regexes) and (cfg.layers is None or layer_index(name) in cfg.layers)
+        if not is_linear_like(m):
+            w = m._parameters.get("weight")
+            if matches and isinstance(w, Tensor) and w.dim() >= 2:  # a weight matrix: not a container or a norm
+                raise AttachError(
+                    f"{gen.NAME}: {name} is a {type(m).__name__}; lora-lite adapts linear layers "
+                    "(in_features, out_features, weight) and transformers Conv1D only"
+                )
+            continue
         linear.append(name)
-        if not any(rx.search(name) for rx in regexes):
+        if not matches:
             continue
-        if cfg.layers is not None and layer_index(name) not in cfg.layers:
-            continue
+        if name in readers:
+            raise AttachError(
+                f"{gen.NAME}: {name} ({type(m).__name__}) is inside a {readers[name]}, which reads its weight "
+                "without calling it, so an adapter hook would never run"
+            )
         found[name] = m
     if not found:
         sample = ", ".join(linear[:8]) + (" ..." if len(linear) > 8 else "") or "(none)"
@@ -255,7 +312,7 @@ def base_weight(m: nn.Module) -> Tensor:
         if scb is None:
             raise AttachError("int8 layer without quantization statistics (SCB): move it to its device first")
         return w.data.float() * (scb.float()[:, None] / 127.0)
-    return w.detach().float()
+    return stored_layout(m, full(w).detach().float())  # (o, i); an FSDP2-sharded W is gathered
 
 
 def base_forward(m: nn.Module, x: Tensor) -> Tensor:
@@ -269,6 +326,8 @@ def base_forward(m: nn.Module, x: Tensor) -> Tensor:
     """
     if not is_quantized(m):
         w = m.weight.detach()
+        if is_conv1d(m):
+            return (x.to(w.dtype) @ w).float()  # W stored (i, o)
         return nn.functional.linear(x.to(w.dtype), w).float()
     bias = getattr(m, "bias", None)
     if bias is not None:
@@ -315,7 +374,7 @@ def refresh_row_norms(model: nn.Module) -> int:
     modules had one."""
     if not isinstance(model, nn.Module):
         raise AttachError(f"refresh_row_norms: expected a torch.nn.Module, got {type(model).__name__}")
-    return sum(m.__dict__.pop(SQNORM_ATTR, None) is not None for m in model.modules())
+    return sum(m.__dict__.pop(SQNORM_ATTR, None) is not None for m in unwrap(model).modules())
 
 
 def _row_sqnorm(m: nn.Module) -> Tensor:
@@ -323,7 +382,8 @@ def _row_sqnorm(m: nn.Module) -> Tensor:
         return base_weight(m).square().sum(1)  # (o,); the dequantized copy is freed here
     w = m.weight.detach()
     wide = torch.promote_types(w.dtype, torch.float32)  # fp32 (fp64 for an fp64 W)
-    return torch.linalg.vector_norm(w, dim=1, dtype=wide).square().float()  # (o,)
+    dim = 0 if is_conv1d(m) else 1  # a Conv1D stores W as (i, o)
+    return torch.linalg.vector_norm(w, dim=dim, dtype=wide).square().float()  # (o,)
 
 
 def check_quantized(gen: ModuleType, cfg: AdapterConfig, name: str, m: nn.Module, fix: str) -> None:
@@ -371,10 +431,12 @@ def preflight(
     config cannot handle (check_quantized); under residual crop, a target another attached
     adapter already crops, or whose weight storage another parameter or buffer shares (tied
     weights, or two targets on one weight), since crop would rewrite both; lora-lite tensors or
-    hooks anywhere in the model that no attached adapter (of any name) accounts for (left by a
-    failed attach, a copied state, a half-detached copy).
+    hooks (forward hooks, and a cropped target's state_dict hooks) anywhere in the model that no
+    attached adapter (of any name) accounts for (left by a failed attach, a copied state, a
+    half-detached copy). `model` may be wrapped (see lora_lite.wrappers).
     """
     check_model(model, op)
+    model = unwrap(model)
     check_name(name)
     gen = cfg.variant()
     mine = states(model)
@@ -400,7 +462,7 @@ def preflight(
     own_tensors, own_hooks = _accounted_by(mine.values())
     cropped = {id(t.module): n for n, st in mine.items() for t in st.targets.values() if t.cfg.residual == "crop"}
     for tname, m in targets.items():
-        dims = (m.in_features, m.out_features)
+        dims = layer_dims(m)
         if not all(isinstance(d, int) and d > 0 for d in dims):
             raise AttachError(f"{gen.NAME}: {tname}: (in_features, out_features) = {dims}, expected positive integers")
         if m.weight.is_meta:
@@ -434,8 +496,12 @@ def preflight(
 
 
 def _hooks(m: nn.Module) -> list:
-    """The lora-lite hooks registered on a module (forward hooks and pre-hooks)."""
-    return [h for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()) if isinstance(h, OutputHook)]
+    """The lora-lite hooks registered on a module: forward hooks and pre-hooks, and a cropped
+    target's state_dict post-hook and load_state_dict pre-hook (each holds its Target)."""
+    forward = [h for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()) if isinstance(h, OutputHook)]
+    loading = (getattr(h, "hook", h) for h in m._load_state_dict_pre_hooks.values())  # torch wraps these
+    weight = [h for h in (*m._state_dict_hooks.values(), *loading) if isinstance(h, (SaveFullWeight, CropLoadedWeight))]
+    return forward + weight
 
 
 def _has(m: nn.Module, k: str) -> bool:
@@ -535,20 +601,40 @@ def fingerprint_distance(a: list[float], b: list[float]) -> float:
     return float((ta - tb).norm() / (math.sqrt(len(b) - 1) * tb[0].abs().clamp_min(1e-30)))
 
 
+def rank_limit(gen: ModuleType, k: str, d_in: int, d_out: int) -> tuple[str, int]:
+    """The largest value rank hyperparameter `k` can take on a (d_in, d_out) layer, and its
+    name: the smallest layer dimension that `k` shares a tensor shape with in the spec's PARAMS
+    (HRA's u (d_in, r): d_in; LoRA's A (r, d_in) and B (d_out, r): min(d_in, d_out))."""
+    dims = {"d_in": d_in, "d_out": d_out}
+    paired = sorted({d for shape, _, _ in gen.PARAMS.values() if k in shape for d in shape if d in dims})
+    if len(paired) == 1:
+        return paired[0], dims[paired[0]]
+    return "min(d_in, d_out)", min(d_in, d_out)
+
+
 def target_config(cfg: AdapterConfig, name: str, m: nn.Module, warn: bool = True) -> AdapterConfig:
-    """The config for one target: rank hyperparameters clamped to min(d_in, d_out)."""
+    """The config for one target: rank hyperparameters clamped to the dimension they need
+    (rank_limit). When `r` is clamped and the spec has `alpha` (scale alpha / r), alpha is
+    scaled by r_clamped / r too, so the layer keeps the configured alpha / r, as PEFT (which
+    never clamps) scales it. Per-target hyperparameters are saved in checkpoints, so an adapter
+    saved with another rule loads with the scaling it was trained with."""
     gen = cfg.variant()
-    limit = min(m.in_features, m.out_features)
     changes = {}
     for k in gen.RANKS:
-        if getattr(cfg, k) > limit:
-            changes[k] = limit
-            if warn:
-                warnings.warn(
-                    f"{gen.NAME}: {name}: {k}={getattr(cfg, k)} exceeds min(d_in, d_out)={limit}; "
-                    f"using {k}={limit} for this layer",
-                    stacklevel=3,
-                )
+        what, limit = rank_limit(gen, k, *layer_dims(m))
+        if getattr(cfg, k) <= limit:
+            continue
+        changes[k] = limit
+        note = ""
+        if k == "r" and "alpha" in gen.BOUNDS:
+            changes["alpha"] = cfg.alpha * limit / cfg.r
+            note = f" and alpha={changes['alpha']:g}, keeping alpha / r = {cfg.alpha / cfg.r:g}"
+        if warn:
+            warnings.warn(
+                f"{gen.NAME}: {name}: {k}={getattr(cfg, k)} exceeds {what}={limit}; "
+                f"using {k}={limit}{note} for this layer",
+                stacklevel=3,
+            )
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
@@ -571,8 +657,9 @@ def _check_sizes(gen: ModuleType, name: str, want: dict, d_in: int, d_out: int) 
 
 
 def _build(gen: ModuleType, name: str, m: nn.Module, cfg_t: AdapterConfig, stats: dict | None) -> dict:
-    want = gen.shapes(cfg_t, m.in_features, m.out_features)
-    _check_sizes(gen, name, want, m.in_features, m.out_features)
+    d_in, d_out = layer_dims(m)
+    want = gen.shapes(cfg_t, d_in, d_out)
+    _check_sizes(gen, name, want, d_in, d_out)
     W = base_weight(m)
     try:
         tensors = gen.init(W, cfg_t, stats)
@@ -604,8 +691,8 @@ def _first_line(e: BaseException) -> str:
 def target_info(m: nn.Module, W: Tensor) -> dict:
     """What a checkpoint records of a target's base layer; W is its dequantized fp32 weight."""
     return {
-        "d_in": m.in_features,
-        "d_out": m.out_features,
+        "d_in": layer_dims(m)[0],
+        "d_out": layer_dims(m)[1],
         "weight_shape": list(W.shape),  # (d_out, d_in), also for 4-bit weights stored packed
         "weight_dtype": str(m.weight.dtype).removeprefix("torch."),
         "quantization": quantization(m),  # None, "nf4", "fp4", "int8"
@@ -633,8 +720,11 @@ def attach(
     keeps today's layout: tensors on the layer itself). A named adapter's tensors live on a
     child `<layer>.lora_lite_<name>`; its hook runs after those attached before it (see the
     README's composition table). Calibration runs with the other adapters switched off.
+    `model` may be wrapped (torch.compile, DDP, accelerate, FSDP2; see lora_lite.wrappers): the
+    adapter goes on the model inside, and the wrapper is returned.
     """
     check_model(model, "attach")
+    wrapper, model = model, unwrap(model)
     if not isinstance(cfg, AdapterConfig):
         raise AttachError(
             f"attach: expected a config from ll.from_spec(...) or ll.LoRAConfig(...), got {type(cfg).__name__}"
@@ -654,7 +744,21 @@ def attach(
     built = {n: _build(gen, n, m, cfgs[n], stats[n] if stats else None) for n, m in targets.items()}
     per_target = {n: (targets[n], cfgs[n], b["tensors"], b["info"]) for n, b in built.items()}
     install(model, cfg, per_target, op="attach", name=name)
-    return model
+    warn_if_wrapped_already(wrapper, "attach")
+    return wrapper
+
+
+def warn_if_wrapped_already(wrapper: nn.Module, what: str) -> None:
+    """Warn when the adapter went into a model that DDP or FSDP2 had already wrapped: they
+    synchronise only the parameters they saw when built, so training would let ranks drift."""
+    model = unwrap(wrapper)
+    if wraps_data_parallel(wrapper) or any(is_sharded(p) for p in model.parameters()):
+        warnings.warn(
+            f"{what}: the model was already wrapped for data parallelism (DDP/FSDP2), which does not "
+            "synchronise the adapter's new parameters; fine for inference, but to train, "
+            f"{what} before wrapping",
+            stacklevel=3,
+        )
 
 
 def check_name(name: str) -> None:
@@ -667,6 +771,7 @@ def check_name(name: str) -> None:
 @contextmanager
 def all_off(model: nn.Module):
     """Every attached adapter switched off inside (each target's previous on/off back on exit)."""
+    model = unwrap(model)
     targets = [t for st in states(model).values() for t in st.targets.values()]
     before = [t.enabled for t in targets]
     for t in targets:
@@ -750,11 +855,13 @@ def install(model: nn.Module, cfg: AdapterConfig, per_target: dict, op: str = "l
                 else:
                     host.register_buffer(k, t)
             if cfg_t.residual == "crop":
-                with torch.no_grad():
-                    w = m.weight
-                    w.copy_((w.float() - gen.frozen_weight(host, cfg_t)).to(w.dtype))
+                add_to_weight(m, -gen.frozen_weight(host, cfg_t))
                 cropped.add(tname)
-            target.handle = _register_hook(gen, target, cfg.dtype)
+                target.state_dict_handles = (
+                    m.register_state_dict_post_hook(SaveFullWeight(target)),
+                    m.register_load_state_dict_pre_hook(CropLoadedWeight(target)),
+                )
+            target.handle = _register_hook(gen, target)
     except BaseException:
         _uninstall(model, st, cropped, before)
         raise
@@ -774,10 +881,10 @@ def _uninstall(model: nn.Module, st: State, cropped, flags: dict | None) -> None
         m = t.module
         if t.handle is not None:
             t.handle.remove()
+        for h in t.state_dict_handles:
+            h.remove()
         if t.name in cropped:
-            with torch.no_grad():
-                w = m.weight
-                w.copy_((w.float() + gen.frozen_weight(t.holder, t.cfg)).to(w.dtype))
+            add_to_weight(m, gen.frozen_weight(t.holder, t.cfg))
         if t.host is None:
             for k in t.tensors:
                 m._parameters.pop(k, None)
@@ -806,10 +913,15 @@ class OutputHook:
 
     A class rather than a closure so an adapted model pickles and deep-copies. It casts x to
     the adapter dtype unless the module says CAST_INPUT = False (its forward works in the
-    layer's dtype or never reads x; IA3 casts its gain instead)."""
+    layer's dtype or never reads x; IA3 casts its gain instead). The adapter dtype is read
+    from the target's first adapter tensor at every call, not from cfg.dtype, so the hooks
+    follow `model.to(torch.bfloat16)`, `.half()` or `.to(device)` after attach."""
 
-    def __init__(self, target: Target, dtype: torch.dtype):
-        self.target, self.dtype = target, dtype
+    def __init__(self, target: Target):
+        self.target = target
+
+    def adapter_dtype(self) -> torch.dtype:
+        return getattr(self.target.holder, self.target.tensors[0]).dtype
 
     def __call__(self, m, args, y):
         t = self.target
@@ -817,7 +929,7 @@ class OutputHook:
         if v == 0.0 and cfg.residual != "crop":
             return None  # the layer's own output: the base model's, bit for bit
         gen = cfg.variant()
-        x = args[0].to(self.dtype) if gen.CAST_INPUT else args[0]
+        x = args[0].to(self.adapter_dtype()) if gen.CAST_INPUT else args[0]
         if v == 1.0:
             return gen.forward(t.holder, x, y, cfg)
         return scaled_output(gen, t.holder, x, y, cfg, v)
@@ -858,18 +970,79 @@ class InputHook(OutputHook):
             return None
         gen, m = cfg.variant(), t.holder
         x = args[0]
-        new = gen.forward(m, x, cfg) if not gen.CAST_INPUT else gen.forward(m, x.to(self.dtype), cfg).to(x.dtype)
+        if gen.CAST_INPUT:
+            new = gen.forward(m, x.to(self.adapter_dtype()), cfg).to(x.dtype)
+        else:
+            new = gen.forward(m, x, cfg)
         if v != 1.0:
             new = (x.float() + v * (new.float() - x.float())).to(x.dtype)  # (..., i)
         return (new, *args[1:])
 
 
-def _register_hook(gen: ModuleType, target: Target, dtype: torch.dtype):
+class SaveFullWeight:
+    """state_dict post-hook of a cropped target: the saved `weight` is W = W_res + frozen part
+    (within the weight dtype's rounding), never the cropped W_res, so `model.state_dict()`,
+    `save_pretrained` and whole-model checkpoints hold the base weight. The adapter's own
+    tensors are saved beside it under their `lora_` names (a named adapter's under its slot)."""
+
+    def __init__(self, target: Target):
+        self.target = target
+
+    def __call__(self, m, state_dict, prefix, local_metadata):
+        key, t = prefix + "weight", self.target
+        if key not in state_dict:
+            return
+        gone = [k for k in t.tensors if k not in t.holder._parameters and k not in t.holder._buffers]
+        if gone:  # removed by hand: W cannot be rebuilt (detach refuses too); say what is saved
+            warnings.warn(
+                f"state_dict: {t.name} lacks {gone[0]}, so its weight is saved cropped (W_res, not the base W); "
+                "put it back, or ll.load the adapter's checkpoint into a fresh model",
+                stacklevel=2,
+            )
+            return
+        frozen = t.cfg.variant().frozen_weight(t.holder, t.cfg)  # (o, i) fp32
+        state_dict[key] = shifted(state_dict[key], stored_layout(m, frozen))
+
+
+class CropLoadedWeight:
+    """load_state_dict pre-hook of a cropped target: an incoming `weight` is a base W (what
+    SaveFullWeight writes), cropped to W - frozen part before it is copied in; the frozen part
+    comes from the incoming adapter tensors when the state_dict has them, else the module's."""
+
+    def __init__(self, target: Target):
+        self.target = target
+
+    def __call__(self, m, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        key = prefix + "weight"
+        if key in state_dict:
+            t = self.target
+            slot = "" if t.host is None else next(k for k, c in m._modules.items() if c is t.host) + "."
+            given = {k: state_dict.get(prefix + slot + k, getattr(t.holder, k)) for k in t.tensors}
+            frozen = t.cfg.variant().frozen_weight(SimpleNamespace(**given), t.cfg)
+            state_dict[key] = shifted(state_dict[key], -stored_layout(m, frozen))
+
+
+def shifted(w: Tensor, delta: Tensor) -> Tensor:
+    """A new tensor w + delta in w's dtype and layout (sharded or not); delta fp32, shaped as w."""
+    return shard_like((full(w).detach().float() + delta.to(w.device)).to(w.dtype), w)
+
+
+def add_to_weight(m: nn.Module, delta: Tensor) -> None:
+    """W <- W + delta for a float layer, delta (d_out, d_in) fp32, rounded once to W's dtype.
+
+    Crop (delta = -frozen_weight) and detach (+frozen_weight) go through here; an
+    FSDP2-sharded W is gathered and each rank keeps its shard (every rank must call).
+    """
+    with torch.no_grad():
+        m.weight.copy_(shifted(m.weight, stored_layout(m, delta)))
+
+
+def _register_hook(gen: ModuleType, target: Target):
     if gen.HOOK == "output":
-        return target.module.register_forward_hook(OutputHook(target, dtype))
+        return target.module.register_forward_hook(OutputHook(target))
     # a later adapter wraps the layer as it was: its new input is made first (PEFT's W H_1 H_2 for HRA)
     prepend = any(isinstance(h, InputHook) for h in target.module._forward_pre_hooks.values())
-    return target.module.register_forward_pre_hook(InputHook(target, dtype), prepend=prepend)
+    return target.module.register_forward_pre_hook(InputHook(target), prepend=prepend)
 
 
 def detach(model: nn.Module, name: str | None = None) -> nn.Module:
@@ -882,6 +1055,7 @@ def detach(model: nn.Module, name: str | None = None) -> nn.Module:
     cropping target lacks a tensor its W needs back (removed by hand after attach).
     """
     check_model(model, "detach")
+    wrapper, model = model, unwrap(model)
     every = states(model)
     if not every:
         raise AttachError("detach: no lora-lite adapter is attached to this model")
@@ -903,7 +1077,7 @@ def detach(model: nn.Module, name: str | None = None) -> nn.Module:
         cropped = {t.name for t in st.targets.values() if t.cfg.residual == "crop"}
         # the last adapter gives back the base's flags from before the first attach
         _uninstall(model, st, cropped, st.requires_grad if last else None)
-    return model
+    return wrapper
 
 
 def set_active(model: nn.Module, names: str | list[str]) -> None:
@@ -911,7 +1085,7 @@ def set_active(model: nn.Module, names: str | list[str]) -> None:
     others stay attached, their hooks passing the base through. ll.disabled nests with it.
 
     Raises AttachError naming an adapter that is not attached, or for `names` that is not a
-    str or a list of str (nothing is changed then).
+    str or a list of str (nothing is changed then). `model` may be wrapped.
     """
     every = states(model)
     if isinstance(names, str):
@@ -944,6 +1118,7 @@ def set_coeff(model: nn.Module, value: float, name: str = "default") -> None:
     """
     if not isinstance(model, nn.Module):
         raise AttachError(f"set_coeff: expected a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap(model)
     st = state(model, name) if isinstance(name, str) else None
     if st is None:
         what = (
@@ -971,9 +1146,9 @@ def set_coeff(model: nn.Module, value: float, name: str = "default") -> None:
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters an optimiser should train: those with requires_grad.
+    """The parameters an optimiser should train: those with requires_grad (of the model or a wrapper).
 
     AttachError when `model` is not an nn.Module."""
     if not isinstance(model, nn.Module):
         raise AttachError(f"trainable_parameters: expected a torch.nn.Module, got {type(model).__name__}")
-    return [p for p in model.parameters() if p.requires_grad]
+    return [p for p in unwrap(model).parameters() if p.requires_grad]

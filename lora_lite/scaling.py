@@ -4,7 +4,8 @@
         ref_logits = model(**batch).logits
     ll.scale(model, 0.5)              # y = y_base + 0.5 (y_adapted - y_base) on every target
 
-Neither changes a tensor: the hooks read each target's `enabled` flag and `scale`.
+Neither changes a tensor: the hooks read each target's `enabled` flag and `scale`. Both take
+the model or a wrapper of it (torch.compile, DDP, accelerate, FSDP2; see lora_lite.wrappers).
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ class Snapshot(NamedTuple):
     state_dict: dict  # name -> cloned tensor
     requires_grad: dict  # parameter name -> flag
     training: dict  # module name -> its own train/eval flag
-    hooks: dict  # module name -> (forward hooks, forward pre-hooks), each ((id, hook), ...)
+    hooks: dict  # module name -> (forward, forward pre-, state_dict, load_state_dict pre-hooks), each ((id, hook), ...)
     attributes: dict  # module name -> sorted names in its __dict__ (no stray caches or state)
     state: object  # ll.state(model): the attached adapter's State, or None
     configs: object  # that State's config and each target's, or None
@@ -100,7 +100,8 @@ class Snapshot(NamedTuple):
 
 
 def _hooks(m) -> tuple:
-    return tuple(m._forward_hooks.items()), tuple(m._forward_pre_hooks.items())
+    forward = tuple(m._forward_hooks.items()), tuple(m._forward_pre_hooks.items())
+    return *forward, tuple(m._state_dict_hooks.items()), tuple(m._load_state_dict_pre_hooks.items())
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -169,6 +170,44 @@ def llama(seed: int = 0):
     )
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # HF zero-initialises biases; give them values so bias handling matters
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.2)
+    return model
+
+
+def hf_llama(seed: int = 0, tie: bool = False):
+    """Tiny random transformers LlamaForCausalLM (no hub): vocab 64, hidden 32, 2 layers, k/v 32 -> 16."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def crop_specs() -> list[str]:
+    """Shipped specs whose default residual is crop (W holds W_res while attached)."""
+    return [n for n in SPECS if ll.variant_module(n).RESIDUAL == "crop"]
+
+
+def hf_gpt2(seed: int = 0):
+    """Tiny random transformers GPT2LMHeadModel (Conv1D layers, lm_head tied to wte): vocab 64,
+    hidden 32, 2 blocks; c_attn 32 -> 96, attn.c_proj 32 -> 32, c_fc 32 -> 128, mlp.c_proj 128 -> 32."""
+    import transformers
+
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():  # HF zero-initialises biases; give them values so bias handling matters
         for n, p in model.named_parameters():
             if n.endswith("bias"):

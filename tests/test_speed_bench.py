@@ -73,3 +73,18 @@ def test_speed_bench_tiny_one_step(tmp_path, capsys):
     for row in ["| HRA | lora-lite |", "| AntiPaSTO | lora-lite |", "| PiSSA init, full SVD (r=16) | PEFT |"]:
         assert row in md, row
     assert "| HRA: step <= 1.5x our LoRA |" in md and "| AntiPaSTO: attach <= PEFT PiSSA init |" in md
+
+
+def test_compiled_rows_are_compared_with_compiled_rows():
+    speed = load_speed()
+    rows = speed.build_rows(["lora", "antipasto"], 4, 8, None, [])
+    rows += speed.compiled_rows(rows, "eager")
+    compiled = [r for r in rows if r.compiled]
+    assert [r.key for r in compiled] == ["limit+compiled", "peft:lora+compiled", "ll:lora+compiled"]
+    for i, row in enumerate(rows):  # made-up step times: compiled rows twice as fast
+        row.step_s = [0.0] if not row.step else [(1.0 + i / 10) / (2 if row.compiled else 1)] * 3
+    by = {d["key"]: d for d in speed.summarise([r for r in rows if r.step])}
+    t = {r.key: r.step_s[0] for r in rows}
+    assert by["ll:lora+compiled"]["vs_peft"]["median"] == t["ll:lora+compiled"] / t["peft:lora+compiled"]
+    assert by["ll:lora+compiled"]["vs_limit"]["median"] == t["ll:lora+compiled"] / t["limit+compiled"]
+    assert by["ll:lora"]["vs_limit"]["median"] == t["ll:lora"] / t["limit"]

@@ -595,7 +595,7 @@ def test_models_load_cannot_adapt_are_refused_unchanged(good):
 
     hooked = make_model()
     q = hooked.model.layers[0].self_attn.q_proj
-    q.register_forward_hook(OutputHook(None, torch.float32))  # left by an attach that failed half-way
+    q.register_forward_hook(OutputHook(None))  # left by an attach that failed half-way
     meta = make_model()
     meta.model.layers[1].self_attn.v_proj.weight = torch.nn.Parameter(torch.empty(16, 32, device="meta"))
     plain = make_model()

@@ -1,0 +1,81 @@
+"""Rank clamping keeps PEFT's scaling (alpha over the configured r) and uses the dimension the core needs."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import lora_lite as ll
+from conftest import make_model, perturb
+from lora_lite.checkpoint import digest
+
+V = "model.layers.0.self_attn.v_proj"  # 32 -> 16
+Q = "model.layers.0.self_attn.q_proj"  # 32 -> 32
+
+
+def update(model, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The adapter's change to one layer's output: hooked output minus the base layer's."""
+    m = model.get_submodule(name)
+    with torch.no_grad():
+        return m(x) - torch.nn.functional.linear(x, m.weight, m.bias)
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "pissa"])
+def test_clamped_rank_keeps_alpha_over_the_configured_r(name):
+    model = make_model()
+    with pytest.warns(UserWarning, match=rf"{V}: r=24 exceeds min\(d_in, d_out\)=16; using r=16 and alpha="):
+        ll.attach(model, ll.from_spec(name, r=24, alpha=16, residual="subtract" if name == "pissa" else None))
+    t, q = ll.state(model).targets[V].cfg, ll.state(model).targets[Q].cfg
+    assert (t.r, q.r) == (16, 24)
+    assert t.alpha / t.r == pytest.approx(16 / 24) and q.alpha == 16
+
+
+def test_clamped_lora_update_is_scaled_by_alpha_over_configured_r():
+    model = make_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ll.attach(model, ll.from_spec("lora", r=24, alpha=16))
+    perturb(model)
+    m = model.get_submodule(V)
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
+    want = (16 / 24) * x @ m.lora_A.T @ m.lora_B.T  # PEFT: alpha / r with r as configured
+    assert (update(model, V, x) - want).abs().max() < 1e-5
+
+
+def test_hra_clamps_to_d_in_only():
+    model = make_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # r=24 <= d_in=32 on every q/v projection: no clamp, no warning
+        ll.attach(model, ll.from_spec("hra", r=24))
+    assert ll.state(model).targets[V].module.lora_hra_u.shape == (32, 24)
+    ll.detach(model)
+    with pytest.warns(UserWarning, match=rf"{V}: r=40 exceeds d_in=32; using r=32 for this layer"):
+        ll.attach(model, ll.from_spec("hra", r=40))
+
+
+def test_a_checkpoint_keeps_the_per_target_scaling_it_was_saved_with(tmp_path):
+    """An adapter saved when clamping also changed alpha / r (alpha kept at 16 with r=16) loads
+    with that scaling: load reads each target's hyperparameters from the file."""
+    model = make_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ll.attach(model, ll.from_spec("lora", r=24, alpha=16))
+    perturb(model)
+    path = ll.save(model, tmp_path / "a.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["lora_lite"])
+    meta["targets"][V]["hyperparameters"]["alpha"] = 16.0  # the earlier rule: alpha unchanged
+    meta["sha256"] = digest(meta, tensors)  # a valid file, as that rule's save wrote it
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={"lora_lite": json.dumps(meta)})
+    fresh = make_model()
+    ll.load(fresh, old)
+    m = fresh.get_submodule(V)
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
+    assert (update(fresh, V, x) - (16 / 16) * x @ m.lora_A.T @ m.lora_B.T).abs().max() < 1e-5
