@@ -64,6 +64,10 @@ def worker(rank: int, folder: str) -> None:
             if mode == "fsdp2" or rank == 0:  # DDP: save on rank 0 as usual; FSDP2: all ranks gather
                 ll.save(wrapped, f"{tag}.safetensors")
             dist.barrier()
+            if mode == "fsdp2":  # a sharded state_dict holds the base W, not a cropped W_res
+                name = next(iter(ll.state(model).targets))
+                w = full(wrapped.state_dict()[f"{name}.weight"])
+                assert (w - make_model().get_submodule(name).weight).abs().max() < 1e-5, "sharded state_dict"
             if mode == "fsdp2":  # load into an already sharded model
                 fresh = shard(make_model())
                 ll.load(fresh, f"{tag}.safetensors")
