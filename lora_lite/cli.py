@@ -1,9 +1,10 @@
-"""Command line: `lora-lite gen`, `validate`, `example` and `bench`.
+"""Command line: `lora-lite gen`, `validate`, `example`, `matrix` and `bench`.
 
 lora-lite gen [--check] [--specs DIR] [--out DIR]   compile specs -> generated modules
 lora-lite validate PATH...                          validate spec files (exit 1 on error)
 lora-lite example [--variant NAME] [--steps N]      attach, train, save, detach, load
-lora-lite matrix [--json]                           every basis x core x modifiers cell: works or refused
+lora-lite matrix [--json | --markdown]              every basis x core x modifiers cell: works or refused
+lora-lite bench [--quick] ...                       train and evaluate variants (lora-lite bench --help)
 """
 
 from __future__ import annotations

@@ -300,3 +300,26 @@ def test_dropout_modifier_drops_the_adapter_input_only_in_training_mode(tmp_path
     model.eval()
     ll.detach(model)
     torch.testing.assert_close(logits(model), logits(make_model()))  # detach gives the base back
+
+
+def test_two_modifiers_compose_rslora_scale_with_lora_fa_frozen_a(tmp_path, monkeypatch):
+    # the README's example of a modifier list: rsLoRA's s = alpha / sqrt(r) and LoRA-FA's frozen A
+    monkeypatch.setenv("LORA_LITE_CACHE", str(tmp_path / "cache"))
+    text = (shipped_specs_dir() / "rslora.yaml").read_text()
+    text = text.replace("name: rslora", "name: rslora_fa")
+    text = text.replace("rule: alpha_over_sqrt_r}]", "rule: alpha_over_sqrt_r}, {kind: frozen, tensors: [lora_A]}]")
+    text = text.replace("init: kaiming_uniform, doc:", "init: kaiming_uniform, trainable: false, doc:")
+    (tmp_path / "rslora_fa.yaml").write_text(text)
+    assert main(["validate", str(tmp_path / "rslora_fa.yaml")]) == 0
+    model = make_model()
+    ll.attach(model, ll.from_spec(tmp_path / "rslora_fa.yaml", r=4, alpha=8.0))
+    st = ll.state(model).targets["model.layers.0.self_attn.q_proj"]
+    assert not st.module.lora_A.requires_grad and st.module.lora_B.requires_grad
+    with torch.no_grad():
+        st.module.lora_B.normal_()
+        x = torch.randn(3, st.module.in_features)
+        with ll.disabled(model):
+            y_base = st.module(x)
+        delta = st.module(x) - y_base
+    expected = (8.0 / 2.0) * x @ st.module.lora_A.T @ st.module.lora_B.T  # s = alpha / sqrt(4) = 4
+    torch.testing.assert_close(delta, expected)
