@@ -273,52 +273,33 @@ def test_known_divergences_name_shipped_specs_and_the_readme_explains_them():
         assert f"`{name}`" in body, f"README's divergence section does not explain {name!r}"
 
 
-ROAD_SPEC = """
-name: road
-title: RoAd
-summary: 2x2 rotations with a learned angle and scale on pairs of output features.
-references: []
-identity: theta = 0 and alpha = 1.
-hyperparameters:
-  group_size: {type: int, default: 8, min: 2, doc: outputs per group}
-target: {names: ['\\.q_proj$', '\\.v_proj$']}
-basis: {source: none}
-core: {kind: rotation}
-residual: none
-hook: output
-params:
-  lora_theta: {shape: [d_out // 2], init: zeros, doc: angles}
-  lora_alpha: {shape: [d_out // 2], init: ones, doc: scales}
-train: {lr: 1.0e-3}
-quantized_base: true
-"""
-
-
-def test_rotation_core_same_logits_and_gradients_as_peft_road_1(tmp_path, monkeypatch):
-    """The rotation core (codegen/parts/core/rotation.j2) written as a spec is PEFT's RoAd-1."""
+@pytest.mark.parametrize("variant", [1, 2, 4])
+def test_road_same_logits_and_gradients_as_peft(variant):
+    """specs/road.yaml (the rotation core) is PEFT's RoAd for each road_variant."""
     from peft import RoadConfig
 
-    monkeypatch.setenv("LORA_LITE_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "road.yaml").write_text(ROAD_SPEC)
     base = llama()
     ours = copy.deepcopy(base)
-    ll.attach(ours, ll.from_spec(tmp_path / "road.yaml"))
-    theirs = peft.get_peft_model(copy.deepcopy(base), RoadConfig(variant="road_1", group_size=8, target_modules=QV))
+    ll.attach(ours, ll.from_spec("road", group_size=8, road_variant=variant))
+    pcfg = RoadConfig(variant=f"road_{variant}", group_size=8, target_modules=QV)
+    theirs = peft.get_peft_model(copy.deepcopy(base), pcfg)
     batch = {"input_ids": token_batch(seed=7, vocab=64)["input_ids"]}
+    pairs = (("lora_theta", "road_theta.default"), ("lora_alpha", "road_alpha.default"))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for target, st in ll.state(ours).targets.items():
             layer = theirs.base_model.model.get_submodule(target)
-            for ours_k, path in (("lora_theta", "road_theta.default"), ("lora_alpha", "road_alpha.default")):
+            for ours_k, path in pairs:
                 t = peft_tensor(layer, path)
+                assert getattr(st.module, ours_k).shape == t.shape, (target, ours_k)
                 t.add_(0.3 * torch.randn(t.shape, generator=g))
                 getattr(st.module, ours_k).copy_(t)
         want, got = theirs(**batch).logits, ours(**batch).logits
     assert rel_err(want, base(**batch).logits) > 1e-2
-    assert rel_err(got, want) < RTOL
+    assert rel_err(got, want) < RTOL, f"road_{variant}: logits differ from PEFT by {rel_err(got, want):.2e}"
     lm_probe_loss(theirs, batch).backward()
     lm_probe_loss(ours, batch).backward()
     for target, st in ll.state(ours).targets.items():
         layer = theirs.base_model.model.get_submodule(target)
-        for ours_k, path in (("lora_theta", "road_theta.default"), ("lora_alpha", "road_alpha.default")):
+        for ours_k, path in pairs:
             assert rel_err(getattr(st.module, ours_k).grad, peft_tensor(layer, path).grad) < RTOL, (target, ours_k)
