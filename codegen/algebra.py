@@ -8,7 +8,8 @@ Jinja2 template (its code fragments, indented as function bodies). Metadata keys
               select), hyper; blocks formula, init (binds the hand-off's names)
     core      hooks, hyper, tensors (name -> shape, allowed inits), handoffs (per hand-off: inits
               the basis sets, frozen tensors that make a frozen part) or spectral: true (the
-              hand-off U, S, vin kept frozen), freezable, scaled, dropout, cast_input, additive;
+              hand-off U, S, vin kept frozen), freezable, scaled, dropout, cast_input, additive
+              (true, false or the hooks on which update binds `delta`), runtime;
               blocks formula, update (binds `delta` or returns), factors, frozen, init, init_<h>, check
     modifier  cores (what the core must have), hooks, handoffs, residuals, exclusive, replaces,
               options, hyper, tensors, base_weight, runtime; blocks formula, init, pre, scale, update, wrap
