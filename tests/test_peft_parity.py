@@ -47,6 +47,8 @@ KNOWN_DIVERGENCES: dict[str, str] = {
     "pissa": "singular vectors get canonical signs (largest entry positive), so A and B may differ "
     "from PEFT's by a sign per direction; B A, W_res and every output agree",
     "pissa_dora": "as pissa (canonical signs) and dora (the norm expanded, here of W_res + s B A)",
+    "eva_dora": "as eva (the exact pooled PCA; compared on one batch with PEFT's SVD made exact) and "
+    "dora (the norm of W + s B A expanded)",
     "antipasto_corda": "upstream lora-lite's whitened CorDA: SVD of W C^1/2 and P = Vh C^-1/2, where "
     "CorDA's paper and PEFT decompose W C and keep Vh C^-1; damping cov_eps is absolute (no parity test)",
 }
@@ -261,6 +263,64 @@ def test_eva_init_subspace_matches_peft_rho_1(exact_svd, monkeypatch):
         assert cosines.min() > bound, f"{target}: EVA subspace differs from PEFT's (cosines {cosines.tolist()})"
         signed = (A * P).sum(1)  # same order and sign convention, direction by direction
         assert signed.min() > bound, f"{target}: directions differ from PEFT's in order or sign: {signed.tolist()}"
+
+
+def test_eva_dora_same_init_logits_and_gradients_as_peft_eva_with_dora(monkeypatch):
+    """One batch with PEFT's SVD made exact: the same A (direction by direction), B = 0 and the same
+    magnitude; then PEFT's tensors moved off init and copied into ours: the same logits and gradients."""
+    from peft import EvaConfig, LoraConfig
+    from peft.tuners.lora import eva
+    from peft.utils.incremental_pca import IncrementalPCA
+
+    class ExactIPCA(IncrementalPCA):
+        def __init__(self, **kw):
+            super().__init__(**{**kw, "lowrank": False})
+
+    monkeypatch.setattr(eva, "IncrementalPCA", ExactIPCA)
+    base, batch = eva_setup()
+    ours = copy.deepcopy(base)
+    ll.attach(ours, ll.from_spec("eva_dora", r=4, alpha=8.0), calibration_data=[batch], progress=False)
+    pcfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=QV, init_lora_weights="eva", eva_config=EvaConfig(rho=1.0), use_dora=True
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(base), pcfg)
+        eva.initialize_lora_eva_weights(theirs, dataloader=[batch], show_progress_bar=False)
+    theirs.eval()
+    mapping = {
+        "lora_A": "lora_A.default.weight",
+        "lora_B": "lora_B.default.weight",
+        "lora_magnitude_vector": "lora_magnitude_vector.default.weight",
+    }
+    layers = {t: theirs.base_model.model.get_submodule(t) for t in ll.state(ours).targets}
+    for target, layer in layers.items():
+        m = ll.state(ours).targets[target].module
+        A, P = m.lora_A.detach(), peft_tensor(layer, mapping["lora_A"]).detach()
+        signed = (A * P / P.norm(dim=1, keepdim=True)).sum(1)  # (r,) same directions, order and sign
+        assert signed.min() > 1 - 1e-4, f"{target}: EVA directions differ from PEFT's: {signed.tolist()}"
+        assert not m.lora_B.any() and not peft_tensor(layer, mapping["lora_B"]).any()
+        want = peft_tensor(layer, mapping["lora_magnitude_vector"])
+        assert rel_err(m.lora_magnitude_vector, want) < RTOL, f"{target}: magnitude differs from PEFT's"
+    ids = {"input_ids": batch["input_ids"]}
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for target, layer in layers.items():
+            m = ll.state(ours).targets[target].module
+            for ours_k, path in mapping.items():
+                t = peft_tensor(layer, path)
+                t.add_(0.3 * torch.randn(t.shape, generator=g))
+                getattr(m, ours_k).copy_(t)
+        want, got = theirs(**ids).logits, ours(**ids).logits
+    assert rel_err(want, base(**ids).logits) > 1e-2, "the copied tensors should change the output"
+    assert rel_err(got, want) < RTOL, f"eva_dora: logits differ from PEFT by {rel_err(got, want):.2e}"
+    lm_probe_loss(theirs, ids).backward()
+    lm_probe_loss(ours, ids).backward()
+    for target, layer in layers.items():
+        m = ll.state(ours).targets[target].module
+        for ours_k, path in mapping.items():
+            err = rel_err(getattr(m, ours_k).grad, peft_tensor(layer, path).grad)
+            assert err < RTOL, f"eva_dora: {target}.{ours_k} gradient differs from PEFT by {err:.2e}"
 
 
 def test_known_divergences_name_shipped_specs_and_the_readme_explains_them():
