@@ -172,6 +172,10 @@ def _modifier_problems(comp: Composition, i: int, part: Part, opts: dict) -> lis
     for need in part.meta.get("cores", {}):
         if not have[need]:
             bad.append((path, "modifier-core", f"{part.name} needs a core with {need} (core {core.name!r} has none)"))
+    text = "\n".join(part.render(b, factors="", **comp.ctx()) for b in part.blocks)
+    lacks = sorted(set(re.findall(r"\bm\.(lora_\w+)", text)) - set(comp.tensors()))
+    if lacks:  # e.g. delora's update reads lora_A and lora_B: only a core with those can take it
+        bad.append((path, "modifier-core", f"{part.name} reads {lacks[0]}, which core {core.name!r} does not have"))
     for key, value, what in (("hooks", comp.hook, "hook"), ("handoffs", comp.handoff, "basis hand-off")):
         allowed = part.meta.get(key)
         if allowed and value not in allowed:

@@ -77,11 +77,12 @@ def llama(seed: int = 0):
 
 
 def peft_configs() -> dict:
-    """spec -> (PEFT config, our overrides, {our tensor: PEFT tensor path on the layer}, frozen)."""
-    from peft import DeloraConfig, HRAConfig, IA3Config, LoraConfig
+    """spec[:case] -> (PEFT config, our overrides, {our tensor: PEFT tensor path on the layer}, frozen)."""
+    from peft import DeloraConfig, HRAConfig, IA3Config, LoHaConfig, LoraConfig
 
     lora = dict(r=4, lora_alpha=8, target_modules=QV, lora_dropout=0.0)
     ab = {"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight"}
+    hada = {f"lora_hada_w{k}_{side}": f"hada_w{k}_{side}.default" for k in (1, 2) for side in "ab"}
     return {
         "lora": (LoraConfig(**lora), dict(r=4, alpha=8.0), ab, {}),
         "pissa": (LoraConfig(**lora, init_lora_weights="pissa"), dict(r=4, alpha=8.0), ab, {}),
@@ -118,6 +119,9 @@ def peft_configs() -> dict:
             {},
         ),
         "hra": (HRAConfig(r=4, target_modules=QV), dict(r=4), {"lora_hra_u": "hra_u.default"}, {}),
+        # r=2: the rank-r^2 factored form (r^2 (i + o) < i o on every target); r=4: the dense update
+        "loha": (LoHaConfig(r=2, alpha=8, target_modules=QV), dict(r=2, alpha=8.0), hada, {}),
+        "loha:dense": (LoHaConfig(r=4, alpha=8, target_modules=QV), dict(r=4, alpha=8.0), hada, {}),
     }
 
 
@@ -144,7 +148,7 @@ def build_pair(name: str):
     pcfg, over, mapping, frozen = peft_configs()[name]
     base = llama()
     ours = copy.deepcopy(base)
-    ll.attach(ours, ll.from_spec(name, **over))
+    ll.attach(ours, ll.from_spec(name.split(":")[0], **over))
     torch.manual_seed(1234)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
