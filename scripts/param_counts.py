@@ -55,6 +55,7 @@ def peft_configs() -> dict:
         "lora": peft.LoraConfig(r=32, target_modules=qv),
         "road": peft.RoadConfig(target_modules=qv),
         "loha": peft.LoHaConfig(target_modules=qv),
+        "oft": peft.OFTConfig(target_modules=qv),
         # EVA (rho=1) has LoRA's shapes: count without running its calibration
         "eva_dora": peft.LoraConfig(r=32, target_modules=qv, use_dora=True),
     }

@@ -78,10 +78,11 @@ def llama(seed: int = 0):
 
 def peft_configs() -> dict:
     """spec[:case] -> (PEFT config, our overrides, {our tensor: PEFT tensor path on the layer}, frozen)."""
-    from peft import DeloraConfig, HRAConfig, IA3Config, LoHaConfig, LoraConfig
+    from peft import DeloraConfig, HRAConfig, IA3Config, LoHaConfig, LoraConfig, OFTConfig
 
     lora = dict(r=4, lora_alpha=8, target_modules=QV, lora_dropout=0.0)
     ab = {"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight"}
+    oft = {"lora_oft_R": "oft_R.default.weight"}
     hada = {f"lora_hada_w{k}_{side}": f"hada_w{k}_{side}.default" for k in (1, 2) for side in "ab"}
     return {
         "lora": (LoraConfig(**lora), dict(r=4, alpha=8.0), ab, {}),
@@ -122,6 +123,14 @@ def peft_configs() -> dict:
         # r=2: the rank-r^2 factored form (r^2 (i + o) < i o on every target); r=4: the dense update
         "loha": (LoHaConfig(r=2, alpha=8, target_modules=QV), dict(r=2, alpha=8.0), hada, {}),
         "loha:dense": (LoHaConfig(r=4, alpha=8, target_modules=QV), dict(r=4, alpha=8.0), hada, {}),
+        # OFT: PEFT's default Cayley-Neumann series, and the exact Cayley transform
+        "oft": (OFTConfig(oft_block_size=4, target_modules=QV), dict(oft_block_size=4), oft, {}),
+        "oft:cayley": (
+            OFTConfig(oft_block_size=4, use_cayley_neumann=False, target_modules=QV),
+            dict(oft_block_size=4, use_cayley_neumann=False),
+            oft,
+            {},
+        ),
     }
 
 
