@@ -56,6 +56,9 @@ def peft_configs() -> dict:
         "road": peft.RoadConfig(target_modules=qv),
         "loha": peft.LoHaConfig(target_modules=qv),
         "oft": peft.OFTConfig(target_modules=qv),
+        # CorDA (ipm) has LoRA's shapes: count without running its calibration
+        "corda_lora": peft.LoraConfig(r=32, target_modules=qv),
+        "corda_dora": peft.LoraConfig(r=32, target_modules=qv, use_dora=True),
         # EVA (rho=1) has LoRA's shapes: count without running its calibration
         "eva_dora": peft.LoraConfig(r=32, target_modules=qv, use_dora=True),
     }

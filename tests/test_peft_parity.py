@@ -47,6 +47,11 @@ KNOWN_DIVERGENCES: dict[str, str] = {
     "pissa": "singular vectors get canonical signs (largest entry positive), so A and B may differ "
     "from PEFT's by a sign per direction; B A, W_res and every output agree",
     "pissa_dora": "as pissa (canonical signs) and dora (the norm expanded, here of W_res + s B A)",
+    "corda_lora": "C is the mean of x x^T over non-padding calibration tokens; PEFT's statistic runs "
+    "batches of one sequence scaled by their signed max, without a padding mask (the same up to a scale, "
+    "which cancels, on one unpadded sequence: the parity test); A and B carry C's scale, s B A does not; "
+    "canonical SVD signs; at least d_in calibration tokens are required",
+    "corda_dora": "as corda_lora, and dora (the norm of W_res + s B A expanded)",
     "eva_dora": "as eva (the exact pooled PCA; compared on one batch with PEFT's SVD made exact) and "
     "dora (the norm of W + s B A expanded)",
     "antipasto_corda": "upstream lora-lite's whitened CorDA: SVD of W C^1/2 and P = Vh C^-1/2, where "
@@ -334,6 +339,67 @@ def test_eva_dora_same_init_logits_and_gradients_as_peft_eva_with_dora(monkeypat
         for ours_k, path in mapping.items():
             err = rel_err(getattr(m, ours_k).grad, peft_tensor(layer, path).grad)
             assert err < RTOL, f"eva_dora: {target}.{ours_k} gradient differs from PEFT by {err:.2e}"
+
+
+@pytest.mark.parametrize("name", ["corda_lora", "corda_dora"])
+def test_corda_same_residual_logits_and_gradients_as_peft_corda_ipm(name):
+    """PEFT's CorDA on one unpadded sequence (its statistic: batches of one, each scaled by its
+    signed max) has a covariance proportional to ours, and the scale cancels: the same W_res and
+    s B A; then PEFT's tensors moved off init and copied into ours give the same logits and gradients."""
+    from peft import LoraConfig
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    base = llama()
+    ids = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(0))  # >= d_in tokens
+    ours = copy.deepcopy(base)
+    ll.attach(ours, ll.from_spec(name, r=4, alpha=8.0), calibration_data=[{"input_ids": ids}], progress=False)
+    pcfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=QV,
+        init_lora_weights="corda",
+        corda_config=CordaConfig(corda_method="ipm"),
+        use_dora=name == "corda_dora",
+    )
+    theirs = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        preprocess_corda(theirs, pcfg, run_model=lambda: theirs(input_ids=ids))
+        theirs = peft.get_peft_model(theirs, pcfg).eval()
+    mapping = {"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight"}
+    if name == "corda_dora":
+        mapping["lora_magnitude_vector"] = "lora_magnitude_vector.default.weight"
+    layers = {t: theirs.base_model.model.get_submodule(t) for t in ll.state(ours).targets}
+    for target, layer in layers.items():
+        m = ll.state(ours).targets[target].module
+        assert rel_err(m.weight, layer.base_layer.weight) < RTOL, f"{target}: W_res differs from PEFT's"
+        assert rel_err(m.weight, base.get_submodule(target).weight) > 1e-2, f"{target}: W was not cropped"
+        if name == "corda_dora":
+            mag = peft_tensor(layer, mapping["lora_magnitude_vector"])
+            assert rel_err(m.lora_magnitude_vector, mag) < RTOL, f"{target}: magnitude differs from PEFT's"
+        BA = m.lora_B @ m.lora_A  # (o, i); A and B themselves carry C's scale, their product does not
+        want = peft_tensor(layer, mapping["lora_B"]) @ peft_tensor(layer, mapping["lora_A"])
+        assert rel_err(BA, want) < RTOL, f"{target}: s B A differs from PEFT's"
+    batch = {"input_ids": token_batch(seed=7, vocab=64)["input_ids"]}
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for target, layer in layers.items():
+            m = ll.state(ours).targets[target].module
+            for ours_k, path in mapping.items():
+                t = peft_tensor(layer, path)
+                t.add_(0.3 * torch.randn(t.shape, generator=g))
+                getattr(m, ours_k).copy_(t)
+        want, got = theirs(**batch).logits, ours(**batch).logits
+    assert rel_err(want, base(**batch).logits) > 1e-2, "the copied tensors should change the output"
+    assert rel_err(got, want) < RTOL, f"{name}: logits differ from PEFT by {rel_err(got, want):.2e}"
+    lm_probe_loss(theirs, batch).backward()
+    lm_probe_loss(ours, batch).backward()
+    for target, layer in layers.items():
+        m = ll.state(ours).targets[target].module
+        for ours_k, path in mapping.items():
+            err = rel_err(getattr(m, ours_k).grad, peft_tensor(layer, path).grad)
+            assert err < RTOL, f"{name}: {target}.{ours_k} gradient differs from PEFT by {err:.2e}"
 
 
 def test_known_divergences_name_shipped_specs_and_the_readme_explains_them():
