@@ -351,7 +351,7 @@ def test_corda_same_residual_logits_and_gradients_as_peft_corda_ipm(name):
     from peft.tuners.lora.corda import preprocess_corda
 
     base = llama()
-    ids = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(0))  # >= d_in tokens
+    ids = torch.randint(0, 64, (1, 64), generator=torch.Generator().manual_seed(0))  # >= d_in tokens
     ours = copy.deepcopy(base)
     ll.attach(ours, ll.from_spec(name, r=4, alpha=8.0), calibration_data=[{"input_ids": ids}], progress=False)
     pcfg = LoraConfig(
