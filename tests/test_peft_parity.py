@@ -47,6 +47,10 @@ KNOWN_DIVERGENCES: dict[str, str] = {
     "pissa": "singular vectors get canonical signs (largest entry positive), so A and B may differ "
     "from PEFT's by a sign per direction; B A, W_res and every output agree",
     "pissa_dora": "as pissa (canonical signs) and dora (the norm expanded, here of W_res + s B A)",
+    "loha": "applied as the rank-r^2 product x B12^T A12^T while r^2 (d_in + d_out) < d_in d_out, else "
+    "as PEFT's dense update (same math, both compared); no rank_dropout or module_dropout",
+    "oft": "a d_in that oft_block_size does not divide is refused, naming the layer (PEFT adjusts the "
+    "block size with a warning); no coft, block_share or module_dropout",
     "corda_lora": "C is the mean of x x^T over non-padding calibration tokens; PEFT's statistic runs "
     "batches of one sequence scaled by their signed max, without a padding mask (the same up to a scale, "
     "which cancels, on one unpadded sequence: the parity test); A and B carry C's scale, s B A does not; "
