@@ -115,7 +115,9 @@ def forward(m: nn.Module, x: Tensor, cfg: Config) -> Tensor:
                 R = R + 2 * P
             R = R + P @ Q  # the last term, coefficient 1
     else:  # the exact Cayley transform, solved per block
-        R = torch.linalg.solve(eye + Q, eye - Q, left=False)  # (n, b, b) (I - Q)(I + Q)^-1
+        wide = torch.promote_types(Q.dtype, torch.float32)  # LU in fp32 or better (no bf16 kernel)
+        Qw, eye_w = Q.to(wide), eye.to(wide)  # (n, b, b), (b, b)
+        R = torch.linalg.solve(eye_w + Qw, eye_w - Qw, left=False).to(Q.dtype)  # (n, b, b) (I - Q)(I + Q)^-1
     # x's blocks times their R_j: never a (d_in, d_in) matrix
     xb = x.to(R.dtype).unflatten(-1, (-1, b))  # (..., n, b)
     return torch.einsum("...nk,nkc->...nc", xb, R).flatten(-2).to(x.dtype)  # (..., i)

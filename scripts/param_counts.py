@@ -11,7 +11,8 @@ shape and random weights, so nothing is downloaded: hidden 1024, 28 layers, 16 q
 no real weights; attach time does depend on the shape only (full fp32 SVD per target).
 
 Ranks follow upstream's table: r=256 for the AntiPaSTO family (spectral cores: gain, ablate,
-arrow), r=32 for the other specs with a rank, each spec's default targets. Specs that use
+arrow), r=32 for the other specs with a rank (the LoRA family, HRA), PEFT's defaults for the
+methods with their own PEFT config (LoHa, OFT, RoAd), each spec's default targets. Specs that use
 calibration data get 4 x 512 random tokens (at least d_in = 1024 per target, as CorDA needs).
 Not part of the test suite: 56 full SVDs take minutes on 2 CPU cores. On a shared machine run
 it with OMP_NUM_THREADS=1: OpenMP threads competing with another process for the same cores
@@ -29,6 +30,7 @@ import lora_lite as ll
 from lora_lite.codegen.spec import load_spec, shipped_specs_dir
 
 SPECTRAL = {"gain", "ablate", "arrow"}
+OWN_DEFAULTS = {"boft", "loha", "oft", "road"}  # methods with their own PEFT config: its defaults, r included
 # Trainable counts in the upstream README / design table (q, v unless the spec says otherwise).
 UPSTREAM = {
     "lora": 4_587_520,
@@ -56,6 +58,7 @@ def peft_configs() -> dict:
         "road": peft.RoadConfig(target_modules=qv),
         "loha": peft.LoHaConfig(target_modules=qv),
         "oft": peft.OFTConfig(target_modules=qv),
+        "boft": peft.BOFTConfig(target_modules=qv),
         # CorDA (ipm) has LoRA's shapes: count without running its calibration
         "corda_lora": peft.LoraConfig(r=32, target_modules=qv),
         "corda_dora": peft.LoraConfig(r=32, target_modules=qv, use_dora=True),
@@ -117,7 +120,7 @@ def main() -> None:
     print(head + (f" {'PEFT':>11}" if args.peft else ""))
     for name in names:
         spec = load_spec(shipped_specs_dir() / f"{name}.yaml")
-        over = {"r": 256 if spec.core in SPECTRAL else 32} if spec.hyper("r") else {}
+        over = {"r": 256 if spec.core in SPECTRAL else 32} if spec.hyper("r") and name not in OWN_DEFAULTS else {}
         cfg = ll.from_spec(name, **over)
         gen = cfg.variant()
         t0 = time.perf_counter()

@@ -46,7 +46,7 @@ def calibration(n: int = 6, seq: int = 16) -> list[dict]:
 
 
 # Block and group sizes that fit the tiny model's 16 and 32 features (PEFT's defaults do not)
-SMALL_SIZES = {"block": 2, "group_size": 8, "oft_block_size": 4}
+SMALL_SIZES = {"block": 2, "group_size": 8, "oft_block_size": 4, "boft_block_size": 4}
 
 
 def small_cfg(name: str, **kw):

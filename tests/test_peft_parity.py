@@ -51,6 +51,8 @@ KNOWN_DIVERGENCES: dict[str, str] = {
     "as PEFT's dense update (same math, both compared); no rank_dropout or module_dropout",
     "oft": "a d_in that oft_block_size does not divide is refused, naming the layer (PEFT adjusts the "
     "block size with a warning); no coft, block_share or module_dropout",
+    "boft": "one butterfly factor only (factors >= 2 refused); W R x formed as y - b + W (R x - x) "
+    "instead of x times the dense block-diagonal matrix (same math); no boft_dropout",
     "corda_lora": "C is the mean of x x^T over non-padding calibration tokens; PEFT's statistic runs "
     "batches of one sequence scaled by their signed max, without a padding mask (the same up to a scale, "
     "which cancels, on one unpadded sequence: the parity test); A and B carry C's scale, s B A does not; "
@@ -87,7 +89,7 @@ def llama(seed: int = 0):
 
 def peft_configs() -> dict:
     """spec[:case] -> (PEFT config, our overrides, {our tensor: PEFT tensor path on the layer}, frozen)."""
-    from peft import DeloraConfig, HRAConfig, IA3Config, LoHaConfig, LoraConfig, OFTConfig
+    from peft import BOFTConfig, DeloraConfig, HRAConfig, IA3Config, LoHaConfig, LoraConfig, OFTConfig
 
     lora = dict(r=4, lora_alpha=8, target_modules=QV, lora_dropout=0.0)
     ab = {"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight"}
@@ -132,6 +134,12 @@ def peft_configs() -> dict:
         # r=2: the rank-r^2 factored form (r^2 (i + o) < i o on every target); r=4: the dense update
         "loha": (LoHaConfig(r=2, alpha=8, target_modules=QV), dict(r=2, alpha=8.0), hada, {}),
         "loha:dense": (LoHaConfig(r=4, alpha=8, target_modules=QV), dict(r=4, alpha=8.0), hada, {}),
+        "boft": (
+            BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=1, target_modules=QV),
+            dict(boft_block_size=4),
+            {"lora_boft_R": "boft_R.default", "lora_boft_s": "boft_s.default"},
+            {},
+        ),
         # OFT: PEFT's default Cayley-Neumann series, and the exact Cayley transform
         "oft": (OFTConfig(oft_block_size=4, target_modules=QV), dict(oft_block_size=4), oft, {}),
         "oft:cayley": (
