@@ -8,7 +8,8 @@ Jinja2 template (its code fragments, indented as function bodies). Metadata keys
               select), hyper; blocks formula, init (binds the hand-off's names)
     core      hooks, hyper, tensors (name -> shape, allowed inits), handoffs (per hand-off: inits
               the basis sets, frozen tensors that make a frozen part) or spectral: true (the
-              hand-off U, S, vin kept frozen), freezable, scaled, dropout, cast_input, additive;
+              hand-off U, S, vin kept frozen), freezable, scaled, dropout, cast_input, additive
+              (true, false or the hooks on which update binds `delta`), runtime;
               blocks formula, update (binds `delta` or returns), factors, frozen, init, init_<h>, check
     modifier  cores (what the core must have), hooks, handoffs, residuals, exclusive, replaces,
               options, hyper, tensors, base_weight, runtime; blocks formula, init, pre, scale, update, wrap
@@ -172,6 +173,10 @@ def _modifier_problems(comp: Composition, i: int, part: Part, opts: dict) -> lis
     for need in part.meta.get("cores", {}):
         if not have[need]:
             bad.append((path, "modifier-core", f"{part.name} needs a core with {need} (core {core.name!r} has none)"))
+    text = "\n".join(part.render(b, factors="", **comp.ctx()) for b in part.blocks)
+    lacks = sorted(set(re.findall(r"\bm\.(lora_\w+)", text)) - set(comp.tensors()))
+    if lacks:  # e.g. delora's update reads lora_A and lora_B: only a core with those can take it
+        bad.append((path, "modifier-core", f"{part.name} reads {lacks[0]}, which core {core.name!r} does not have"))
     for key, value, what in (("hooks", comp.hook, "hook"), ("handoffs", comp.handoff, "basis hand-off")):
         allowed = part.meta.get(key)
         if allowed and value not in allowed:

@@ -131,7 +131,7 @@ def _bodies(spec, comp) -> dict[str, str]:
     if wrap:
         factors = textwrap.indent(textwrap.dedent(core.render("factors", **ctx)), " " * 8)
         fwd.append(wrap[0].render("wrap", factors=factors, **ctx))
-    elif core.meta.get("additive", True):
+    elif core.meta.get("additive", True) is True or comp.hook in (core.meta.get("additive") or ()):
         fwd.append("    return y + delta.to(y.dtype)  # (..., o)")
     if core.meta.get("spectral"):
         frozen = f"    return (m.lora_U.float() * m.lora_S.float()) @ m.lora_{comp.vin}.float()  # (o, i)"
@@ -166,7 +166,9 @@ def context(spec, display: str) -> dict:
     """Everything the module template needs, as finished strings and lists."""
     comp = spec.composition()
     cast = comp.core.meta.get("cast_input", True)
-    runtime = sorted({f for p in comp.all_parts() for f in p.meta.get("runtime", ())})
+    bodies = _bodies(spec, comp)
+    read = reads(bodies["forward"])  # a part's runtime helper is imported where the code calls it
+    runtime = sorted({f for p in comp.all_parts() for f in p.meta.get("runtime", ()) if f in read})
     return dict(
         regen=HEADER_CMD,
         docstring=_docstring(spec, comp),
@@ -204,7 +206,7 @@ def context(spec, display: str) -> dict:
         ranks=py(tuple(h.name for h in spec.hyperparameters if h.rank)),
         # 120 columns less 64 for "BOUNDS = " and the comment after it in module.py.j2
         bounds=_dict_literal({h.name: (h.min, h.max) for h in spec.hyperparameters}, room=120 - 64),
-        **_bodies(spec, comp),
+        **bodies,
     )
 
 

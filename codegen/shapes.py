@@ -1,8 +1,9 @@
 """Safe evaluator for shape expressions in specs (`r`, `d_out`, `r - block`, `2 * r`).
 
 Only names, non-negative integer literals, unary minus and the operators + - * // are
-allowed, and // only by a positive integer literal (so no size divides by zero, whatever the
-hyperparameters); anything else (calls, attributes, strings, `**`) is refused. Nothing reaches
+allowed, and // only by a positive integer literal or a bare hyperparameter name (the spec
+checker requires that hyperparameter's `min` to be at least 1, so no size divides by zero
+whatever the values); anything else (calls, attributes, strings, `**`) is refused. Nothing reaches
 `eval`.
 """
 
@@ -32,8 +33,12 @@ def parse_shape_expr(text: str | int) -> ast.expr:
         raise ValueError(f"cannot parse {text!r}: {e.msg}") from None
     for node in ast.walk(tree.body):
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.FloorDiv):
-            if not (isinstance(node.right, ast.Constant) and type(node.right.value) is int and node.right.value > 0):
-                raise ValueError(f"{ast.unparse(node)!r}: // divides only by a positive integer (no name, no zero)")
+            r = node.right
+            literal = isinstance(r, ast.Constant) and type(r.value) is int and r.value > 0
+            if not (literal or (isinstance(r, ast.Name) and r.id not in ("d_in", "d_out"))):
+                raise ValueError(
+                    f"{ast.unparse(node)!r}: // divides only by a positive integer or a hyperparameter name"
+                )
             continue
         if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
             continue
@@ -52,6 +57,15 @@ def parse_shape_expr(text: str | int) -> ast.expr:
 def names_in(expr: ast.expr) -> list[str]:
     """Names used by a parsed shape expression, in order of appearance."""
     return [n.id for n in ast.walk(expr) if isinstance(n, ast.Name)]
+
+
+def divisors(expr: ast.expr) -> list[str]:
+    """Hyperparameter names a parsed expression divides by (`d_in // oft_block_size` -> [oft_block_size])."""
+    return [
+        n.right.id
+        for n in ast.walk(expr)
+        if isinstance(n, ast.BinOp) and isinstance(n.op, ast.FloorDiv) and isinstance(n.right, ast.Name)
+    ]
 
 
 def eval_shape_expr(expr: ast.expr, env: dict[str, int]) -> int:

@@ -38,7 +38,7 @@ import yaml
 
 from .algebra import Composition, compose, names, parts
 from .safety import FORBIDDEN, forbidden_char, regex_problem
-from .shapes import eval_shape_expr, names_in, parse_shape_expr
+from .shapes import divisors, eval_shape_expr, names_in, parse_shape_expr
 
 # What one_line() escapes in a message: line breaks and every character spec text may not hold.
 ONE_LINE_BAD = re.compile(FORBIDDEN.pattern[:-1] + "\n]")
@@ -480,8 +480,11 @@ def _semantic_problems(data: dict, lines: dict, where: str, stem: str | None) ->
                 unknown = [n for n in names_in(tree) if n not in env]
                 used.update(names_in(tree))
                 known = f"known: d_in, d_out and int hyperparameters {sorted(set(env) - {'d_in', 'd_out'})}"
+                low = [d for d in divisors(tree) if d in hypers and not hypers[d].get("min", 0) >= 1]
                 if unknown:
                     bad(path + ("shape", i), f"unknown name {unknown[0]!r} in {expr!r} ({known})")
+                elif low:
+                    bad(path + ("shape", i), f"{expr!r} divides by {low[0]!r}, whose min must be at least 1")
                 elif not 1 <= (size := eval_shape_expr(tree, env)) <= MAX_DIM:
                     bad(path + ("shape", i), f"{expr!r} is {size} with the defaults; a size is in [1, 2**31]")
             except ValueError as e:

@@ -26,7 +26,7 @@ corda, to show a new variant is a spec edit. The block mixes the directions that
 most output energy on the calibration inputs rather than on isotropic ones. Needs
 calibration data (at least d_in tokens per target) and 1 <= block < r.
 
-Spec: basis=corda, core=arrow, modifiers=[], residual=crop (or subtract: cfg.residual),
+Spec: basis=corda+whitened, core=arrow, modifiers=[], residual=crop (or subtract: cfg.residual),
 hook=output.
 """
 
@@ -108,12 +108,12 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
     t = {}
     t["lora_M"] = torch.zeros(cfg.block, cfg.block)  # (block, block)
     t["lora_g"] = torch.zeros(cfg.r - cfg.block)  # (r - block,)
-    # basis: covariance-oriented SVD in upstream lora-lite's whitened form. C = E[x x^T] over
-    # this layer's calibration tokens (padding excluded), damped by cov_eps on its eigenvalues.
+    # basis: covariance-oriented SVD. C = E[x x^T] over this layer's calibration tokens (padding excluded)
     if stats is None:
         raise ValueError("CorDA needs calibration data: pass ll.attach(model, cfg, calibration_data=batches)")
     if stats["tokens"] < d_in:
         raise ValueError(f"CorDA needs at least d_in={d_in} calibration tokens, got {stats['tokens']}")
+    # upstream lora-lite's whitened form, damped by cov_eps on C's eigenvalues
     lam, Q = torch.linalg.eigh(stats["second_moment"])  # (i,), (i, i); C = Q diag(lam) Q^T
     lam = lam.clamp_min(0.0) + cfg.cov_eps  # damped eigenvalues, so C^-1/2 stays bounded
     C_half = (Q * lam.sqrt()) @ Q.T  # (i, i) C^1/2
@@ -121,8 +121,8 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
     U, S, Vh = torch.linalg.svd(W @ C_half, full_matrices=False)  # (o, n), (n,), (n, i); n = min(o, i)
     sign = torch.where(U.gather(0, U.abs().argmax(0, keepdim=True)) < 0, -1.0, 1.0)  # (1, n)
     U, Vh = U * sign, Vh * sign.T  # canonical signs: the largest |entry| of each U column > 0
-    U, S = U[:, : cfg.r], S[: cfg.r]  # (o, r), (r,)
-    P = Vh[: cfg.r] @ C_inv_half  # (r, i) oblique input projector: W = U diag(S) P + W_res
+    U, S, Vh = U[:, : cfg.r], S[: cfg.r], Vh[: cfg.r]  # (o, r), (r,), (r, i)
+    P = Vh @ C_inv_half  # (r, i) oblique input projector: W = U diag(S) P + W_res
     # frozen basis; crop removes it from W using these values as stored (adapter dtype)
     t["lora_U"], t["lora_S"], t["lora_P"] = U, S, P  # (o, r), (r,), (r, i)
     return t

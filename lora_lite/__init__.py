@@ -54,6 +54,14 @@ CONFIG_NAMES = {
     "MiLoRAConfig": "milora",
     "LoRAXSConfig": "lora_xs",
     "AntiPaSTODoRAConfig": "antipasto_dora",
+    "RoadConfig": "road",
+    "HRADoRAConfig": "hra_dora",
+    "EVADoRAConfig": "eva_dora",
+    "LoHaConfig": "loha",
+    "OFTConfig": "oft",
+    "BOFTConfig": "boft",
+    "CorDAConfig": "corda_lora",
+    "CorDADoRAConfig": "corda_dora",
 }
 
 

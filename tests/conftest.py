@@ -47,12 +47,15 @@ def calibration(n: int = 6, seq: int = 16) -> list[dict]:
     return [token_batch(seed=100 + i, batch=4, seq=seq, pad=3) for i in range(n)]
 
 
+# Block and group sizes that fit the tiny model's 16 and 32 features (PEFT's defaults do not)
+SMALL_SIZES = {"block": 2, "group_size": 8, "oft_block_size": 4, "boft_block_size": 4}
+
+
 def small_cfg(name: str, **kw):
     """The spec's config with ranks small enough for the tiny model (r <= 4 unless given)."""
     mod = ll.variant_module(name)
     over = {k: 4 for k in mod.RANKS if getattr(mod.Config(), k) > 4}
-    if "block" in mod.BOUNDS:
-        over.setdefault("block", 2)
+    over |= {k: v for k, v in SMALL_SIZES.items() if k in mod.BOUNDS}
     over.update(kw)
     return ll.from_spec(name, **over)
 

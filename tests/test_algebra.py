@@ -270,6 +270,27 @@ def test_antipasto_dora_is_antipasto_with_each_row_renormalised_by_its_magnitude
     assert not torch.allclose(logits(a), logits(make_model()), atol=1e-3)
 
 
+def test_hra_dora_is_hra_followed_by_the_row_gain_m_over_the_norm_of_w():
+    """W H has W's row norms (H orthogonal), so DoRA's scale on HRA is m / ||W_i||: with the same
+    reflections, hra_dora's output is (HRA's output - b) * m / ||W_i|| + b, layer by layer."""
+    torch.manual_seed(0)
+    a, b = make_model(bias=True), make_model(bias=True)  # biases on: they must pass unscaled
+    ll.attach(a, ll.from_spec("hra", r=4))
+    ll.attach(b, ll.from_spec("hra_dora", r=4))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 32, generator=g)
+    with torch.no_grad():
+        for name, st in ll.state(a).targets.items():
+            ma, mb = st.module, ll.state(b).targets[name].module
+            ma.lora_hra_u.copy_(torch.randn(ma.lora_hra_u.shape, generator=g))  # distinct reflections
+            mb.lora_hra_u.copy_(ma.lora_hra_u)
+            mb.lora_magnitude_vector.mul_(1 + 0.5 * torch.randn(mb.lora_magnitude_vector.shape, generator=g))
+            gain = mb.lora_magnitude_vector / torch.linalg.vector_norm(mb.weight, dim=1)  # (o,)
+            want = (ma(x) - ma.bias) * gain + ma.bias
+            assert not torch.allclose(ma(x), x @ ma.weight.T + ma.bias, atol=1e-2), "HRA should act"
+            torch.testing.assert_close(mb(x), want, atol=1e-5, rtol=1e-5)
+
+
 def test_readme_shows_the_matrix_and_names_every_part():
     from lora_lite.cli import matrix_markdown
 

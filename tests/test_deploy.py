@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 import lora_lite as ll
 from conftest import SPECS, assert_unchanged, calibration, llama, perturb, small_cfg, snapshot, token_batch
+from lora_lite.peft_io import ROUTES
 
 peft = pytest.importorskip("peft")
 
@@ -57,7 +58,10 @@ def peft_load(base, path):
 # ---------------------------------------------------------------- export
 
 
-@pytest.mark.parametrize("name", SPECS)
+ROUTED = [n for n in SPECS if n in ROUTES]
+
+
+@pytest.mark.parametrize("name", ROUTED)
 def test_export_loads_in_peft_with_the_same_logits(name, tmp_path):
     base, model = trained(name)
     want = out(model)
@@ -74,6 +78,16 @@ def test_export_loads_in_peft_with_the_same_logits(name, tmp_path):
         f"base_model.model.{t}" for t in targets
     }
     assert ".default." not in " ".join(keys)
+
+
+@pytest.mark.parametrize("name", [n for n in SPECS if n not in ROUTES])
+def test_a_spec_without_a_route_is_refused_pointing_to_merge(name, tmp_path):
+    _, model = trained(name)
+    snap = snapshot(model)
+    with pytest.raises(ll.AttachError, match=r"has no PEFT route .*use ll.merge\(model\)"):
+        ll.export_peft(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert_unchanged(model, snap)
 
 
 def test_pissa_exports_converted_with_doubled_rank_and_alpha(tmp_path):

@@ -49,17 +49,32 @@ KNOWN_DIVERGENCES: dict[str, str] = {
     "from PEFT's by a sign per direction; B A, W_res and every output agree. PEFT's disable_adapter() "
     "and rescale_adapter_scale(0) give W_res's outputs; ll.disabled and ll.scale(0) the base model's",
     "pissa_dora": "as pissa (canonical signs) and dora (the norm expanded, here of W_res + s B A)",
+    "loha": "applied as the rank-r^2 product x B12^T A12^T while r^2 (d_in + d_out) < d_in d_out, else "
+    "as PEFT's dense update (same math, both compared); no rank_dropout or module_dropout",
+    "oft": "a d_in that oft_block_size does not divide is refused, naming the layer (PEFT adjusts the "
+    "block size with a warning); no coft, block_share or module_dropout",
+    "boft": "one butterfly factor only (factors >= 2 refused); W R x formed as y - b + W (R x - x) "
+    "instead of x times the dense block-diagonal matrix (same math); no boft_dropout",
+    "corda_lora": "C is the mean of x x^T over non-padding calibration tokens; PEFT's statistic runs "
+    "batches of one sequence scaled by their signed max, without a padding mask (the same up to a scale, "
+    "which cancels, on one unpadded sequence: the parity test); A and B carry C's scale, s B A does not; "
+    "canonical SVD signs; at least d_in calibration tokens are required",
+    "corda_dora": "as corda_lora, and dora (the norm of W_res + s B A expanded)",
+    "eva_dora": "as eva (the exact pooled PCA; compared on one batch with PEFT's SVD made exact) and "
+    "dora (the norm of W + s B A expanded)",
     "antipasto_corda": "upstream lora-lite's whitened CorDA: SVD of W C^1/2 and P = Vh C^-1/2, where "
     "CorDA's paper and PEFT decompose W C and keep Vh C^-1; damping cov_eps is absolute (no parity test)",
 }
 
 
 def peft_configs() -> dict:
-    """spec -> (PEFT config, our overrides, {our tensor: PEFT tensor path on the layer}, frozen)."""
-    from peft import DeloraConfig, HRAConfig, IA3Config, LoraConfig
+    """spec[:case] -> (PEFT config, our overrides, {our tensor: PEFT tensor path on the layer}, frozen)."""
+    from peft import BOFTConfig, DeloraConfig, HRAConfig, IA3Config, LoHaConfig, LoraConfig, OFTConfig
 
     lora = dict(r=4, lora_alpha=8, target_modules=QV, lora_dropout=0.0)
     ab = {"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight"}
+    oft = {"lora_oft_R": "oft_R.default.weight"}
+    hada = {f"lora_hada_w{k}_{side}": f"hada_w{k}_{side}.default" for k in (1, 2) for side in "ab"}
     return {
         "lora": (LoraConfig(**lora), dict(r=4, alpha=8.0), ab, {}),
         "pissa": (LoraConfig(**lora, init_lora_weights="pissa"), dict(r=4, alpha=8.0), ab, {}),
@@ -96,6 +111,23 @@ def peft_configs() -> dict:
             {},
         ),
         "hra": (HRAConfig(r=4, target_modules=QV), dict(r=4), {"lora_hra_u": "hra_u.default"}, {}),
+        # r=2: the rank-r^2 factored form (r^2 (i + o) < i o on every target); r=4: the dense update
+        "loha": (LoHaConfig(r=2, alpha=8, target_modules=QV), dict(r=2, alpha=8.0), hada, {}),
+        "loha:dense": (LoHaConfig(r=4, alpha=8, target_modules=QV), dict(r=4, alpha=8.0), hada, {}),
+        "boft": (
+            BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=1, target_modules=QV),
+            dict(boft_block_size=4),
+            {"lora_boft_R": "boft_R.default", "lora_boft_s": "boft_s.default"},
+            {},
+        ),
+        # OFT: PEFT's default Cayley-Neumann series, and the exact Cayley transform
+        "oft": (OFTConfig(oft_block_size=4, target_modules=QV), dict(oft_block_size=4), oft, {}),
+        "oft:cayley": (
+            OFTConfig(oft_block_size=4, use_cayley_neumann=False, target_modules=QV),
+            dict(oft_block_size=4, use_cayley_neumann=False),
+            oft,
+            {},
+        ),
     }
 
 
@@ -122,7 +154,7 @@ def build_pair(name: str):
     pcfg, over, mapping, frozen = peft_configs()[name]
     base = llama()
     ours = copy.deepcopy(base)
-    ll.attach(ours, ll.from_spec(name, **over))
+    ll.attach(ours, ll.from_spec(name.split(":")[0], **over))
     torch.manual_seed(1234)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -243,6 +275,125 @@ def test_eva_init_subspace_matches_peft_rho_1(exact_svd, monkeypatch):
         assert signed.min() > bound, f"{target}: directions differ from PEFT's in order or sign: {signed.tolist()}"
 
 
+def test_eva_dora_same_init_logits_and_gradients_as_peft_eva_with_dora(monkeypatch):
+    """One batch with PEFT's SVD made exact: the same A (direction by direction), B = 0 and the same
+    magnitude; then PEFT's tensors moved off init and copied into ours: the same logits and gradients."""
+    from peft import EvaConfig, LoraConfig
+    from peft.tuners.lora import eva
+    from peft.utils.incremental_pca import IncrementalPCA
+
+    class ExactIPCA(IncrementalPCA):
+        def __init__(self, **kw):
+            super().__init__(**{**kw, "lowrank": False})
+
+    monkeypatch.setattr(eva, "IncrementalPCA", ExactIPCA)
+    base, batch = eva_setup()
+    ours = copy.deepcopy(base)
+    ll.attach(ours, ll.from_spec("eva_dora", r=4, alpha=8.0), calibration_data=[batch], progress=False)
+    pcfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=QV, init_lora_weights="eva", eva_config=EvaConfig(rho=1.0), use_dora=True
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(base), pcfg)
+        eva.initialize_lora_eva_weights(theirs, dataloader=[batch], show_progress_bar=False)
+    theirs.eval()
+    mapping = {
+        "lora_A": "lora_A.default.weight",
+        "lora_B": "lora_B.default.weight",
+        "lora_magnitude_vector": "lora_magnitude_vector.default.weight",
+    }
+    layers = {t: theirs.base_model.model.get_submodule(t) for t in ll.state(ours).targets}
+    for target, layer in layers.items():
+        m = ll.state(ours).targets[target].module
+        A, P = m.lora_A.detach(), peft_tensor(layer, mapping["lora_A"]).detach()
+        signed = (A * P / P.norm(dim=1, keepdim=True)).sum(1)  # (r,) same directions, order and sign
+        assert signed.min() > 1 - 1e-4, f"{target}: EVA directions differ from PEFT's: {signed.tolist()}"
+        assert not m.lora_B.any() and not peft_tensor(layer, mapping["lora_B"]).any()
+        want = peft_tensor(layer, mapping["lora_magnitude_vector"])
+        assert rel_err(m.lora_magnitude_vector, want) < RTOL, f"{target}: magnitude differs from PEFT's"
+    ids = {"input_ids": batch["input_ids"]}
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for target, layer in layers.items():
+            m = ll.state(ours).targets[target].module
+            for ours_k, path in mapping.items():
+                t = peft_tensor(layer, path)
+                t.add_(0.3 * torch.randn(t.shape, generator=g))
+                getattr(m, ours_k).copy_(t)
+        want, got = theirs(**ids).logits, ours(**ids).logits
+    assert rel_err(want, base(**ids).logits) > 1e-2, "the copied tensors should change the output"
+    assert rel_err(got, want) < RTOL, f"eva_dora: logits differ from PEFT by {rel_err(got, want):.2e}"
+    lm_probe_loss(theirs, ids).backward()
+    lm_probe_loss(ours, ids).backward()
+    for target, layer in layers.items():
+        m = ll.state(ours).targets[target].module
+        for ours_k, path in mapping.items():
+            err = rel_err(getattr(m, ours_k).grad, peft_tensor(layer, path).grad)
+            assert err < RTOL, f"eva_dora: {target}.{ours_k} gradient differs from PEFT by {err:.2e}"
+
+
+@pytest.mark.parametrize("name", ["corda_lora", "corda_dora"])
+def test_corda_same_residual_logits_and_gradients_as_peft_corda_ipm(name):
+    """PEFT's CorDA on one unpadded sequence (its statistic: batches of one, each scaled by its
+    signed max) has a covariance proportional to ours, and the scale cancels: the same W_res and
+    s B A; then PEFT's tensors moved off init and copied into ours give the same logits and gradients."""
+    from peft import LoraConfig
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    base = llama()
+    ids = torch.randint(0, 64, (1, 64), generator=torch.Generator().manual_seed(0))  # >= d_in tokens
+    ours = copy.deepcopy(base)
+    ll.attach(ours, ll.from_spec(name, r=4, alpha=8.0), calibration_data=[{"input_ids": ids}], progress=False)
+    pcfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=QV,
+        init_lora_weights="corda",
+        corda_config=CordaConfig(corda_method="ipm"),
+        use_dora=name == "corda_dora",
+    )
+    theirs = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        preprocess_corda(theirs, pcfg, run_model=lambda: theirs(input_ids=ids))
+        theirs = peft.get_peft_model(theirs, pcfg).eval()
+    mapping = {"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight"}
+    if name == "corda_dora":
+        mapping["lora_magnitude_vector"] = "lora_magnitude_vector.default.weight"
+    layers = {t: theirs.base_model.model.get_submodule(t) for t in ll.state(ours).targets}
+    for target, layer in layers.items():
+        m = ll.state(ours).targets[target].module
+        assert rel_err(m.weight, layer.base_layer.weight) < RTOL, f"{target}: W_res differs from PEFT's"
+        assert rel_err(m.weight, base.get_submodule(target).weight) > 1e-2, f"{target}: W was not cropped"
+        if name == "corda_dora":
+            mag = peft_tensor(layer, mapping["lora_magnitude_vector"])
+            assert rel_err(m.lora_magnitude_vector, mag) < RTOL, f"{target}: magnitude differs from PEFT's"
+        BA = m.lora_B @ m.lora_A  # (o, i); A and B themselves carry C's scale, their product does not
+        want = peft_tensor(layer, mapping["lora_B"]) @ peft_tensor(layer, mapping["lora_A"])
+        assert rel_err(BA, want) < RTOL, f"{target}: s B A differs from PEFT's"
+    batch = {"input_ids": token_batch(seed=7, vocab=64)["input_ids"]}
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for target, layer in layers.items():
+            m = ll.state(ours).targets[target].module
+            for ours_k, path in mapping.items():
+                t = peft_tensor(layer, path)
+                t.add_(0.3 * torch.randn(t.shape, generator=g))
+                getattr(m, ours_k).copy_(t)
+        want, got = theirs(**batch).logits, ours(**batch).logits
+    assert rel_err(want, base(**batch).logits) > 1e-2, "the copied tensors should change the output"
+    assert rel_err(got, want) < RTOL, f"{name}: logits differ from PEFT by {rel_err(got, want):.2e}"
+    lm_probe_loss(theirs, batch).backward()
+    lm_probe_loss(ours, batch).backward()
+    for target, layer in layers.items():
+        m = ll.state(ours).targets[target].module
+        for ours_k, path in mapping.items():
+            err = rel_err(getattr(m, ours_k).grad, peft_tensor(layer, path).grad)
+            assert err < RTOL, f"{name}: {target}.{ours_k} gradient differs from PEFT by {err:.2e}"
+
+
 def test_known_divergences_name_shipped_specs_and_the_readme_explains_them():
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Known divergences from PEFT", 1)
@@ -253,52 +404,33 @@ def test_known_divergences_name_shipped_specs_and_the_readme_explains_them():
         assert f"`{name}`" in body, f"README's divergence section does not explain {name!r}"
 
 
-ROAD_SPEC = """
-name: road
-title: RoAd
-summary: 2x2 rotations with a learned angle and scale on pairs of output features.
-references: []
-identity: theta = 0 and alpha = 1.
-hyperparameters:
-  group_size: {type: int, default: 8, min: 2, max: 65536, doc: outputs per group}
-target: {names: ['\\.q_proj$', '\\.v_proj$']}
-basis: {source: none}
-core: {kind: rotation}
-residual: none
-hook: output
-params:
-  lora_theta: {shape: [d_out // 2], init: zeros, doc: angles}
-  lora_alpha: {shape: [d_out // 2], init: ones, doc: scales}
-train: {lr: 1.0e-3}
-quantized_base: true
-"""
-
-
-def test_rotation_core_same_logits_and_gradients_as_peft_road_1(tmp_path, monkeypatch):
-    """The rotation core (codegen/parts/core/rotation.j2) written as a spec is PEFT's RoAd-1."""
+@pytest.mark.parametrize("variant", [1, 2, 4])
+def test_road_same_logits_and_gradients_as_peft(variant):
+    """specs/road.yaml (the rotation core) is PEFT's RoAd for each road_variant."""
     from peft import RoadConfig
 
-    monkeypatch.setenv("LORA_LITE_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "road.yaml").write_text(ROAD_SPEC)
     base = llama()
     ours = copy.deepcopy(base)
-    ll.attach(ours, ll.from_spec(tmp_path / "road.yaml"))
-    theirs = peft.get_peft_model(copy.deepcopy(base), RoadConfig(variant="road_1", group_size=8, target_modules=QV))
+    ll.attach(ours, ll.from_spec("road", group_size=8, road_variant=variant))
+    pcfg = RoadConfig(variant=f"road_{variant}", group_size=8, target_modules=QV)
+    theirs = peft.get_peft_model(copy.deepcopy(base), pcfg)
     batch = {"input_ids": token_batch(seed=7, vocab=64)["input_ids"]}
+    pairs = (("lora_theta", "road_theta.default"), ("lora_alpha", "road_alpha.default"))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for target, st in ll.state(ours).targets.items():
             layer = theirs.base_model.model.get_submodule(target)
-            for ours_k, path in (("lora_theta", "road_theta.default"), ("lora_alpha", "road_alpha.default")):
+            for ours_k, path in pairs:
                 t = peft_tensor(layer, path)
+                assert getattr(st.module, ours_k).shape == t.shape, (target, ours_k)
                 t.add_(0.3 * torch.randn(t.shape, generator=g))
                 getattr(st.module, ours_k).copy_(t)
         want, got = theirs(**batch).logits, ours(**batch).logits
     assert rel_err(want, base(**batch).logits) > 1e-2
-    assert rel_err(got, want) < RTOL
+    assert rel_err(got, want) < RTOL, f"road_{variant}: logits differ from PEFT by {rel_err(got, want):.2e}"
     lm_probe_loss(theirs, batch).backward()
     lm_probe_loss(ours, batch).backward()
     for target, st in ll.state(ours).targets.items():
         layer = theirs.base_model.model.get_submodule(target)
-        for ours_k, path in (("lora_theta", "road_theta.default"), ("lora_alpha", "road_alpha.default")):
+        for ours_k, path in pairs:
             assert rel_err(getattr(st.module, ours_k).grad, peft_tensor(layer, path).grad) < RTOL, (target, ours_k)

@@ -127,3 +127,43 @@ def test_bf16_model_with_fp32_adapters(name, monkeypatch):
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), n
+
+
+def smollm2_shaped_layer():
+    """One random Llama layer of SmolLM2-135M's shape (q 576 -> 576, k/v 576 -> 192, MLP 576 -> 1536)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=1,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_attaches_at_its_defaults_to_a_smollm2_shaped_layer(name):
+    """PEFT's defaults (RoAd's group_size 64, OFT's block size 32, ranks up to 256) fit SmolLM2's
+    576 -> 192 projections: identity at init, and detach gives the base back."""
+    pytest.importorskip("transformers")
+    model = smollm2_shaped_layer()
+    batch = {"input_ids": token_batch(seed=7)["input_ids"]}
+    data = [{"input_ids": token_batch(seed=100 + i, batch=1, seq=320)["input_ids"]} for i in range(2)]  # 640 >= d_in
+    with torch.no_grad():
+        base = model(**batch).logits
+    ll.attach(model, ll.from_spec(name), calibration_data=data, progress=False)
+    assert ll.state(model).targets, "no target"
+    with torch.no_grad():
+        out = model(**batch).logits
+    if name in NOT_IDENTITY_AT_INIT:
+        assert not torch.allclose(out, base)
+    else:
+        torch.testing.assert_close(out, base, atol=1e-4, rtol=1e-4)
+    ll.detach(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, base, atol=1e-5, rtol=1e-5)

@@ -25,6 +25,13 @@ def test_from_spec_overrides_and_typed_config_are_equivalent():
     assert type(ll.from_spec(str(ROOT / "specs" / "pissa.yaml"))) is ll.PiSSAConfig
 
 
+def test_every_typed_config_is_its_shipped_spec_config_at_the_spec_defaults():
+    for cls_name, spec in ll.CONFIG_NAMES.items():
+        assert spec in ll.shipped_names(), cls_name
+        assert getattr(ll, cls_name)() == ll.from_spec(spec), cls_name
+    assert ll.RoadConfig().group_size == 64 and ll.OFTConfig().oft_block_size == 32  # PEFT's defaults
+
+
 def test_unknown_override_and_bad_values():
     with pytest.raises(
         ValueError, match=r"unknown override 'rank'; allowed: r, alpha, dtype, target_names, layers, residual"

@@ -75,7 +75,8 @@ EXPECTED = {
     "shape_zero.yaml": ["$.params.lora_A.shape[0]: 'r - r' is 0 with the defaults"],
     "shape_too_large.yaml": ["'d_in * d_in * d_in * d_in * d_in * d_in' is 68719476736 with the defaults"],
     "shape_division_by_zero.yaml": ["$.params.lora_A.shape[0]: bad shape expression: 'd_in // 0': // divides only"],
-    "shape_division_by_a_name.yaml": ["'d_in // (r - 8)': // divides only by a positive integer"],
+    "shape_division_by_a_name.yaml": ["'d_in // (r - 8)': // divides only by a positive integer or a"],
+    "shape_divisor_may_be_zero.yaml": ["divides by 'oft_block_size', whose min must be at least 1"],
     "shape_characters.yaml": ["$.params.lora_A.shape[0]: 'r\"' does not match"],
 }
 # Bad specs too big to keep as files: name -> (text made from lora.yaml, fragments of the first error)

@@ -506,7 +506,7 @@ def test_trainable_counts_match_upstream_on_qwen3_shapes(name):
             "$.hyperparameters: the composition needs hyperparameter 'cov_eps' (float) (rule missing-hyper)",
         ),
         ("antipasto_arrow", "  block:", "  blk:", "$.hyperparameters: the composition needs hyperparameter 'block'"),
-        ("antipasto_corda", "source: corda}", "source: corda, select: wanda}", "$.basis.select: basis 'corda' has no"),
+        ("antipasto_corda", "source: corda}", "source: corda, select: wanda}", "basis 'corda' selects one of"),
         ("antipasto", "source: svd, select: wanda}", "source: pca}", "core 'gain' needs a basis in ['corda', 'svd']"),
     ],
 )
