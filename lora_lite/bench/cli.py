@@ -22,6 +22,7 @@ from .twins import TWINS
 
 
 def parser() -> argparse.ArgumentParser:
+    """The flags of `lora-lite bench` (presets fill the ones left out: see config_from)."""
     p = argparse.ArgumentParser(prog="lora-lite bench", description="Train and evaluate adapters on a causal LM.")
     p.add_argument("--model", default=SMOLLM2, help=f"{SMOLLM2} (default), a hub id, a folder, a .gguf, or tiny")
     p.add_argument("--data", default="gsm8k", choices=SOURCES, help="gsm8k: the hub, else the packaged subset")
@@ -131,10 +132,12 @@ def run_all(b: Bench, cfg: BenchConfig) -> int:
 
 
 def first_line(e: Exception) -> str:
+    """The first line of an error message (errors are reported on one line)."""
     return str(e).splitlines()[0] if str(e) else ""
 
 
 def summary(r: dict) -> str:
+    """The log line of one finished run."""
     return (
         f"{r['variant']} ({r['library']}): nll {r['eval_nll_before']:.3f} -> {r['eval_nll_after']:.3f}, "
         f"acc {r['accuracy']:.1%}, {r['trainable_params']:,} params, {r['step_ms']:.0f} ms/step, "

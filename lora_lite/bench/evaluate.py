@@ -38,10 +38,12 @@ class Env:
 
 
 def logits_of(out) -> torch.Tensor:
+    """Logits (B, T, V) of a transformers output or of a model that returns the tensor."""
     return out.logits if hasattr(out, "logits") else out
 
 
 def prompt_of(ex: Example) -> str:
+    """The prompt the model continues: the question, then "Answer:"."""
     return f"Question: {ex.question}\nAnswer:"
 
 

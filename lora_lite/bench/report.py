@@ -18,12 +18,14 @@ LIBRARIES = ("lora-lite", "peft")
 
 
 def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to a temporary file beside `path`, then rename it over `path`."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
 def title(variant: str) -> str:
+    """The spec's display title (LoRA, IA3-FF, ...), or the name itself for an unknown spec."""
     try:
         return ll.variant_module(variant).TITLE
     except Exception:  # a record of a spec this checkout does not ship
@@ -49,6 +51,7 @@ def attach_cell(r: dict | None) -> str:
 
 
 def cell(r: dict | None, key: str, fmt: str) -> str:
+    """r[key] formatted, or "" when there is no record or no value."""
     return "" if r is None or r.get(key) is None else format(r[key], fmt)
 
 
@@ -96,10 +99,12 @@ def settings_line(r: dict) -> str:
 
 
 def short_title(r: dict) -> str:
+    """The figure title: model, data source and settings."""
     s = r["settings"]
+    lr = f"lr {s['lr']:g}" if s.get("lr") else f"spec lr, floor {s.get('lr_floor') or 0:g}"
     return (
         f"{r['model']}\n{r['data']}; {s['steps']} steps x {s['batch_size']} x {s['seq_len']} tokens, "
-        f"eval {s['eval_samples']}, seed {s['seed']}, {r['device']}"
+        f"{lr}, eval {s['eval_samples']}, seed {s['seed']}, {r['device']}"
     )
 
 

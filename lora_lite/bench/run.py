@@ -102,6 +102,7 @@ class TimedBatches:
 
 
 def sync(device) -> None:
+    """Wait for queued CUDA work, so step times are real (no-op on the CPU)."""
     if str(device).startswith("cuda"):
         torch.cuda.synchronize(device)
 
@@ -131,6 +132,7 @@ def train(b: Bench, model, label: str, lr: float) -> tuple[list[float], list[flo
 
 
 def peak_mem_gb(device) -> float:
+    """CUDA: peak allocated since the run started; CPU: the process's maximum RSS so far."""
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB (Linux), process-wide

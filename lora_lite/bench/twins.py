@@ -29,24 +29,28 @@ def lora(cfg, targets: list[str], **kw):
 
 
 def eva(cfg, targets: list[str]):
+    """PEFT LoRA with EVA init (arXiv:2410.07170), uniform rank."""
     from peft import EvaConfig
 
     return lora(cfg, targets, init_lora_weights="eva", eva_config=EvaConfig(rho=1.0))  # uniform rank, as ours
 
 
 def delora(cfg, targets: list[str]):
+    """PEFT DeloraConfig at the spec's r and lambda0 (arXiv:2503.18225)."""
     from peft import DeloraConfig
 
     return DeloraConfig(r=cfg.r, delora_lambda=cfg.lambda0, target_modules=targets)
 
 
 def ia3(cfg, targets: list[str], feedforward: bool):
+    """PEFT IA3Config (arXiv:2205.05638): output gains, or input gains on feed-forward targets."""
     from peft import IA3Config
 
     return IA3Config(target_modules=targets, feedforward_modules=targets if feedforward else [])
 
 
 def hra(cfg, targets: list[str]):
+    """PEFT HRAConfig at the spec's r (arXiv:2405.17484)."""
     from peft import HRAConfig
 
     return HRAConfig(r=cfg.r, target_modules=targets)
