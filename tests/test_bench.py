@@ -1,12 +1,23 @@
-"""The bench end to end, tiny: random byte-level model, built-in problems, two variants, two steps."""
+"""`lora-lite bench` on the tiny random byte-level model: data, batch order, PEFT twins, outputs."""
 
 from __future__ import annotations
 
+import ast
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-from lora_lite.bench import builtin_problems, main, markdown_table, normalise_number
+import pytest
 
+import lora_lite as ll
+from lora_lite.bench import builtin_problems, load_data, main, markdown_table, normalise_number
+from lora_lite.bench.data import TRAIN_POOL, TrainOrder, calibration_rows
+from lora_lite.bench.twins import TWINS
+
+ROOT = Path(__file__).resolve().parents[1]
 KEYS = [
     "eval_nll_before",
     "eval_nll_after",
@@ -14,50 +25,101 @@ KEYS = [
     "trainable_params",
     "step_ms",
     "peak_mem_gb",
-    "attach_s",
+    "calibration_s",
+    "build_s",
     "reload_max_abs_diff",
+    "wall_s",
 ]
+SMALL = ["--model", "tiny", "--batch-size", "2", "--seq-len", "96", "--eval-samples", "4", "--gen-samples", "1"]
+SMALL += ["--max-new-tokens", "2"]
 
 
-def test_bench_tiny_end_to_end(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub: the built-in problems must be used
+def run_bench(out: Path, *args: str) -> list[dict]:
+    assert main([*SMALL, "--out", str(out), *args]) == 0
+    return json.loads((out / "results.json").read_text())
+
+
+def test_bench_offline_default_is_packaged_gsm8k_and_imports_no_peft(tmp_path):
+    """A fresh offline run: GSM8K answer NLL from the packaged subset, named in the header;
+    without --peft nothing of PEFT is imported."""
     out = tmp_path / "out"
-    args = [
-        "--model",
-        "tiny",
-        "--variants",
-        "lora,ia3_ff",
-        "--steps",
-        "2",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "160",
-        "--eval-samples",
-        "4",
-        "--gen-samples",
-        "2",
-        "--max-new-tokens",
-        "4",
-        "--out",
-        str(out),
-        "--lr",
-        "1e-2",
-    ]
-    assert main(args) == 0
+    code = (
+        "import sys; from lora_lite.bench import main; "
+        f"rc = main({[*SMALL, '--variants', 'lora,ia3_ff', '--steps', '2', '--out', str(out)]!r}); "
+        "print('PEFT_IMPORTED' if any(m == 'peft' or m.startswith('peft.') for m in sys.modules) else 'NO_PEFT'); "
+        "sys.exit(rc)"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "NO_PEFT" in p.stdout
     records = json.loads((out / "results.json").read_text())
-    assert [r["variant"] for r in records] == ["lora", "ia3_ff"]
+    assert [(r["variant"], r["library"]) for r in records] == [("lora", "lora-lite"), ("ia3_ff", "lora-lite")]
     for r in records:
         for k in KEYS:
             assert isinstance(r[k], (int, float)) and math.isfinite(r[k]), (r["variant"], k, r[k])
-        assert r["data"] == "built-in arithmetic problems"
-        assert r["eval_nll_before"] > 0 and r["trainable_params"] > 0 and len(r["losses"]) == 2
+        assert r["data"].startswith("GSM8K, packaged subset")
         assert r["reload_max_abs_diff"] < 1e-5 and r["detach_weight_max_abs_diff"] == 0.0
+        assert len(r["losses"]) == 2 and r["base_bit_identical_before"]
     md = (out / "results.md").read_text()
-    assert "| LoRA |" in md and "| IA3-FF |" in md and "built-in arithmetic problems" in md
+    assert md.startswith("Model: tiny random byte-level LM") and "Data: GSM8K, packaged subset" in md
+    assert "| LoRA |" in md and "| IA3-FF |" in md and "PEFT after" not in md
     assert (out / "loss.png").stat().st_size > 1000
-    assert main(["--report", str(out / "results.json")]) == 0
+
+
+def test_peft_twins_share_batches_and_the_base_comes_back(tmp_path, monkeypatch, capsys):
+    """--peft: each variant and its PEFT twin train on the same batches (equal step-1 loss for
+    identity-at-init variants, calibrating or not), PEFT's PiSSA crop is undone before the next
+    run (bit-identical base check), and results.md puts each pair on one row."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    records = run_bench(tmp_path, "--data", "builtin", "--variants", "pissa,lora,eva,ia3", "--steps", "1", "--peft")
+    got = [(r["variant"], r["library"]) for r in records]
+    assert got == [(v, lib) for v in ("pissa", "lora", "eva", "ia3") for lib in ("lora-lite", "peft")]
+    first = records[0]["losses"][0]
+    for r in records:
+        assert r["losses"][0] == pytest.approx(first, rel=1e-5), (r["variant"], r["library"])
+        assert r["base_bit_identical_before"] and r["data"] == "built-in arithmetic problems"
+    peft_pissa = records[1]
+    assert peft_pissa["detach_weight_max_abs_diff"] > 1e-3  # PEFT left W_res in the base; the bench undid it
+    assert records[4]["calibration_s"] > 0 and records[5]["calibration_s"] > 0  # EVA calibrates in both
+    md = (tmp_path / "results.md").read_text()
+    assert "PEFT after" in md and "lora-lite - PEFT" in md and "PEFT " in md.splitlines()[0]
+    assert sum(line.startswith("| PiSSA |") for line in md.splitlines()) == 1
+    assert main(["--report", str(tmp_path / "results.json")]) == 0
     assert "| LoRA |" in capsys.readouterr().out
+
+
+def test_packaged_and_full_copies_give_the_same_batches():
+    """The training order only reads the first TRAIN_POOL rows, each pass a fresh permutation;
+    calibration rows come from another stream."""
+    packaged, full = TrainOrder(TRAIN_POOL, seed=0), TrainOrder(7473, seed=0)
+    batches = [packaged.batch(s, 8) for s in range(310)]  # 300 x 8 is one pass; 310 starts a second
+    assert batches == [full.batch(s, 8) for s in range(310)]
+    assert sorted(i for b in batches[:300] for i in b) == list(range(TRAIN_POOL))
+    assert batches[:5] != [TrainOrder(TRAIN_POOL, seed=1).batch(s, 8) for s in range(5)]
+    assert calibration_rows(7473, 32, 0) == calibration_rows(TRAIN_POOL, 32, 0) != batches[0] + batches[1]
+    data = load_data("gsm8k", None, seed=0) if os.environ.get("HF_HUB_OFFLINE") else None
+    if data is not None:  # offline: the packaged subset, first rows of GSM8K
+        assert len(data.train) >= TRAIN_POOL and len(data.test) >= 200 and data.test[0].gold == "18"
+
+
+def test_bench_functions_are_small():
+    """No function of the bench package over 40 lines or with more than 5 parameters."""
+    bad = []
+    for path in sorted((ROOT / "lora_lite" / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                params = [p.arg for p in (*a.posonlyargs, *a.args, *a.kwonlyargs) if p.arg not in ("self", "cls")]
+                params += [p.arg for p in (a.vararg, a.kwarg) if p is not None]
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 40 or len(params) > 5:
+                    bad.append(f"{path.name}:{node.lineno} {node.name}: {lines} lines, {len(params)} parameters")
+    assert not bad, bad
+
+
+def test_every_twin_is_a_shipped_spec():
+    assert set(TWINS) <= set(ll.shipped_names())
 
 
 def test_builtin_problems_are_gsm8k_formatted_and_deterministic():
@@ -79,28 +141,21 @@ def test_bench_bad_inputs_are_one_line_errors(tmp_path, capsys):
 def test_bench_keeps_going_after_a_failing_variant(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "o"
-    args = [
-        "--model",
-        "tiny",
-        "--variants",
-        "eva,lora",
-        "--steps",
-        "1",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "160",
-        "--eval-samples",
-        "2",
-        "--gen-samples",
-        "1",
-        "--max-new-tokens",
-        "2",
-        "--calib-batches",
-        "0",
-        "--out",
-        str(out),
-    ]
-    assert main(args) == 1  # eva needs calibration data: it fails, lora still runs
+    args = [*SMALL, "--data", "builtin", "--variants", "eva,lora", "--steps", "1", "--calib-batches", "0"]
+    assert main([*args, "--out", str(out)]) == 1  # eva needs calibration data: it fails, lora still runs
     assert [r["variant"] for r in json.loads((out / "results.json").read_text())] == ["lora"]
     assert json.loads((out / "errors.json").read_text())[0]["variant"] == "eva"
+
+
+def test_gpu_bench_script_smoke(tmp_path):
+    """benchmarks/gpu_bench.sh on the CPU with the tiny model: runs, pairs, prints wall times."""
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", WHEELS="none")
+    cmd = ["bash", str(ROOT / "benchmarks" / "gpu_bench.sh"), "--model", "tiny", "--steps", "2", "--device", "cpu"]
+    cmd += ["--variants", "lora", "--eval-samples", "2", "--gen-samples", "1", "--max-new-tokens", "2"]
+    cmd += ["--seq-len", "64", "--out", str(tmp_path)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    table = p.stdout.split("wall time per run:")[-1].splitlines()[2:]
+    assert [line.split()[:2] for line in table] == [["lora", "lora-lite"], ["lora", "peft"]]
+    assert all(float(line.split()[2]) >= 0 for line in table)
+    assert json.loads((tmp_path / "results.json").read_text())[0]["settings"]["steps"] == 2
