@@ -29,6 +29,10 @@ FILES = [
     "tests/bad_checkpoints/test_bad_checkpoints.py",
     "tests/test_checkpoint.py",
     "tests/test_runtime_misuse.py",
+    "tests/test_layer_kinds.py",
+    "tests/test_deploy.py",
+    "tests/test_named_adapters.py",
+    "tests/test_deploy_anywhere.py",
 ]
 BEGIN, END = "<!-- reliability:begin -->", "<!-- reliability:end -->"
 
@@ -102,6 +106,40 @@ FUNCTIONS = {
         1,
     ),
     "test_set_coeff_keeps_to_the_specs_bounds_and_changes_nothing_on_refusal": ("runtime", "bad set_coeff values", 1),
+    "test_a_layer_whose_parent_reads_its_weight_is_refused_by_name": ("runtime", "layers that cannot take a hook", 1),
+    "test_another_layer_kind_is_refused_naming_layer_and_type": ("runtime", "layers that cannot take a hook", 1),
+    "test_crop_on_a_tied_weight_is_refused_and_subtract_works": ("runtime", "crop on a tied weight", 1),
+    "test_a_second_crop_on_a_cropped_layer_is_refused_naming_it": ("runtime", "crop on a tied weight", 1),
+    "test_a_stray_state_dict_hook_is_refused_and_changes_nothing": (
+        "runtime",
+        "misuse of attach/detach/load/set_coeff",
+        1,
+    ),
+    "test_save_refuses_an_adapter_held_in_two_dtypes": ("save", "adapter held in two dtypes", 1),
+    "test_a_spec_without_a_route_is_refused_pointing_to_merge": ("deploy", "export of a spec with no PEFT route", 1),
+    "test_export_refuses_a_scale_peft_cannot_represent": ("deploy", "export of a state PEFT cannot represent", 1),
+    "test_export_refuses_inside_disabled_and_without_an_adapter": (
+        "deploy",
+        "export of a state PEFT cannot represent",
+        2,
+    ),
+    "test_conv1d_export_is_refused_where_peft_has_no_conv1d_form": (
+        "deploy",
+        "export of a state PEFT cannot represent",
+        1,
+    ),
+    "test_load_peft_refuses_an_unsupported_key_naming_it": ("deploy", "PEFT directories with unsupported keys", 1),
+    "test_fan_in_fan_out_on_a_linear_target_is_refused": ("deploy", "PEFT directories with unsupported keys", 1),
+    "test_load_peft_refuses_pickle_weights": ("deploy", "PEFT directories with pickle or misshapen weights", 1),
+    "test_load_peft_refuses_a_misshapen_tensor": ("deploy", "PEFT directories with pickle or misshapen weights", 1),
+    "test_merge_refuses_inside_disabled_leaving_the_model_adapted": ("deploy", "merge of a state it cannot fold", 1),
+    "test_merge_refuses_a_quantized_target_naming_it": ("deploy", "merge of a state it cannot fold", 1),
+    "test_merge_folds_every_active_adapter_and_refuses_an_inactive_one": (
+        "deploy",
+        "merge of a state it cannot fold",
+        1,
+    ),
+    "test_scale_refuses_a_non_finite_value": ("deploy", "bad ll.scale values", 1),
 }
 
 
@@ -137,7 +175,7 @@ def table(outcomes: dict[str, str]) -> tuple[str, int]:
             continue
         area, cls, n = found
         rows[(area, cls)][0 if outcome == "passed" else 1] += n
-    order = ["spec", "checkpoint", "save", "runtime"]
+    order = ["spec", "checkpoint", "save", "runtime", "deploy"]
     lines = ["| input | class of bad input | tried | clear refusal | other |", "|---|---|---:|---:|---:|"]
     total = [0, 0]
     for (area, cls), (ok, bad) in sorted(rows.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
