@@ -156,11 +156,11 @@ def assert_unchanged(model, snap: Snapshot) -> None:
     assert _adapters(model) == snap.adapters
 
 
-def llama(seed: int = 0):
-    """Tiny random LlamaForCausalLM (fp32, biases on q/k/v/o); q 32->32, k/v 32->16, MLP 32->64->32."""
+def _llama_config(**kw):
+    """LlamaConfig of the tiny test models: vocab 64, hidden 32, 2 layers, k/v 32 -> 16, MLP 32 -> 64."""
     import transformers
 
-    cfg = transformers.LlamaConfig(
+    return transformers.LlamaConfig(
         vocab_size=64,
         hidden_size=32,
         intermediate_size=64,
@@ -168,9 +168,15 @@ def llama(seed: int = 0):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
-        attention_bias=True,
-        initializer_range=0.2,
+        **kw,
     )
+
+
+def llama(seed: int = 0):
+    """Tiny random LlamaForCausalLM (fp32, biases on q/k/v/o); q 32->32, k/v 32->16, MLP 32->64->32."""
+    import transformers
+
+    cfg = _llama_config(attention_bias=True, initializer_range=0.2)
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # HF zero-initialises biases; give them values so bias handling matters
@@ -184,16 +190,7 @@ def hf_llama(seed: int = 0, tie: bool = False):
     """Tiny random transformers LlamaForCausalLM (no hub): vocab 64, hidden 32, 2 layers, k/v 32 -> 16."""
     import transformers
 
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-    )
+    cfg = _llama_config(tie_word_embeddings=tie)
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(cfg).eval()
 

@@ -149,6 +149,32 @@ def lm_probe_loss(model, batch: dict) -> torch.Tensor:
     return (logits * probe).sum()
 
 
+def copied_tensors_match_peft(name: str, ours, theirs, layers: dict, mapping: dict, batch: dict, base_logits):
+    """Move PEFT's tensors off their init, copy them into ours, and require the same logits and
+    gradients (relative error < RTOL); the copied tensors must change the output."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for target, layer in layers.items():
+            m = ll.state(ours).targets[target].module
+            for ours_k, path in mapping.items():
+                t = peft_tensor(layer, path)
+                t.add_(0.3 * torch.randn(t.shape, generator=g))
+                getattr(m, ours_k).copy_(t.reshape(getattr(m, ours_k).shape))
+        want, got = theirs(**batch).logits, ours(**batch).logits
+    assert rel_err(want, base_logits) > 1e-2, "the copied tensors should change the output"
+    assert rel_err(got, want) < RTOL, f"{name}: logits differ from PEFT by {rel_err(got, want):.2e}"
+    lm_probe_loss(theirs, batch).backward()
+    lm_probe_loss(ours, batch).backward()
+    for target, layer in layers.items():
+        m = ll.state(ours).targets[target].module
+        for ours_k, path in mapping.items():
+            ref = peft_tensor(layer, path).grad
+            mine = getattr(m, ours_k).grad
+            assert ref is not None and mine is not None, (target, ours_k)
+            err = rel_err(mine, ref.reshape(mine.shape))
+            assert err < RTOL, f"{name}: {target}.{ours_k} gradient differs from PEFT by {err:.2e}"
+
+
 def build_pair(name: str):
     """(our model, PEFT model, {target: PEFT layer}, mapping, frozen) on copies of one llama."""
     pcfg, over, mapping, frozen = peft_configs()[name]
@@ -181,28 +207,7 @@ def test_same_logits_and_gradients_as_peft(name):
         if name in ("pissa", "olora", "pissa_dora"):  # the cropped W_res
             assert rel_err(m.weight, layer.base_layer.weight) < RTOL, target
     # same non-zero trainable values: move PEFT's off init, copy them into ours
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for target, layer in layers.items():
-            m = ll.state(ours).targets[target].module
-            for ours_k, path in mapping.items():
-                t = peft_tensor(layer, path)
-                t.add_(0.3 * torch.randn(t.shape, generator=g))
-                getattr(m, ours_k).copy_(t.reshape(getattr(m, ours_k).shape))
-    with torch.no_grad():
-        want, got = theirs(**batch).logits, ours(**batch).logits
-    assert rel_err(want, base_logits) > 1e-2, "the copied tensors should change the output"
-    assert rel_err(got, want) < RTOL, f"{name}: logits differ from PEFT by {rel_err(got, want):.2e}"
-    lm_probe_loss(theirs, batch).backward()
-    lm_probe_loss(ours, batch).backward()
-    for target, layer in layers.items():
-        m = ll.state(ours).targets[target].module
-        for ours_k, path in mapping.items():
-            ref = peft_tensor(layer, path).grad
-            mine = getattr(m, ours_k).grad
-            assert ref is not None and mine is not None, (target, ours_k)
-            err = rel_err(mine, ref.reshape(mine.shape))
-            assert err < RTOL, f"{name}: {target}.{ours_k} gradient differs from PEFT by {err:.2e}"
+    copied_tensors_match_peft(name, ours, theirs, layers, mapping, batch, base_logits)
 
 
 def eva_setup():
@@ -313,24 +318,9 @@ def test_eva_dora_same_init_logits_and_gradients_as_peft_eva_with_dora(monkeypat
         want = peft_tensor(layer, mapping["lora_magnitude_vector"])
         assert rel_err(m.lora_magnitude_vector, want) < RTOL, f"{target}: magnitude differs from PEFT's"
     ids = {"input_ids": batch["input_ids"]}
-    g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for target, layer in layers.items():
-            m = ll.state(ours).targets[target].module
-            for ours_k, path in mapping.items():
-                t = peft_tensor(layer, path)
-                t.add_(0.3 * torch.randn(t.shape, generator=g))
-                getattr(m, ours_k).copy_(t)
-        want, got = theirs(**ids).logits, ours(**ids).logits
-    assert rel_err(want, base(**ids).logits) > 1e-2, "the copied tensors should change the output"
-    assert rel_err(got, want) < RTOL, f"eva_dora: logits differ from PEFT by {rel_err(got, want):.2e}"
-    lm_probe_loss(theirs, ids).backward()
-    lm_probe_loss(ours, ids).backward()
-    for target, layer in layers.items():
-        m = ll.state(ours).targets[target].module
-        for ours_k, path in mapping.items():
-            err = rel_err(getattr(m, ours_k).grad, peft_tensor(layer, path).grad)
-            assert err < RTOL, f"eva_dora: {target}.{ours_k} gradient differs from PEFT by {err:.2e}"
+        base_logits = base(**ids).logits
+    copied_tensors_match_peft("eva_dora", ours, theirs, layers, mapping, ids, base_logits)
 
 
 @pytest.mark.parametrize("name", ["corda_lora", "corda_dora"])
@@ -374,24 +364,9 @@ def test_corda_same_residual_logits_and_gradients_as_peft_corda_ipm(name):
         want = peft_tensor(layer, mapping["lora_B"]) @ peft_tensor(layer, mapping["lora_A"])
         assert rel_err(BA, want) < RTOL, f"{target}: s B A differs from PEFT's"
     batch = {"input_ids": token_batch(seed=7, vocab=64)["input_ids"]}
-    g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for target, layer in layers.items():
-            m = ll.state(ours).targets[target].module
-            for ours_k, path in mapping.items():
-                t = peft_tensor(layer, path)
-                t.add_(0.3 * torch.randn(t.shape, generator=g))
-                getattr(m, ours_k).copy_(t)
-        want, got = theirs(**batch).logits, ours(**batch).logits
-    assert rel_err(want, base(**batch).logits) > 1e-2, "the copied tensors should change the output"
-    assert rel_err(got, want) < RTOL, f"{name}: logits differ from PEFT by {rel_err(got, want):.2e}"
-    lm_probe_loss(theirs, batch).backward()
-    lm_probe_loss(ours, batch).backward()
-    for target, layer in layers.items():
-        m = ll.state(ours).targets[target].module
-        for ours_k, path in mapping.items():
-            err = rel_err(getattr(m, ours_k).grad, peft_tensor(layer, path).grad)
-            assert err < RTOL, f"{name}: {target}.{ours_k} gradient differs from PEFT by {err:.2e}"
+        base_logits = base(**batch).logits
+    copied_tensors_match_peft(name, ours, theirs, layers, mapping, batch, base_logits)
 
 
 def test_known_divergences_name_shipped_specs_and_the_readme_explains_them():
@@ -415,22 +390,12 @@ def test_road_same_logits_and_gradients_as_peft(variant):
     pcfg = RoadConfig(variant=f"road_{variant}", group_size=8, target_modules=QV)
     theirs = peft.get_peft_model(copy.deepcopy(base), pcfg)
     batch = {"input_ids": token_batch(seed=7, vocab=64)["input_ids"]}
-    pairs = (("lora_theta", "road_theta.default"), ("lora_alpha", "road_alpha.default"))
-    g = torch.Generator().manual_seed(3)
+    mapping = {"lora_theta": "road_theta.default", "lora_alpha": "road_alpha.default"}
+    layers = {target: theirs.base_model.model.get_submodule(target) for target in ll.state(ours).targets}
+    for target, layer in layers.items():
+        m = ll.state(ours).targets[target].module
+        for ours_k, path in mapping.items():
+            assert getattr(m, ours_k).shape == peft_tensor(layer, path).shape, (target, ours_k)
     with torch.no_grad():
-        for target, st in ll.state(ours).targets.items():
-            layer = theirs.base_model.model.get_submodule(target)
-            for ours_k, path in pairs:
-                t = peft_tensor(layer, path)
-                assert getattr(st.module, ours_k).shape == t.shape, (target, ours_k)
-                t.add_(0.3 * torch.randn(t.shape, generator=g))
-                getattr(st.module, ours_k).copy_(t)
-        want, got = theirs(**batch).logits, ours(**batch).logits
-    assert rel_err(want, base(**batch).logits) > 1e-2
-    assert rel_err(got, want) < RTOL, f"road_{variant}: logits differ from PEFT by {rel_err(got, want):.2e}"
-    lm_probe_loss(theirs, batch).backward()
-    lm_probe_loss(ours, batch).backward()
-    for target, st in ll.state(ours).targets.items():
-        layer = theirs.base_model.model.get_submodule(target)
-        for ours_k, path in pairs:
-            assert rel_err(getattr(st.module, ours_k).grad, peft_tensor(layer, path).grad) < RTOL, (target, ours_k)
+        base_logits = base(**batch).logits
+    copied_tensors_match_peft(f"road_{variant}", ours, theirs, layers, mapping, batch, base_logits)
