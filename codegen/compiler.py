@@ -13,6 +13,7 @@ spec value reaches the module through py() (safety.literal), every piece of pros
 
 from __future__ import annotations
 
+import ast
 import keyword
 import re
 import textwrap
@@ -21,7 +22,7 @@ from pathlib import Path
 from .algebra import ENV, FROZEN_RESIDUALS, reads
 from .atomic import write_atomic
 from .safety import UnsafeText, comment_text, doc_text, literal, verify
-from .shapes import parse_shape_expr, to_python
+from .shapes import functions_in, parse_shape_expr, to_python
 from .spec import SpecError, schema_text
 
 HEADER_CMD = "just gen"  # printed in every header
@@ -53,9 +54,33 @@ def _dims(shape) -> str:
     return ", ".join(to_python(parse_shape_expr(s), "cfg") for s in shape) + ("," if len(shape) == 1 else "")
 
 
+def _calls(expr) -> list[str]:
+    """Shape functions an expression calls (codegen/shapes.py FUNCTIONS), imported by the module."""
+    return functions_in(parse_shape_expr(expr))
+
+
+def _short(expr) -> str:
+    """A shape expression for a comment: d_in -> i, d_out -> o, a call by its first argument."""
+    tree = parse_shape_expr(expr)
+    if isinstance(tree, ast.Call):  # factor_m(d_out, decompose_factor) -> factor_m(o)
+        return f"{tree.func.id}({_short(ast.unparse(tree.args[0]))})"
+    return {"d_in": "i", "d_out": "o"}.get(str(expr), str(expr))
+
+
+def _param_line(p) -> str:
+    """One PARAMS entry, on one line when it fits in 120 columns, else split as ruff formats it."""
+    shape, comment = py(tuple(p.shape)), prose(p.doc or "", comment=True)
+    line = f"    {py(p.name)}: ({shape}, {py(p.init)}, {py(p.trainable)}),{comment}"
+    if len(line) <= 120:
+        return line
+    return f"    {py(p.name)}: (\n        {shape},\n        {py(p.init)},\n        {py(p.trainable)},\n    ),{comment}"
+
+
 def _simple_init(p) -> list[str]:
     dims, key = _dims(p.shape).rstrip(","), f"t[{py(p.name)}]"
-    short = ", ".join({"d_in": "i", "d_out": "o"}.get(s, s) for s in p.shape) + ("," if len(p.shape) == 1 else "")
+    if any(_calls(d) for d in p.shape):  # sizes from shape functions: read them off shapes(), one short line
+        dims = f"*shapes(cfg, d_in, d_out)[{py(p.name)}]"
+    short = ", ".join(_short(s) for s in p.shape) + ("," if len(p.shape) == 1 else "")
     c = prose(f"({short})", comment=True)
     if p.init in ("zeros", "ones"):
         return [f"    {key} = torch.{p.init}({dims}){c}"]
@@ -196,12 +221,10 @@ def context(spec, display: str) -> dict:
             (_identifier(h.name), PYTYPE[h.type], py(h.default), prose(h.doc, comment=True))
             for h in spec.hyperparameters
         ],
-        params=[
-            (py(p.name), py(tuple(p.shape)), py(p.init), py(p.trainable), prose(p.doc or "", comment=True))
-            for p in spec.params
-        ],
+        params=[_param_line(p) for p in spec.params],
         shape_lines=[(py(p.name), _dims(p.shape)) for p in spec.params],
         runtime_imports=", ".join(runtime),
+        shape_imports=", ".join(sorted({f for p in spec.params for d in p.shape for f in _calls(d)})),
         runtime_knobs=py(tuple(h.name for h in spec.hyperparameters if h.runtime)),
         ranks=py(tuple(h.name for h in spec.hyperparameters if h.rank)),
         # 120 columns less 64 for "BOUNDS = " and the comment after it in module.py.j2

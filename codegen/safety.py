@@ -22,6 +22,8 @@ import math
 import re
 import unicodedata
 
+from .shapes import FUNCTIONS as SHAPE_FUNCTIONS
+
 try:  # the regex parser re.compile uses (Python 3.11+; sre_parse before)
     import re._parser as _sre
 except ImportError:  # pragma: no cover
@@ -210,6 +212,7 @@ IMPORTS = {
     ("torch", "from"): {"Tensor", "nn"},
     "lora_lite.config": {"AdapterConfig"},
     "lora_lite.runtime": {"base_forward", "base_row_sqnorm"},
+    "lora_lite.codegen.shapes": set(SHAPE_FUNCTIONS),  # pure integer sizes (factor_m, factor_n)
 }
 # First-level attributes of the imported modules that function bodies and annotations may use.
 # torch: tensor construction and math only (no torch.load, torch.hub, torch.utils, torch.ops, ...).

@@ -58,6 +58,7 @@ CONFIG_NAMES = {
     "HRADoRAConfig": "hra_dora",
     "EVADoRAConfig": "eva_dora",
     "LoHaConfig": "loha",
+    "LoKrConfig": "lokr",
     "OFTConfig": "oft",
     "BOFTConfig": "boft",
     "CorDAConfig": "corda_lora",

@@ -189,7 +189,7 @@ ROUTES = {
 
 
 # Specs PEFT has a type for, whose export route is not written yet (refused, pointing to ll.merge).
-NOT_YET = {"road": "ROAD", "loha": "LOHA", "oft": "OFT", "boft": "BOFT"}
+NOT_YET = {"road": "ROAD", "loha": "LOHA", "lokr": "LOKR", "oft": "OFT", "boft": "BOFT"}
 
 
 def _fan_in_fan_out(st) -> bool:

@@ -3,7 +3,7 @@
     python scripts/param_counts.py                      # all shipped specs, 28 layers (minutes)
     python scripts/param_counts.py antipasto lora       # some specs
     python scripts/param_counts.py --layers 2           # quick look (counts scale with layers)
-    python scripts/param_counts.py road loha --peft     # beside PEFT's count on the same shape
+    python scripts/param_counts.py road lokr --peft     # beside PEFT's count on the same shape
 
 The model is transformers' Qwen3Model (no LM head) built from a Qwen3Config with the 0.6B
 shape and random weights, so nothing is downloaded: hidden 1024, 28 layers, 16 query heads and
@@ -12,8 +12,8 @@ no real weights; attach time does depend on the shape only (full fp32 SVD per ta
 
 Ranks follow upstream's table: r=256 for the AntiPaSTO family (spectral cores: gain, ablate,
 arrow), r=32 for the other specs with a rank (the LoRA family, HRA), PEFT's defaults for the
-methods with their own PEFT config (LoHa, OFT, RoAd), each spec's default targets. Specs that use
-calibration data get 4 x 512 random tokens (at least d_in = 1024 per target, as CorDA needs).
+methods with their own PEFT config (LoHa, LoKr, OFT, BOFT, RoAd), each spec's default targets.
+Specs that use calibration data get 4 x 512 random tokens (at least d_in = 1024 per target, as CorDA needs).
 Not part of the test suite: 56 full SVDs take minutes on 2 CPU cores. On a shared machine run
 it with OMP_NUM_THREADS=1: OpenMP threads competing with another process for the same cores
 spin and made the 2-thread timings here swing by 5x.
@@ -30,7 +30,7 @@ import lora_lite as ll
 from lora_lite.codegen.spec import load_spec, shipped_specs_dir
 
 SPECTRAL = {"gain", "ablate", "arrow"}
-OWN_DEFAULTS = {"boft", "loha", "oft", "road"}  # methods with their own PEFT config: its defaults, r included
+OWN_DEFAULTS = {"boft", "loha", "lokr", "oft", "road"}  # methods with their own PEFT config: its defaults, r included
 # Trainable counts in the upstream README / design table (q, v unless the spec says otherwise).
 UPSTREAM = {
     "lora": 4_587_520,
@@ -57,6 +57,7 @@ def peft_configs() -> dict:
         "lora": peft.LoraConfig(r=32, target_modules=qv),
         "road": peft.RoadConfig(target_modules=qv),
         "loha": peft.LoHaConfig(target_modules=qv),
+        "lokr": peft.LoKrConfig(target_modules=qv),
         "oft": peft.OFTConfig(target_modules=qv),
         "boft": peft.BOFTConfig(target_modules=qv),
         # CorDA (ipm) has LoRA's shapes: count without running its calibration

@@ -52,6 +52,7 @@ SPEC_FILE_CLASSES = [
 FUNCTIONS = {
     "test_generated_bad_spec_message": ("spec", "YAML document (aliases, nesting, encoding, tags, keys, size)", 1),
     "test_shape_expressions_refused": ("spec", "shape expressions", 1),
+    "test_shape_functions_refuse_dimensions_out_of_range": ("spec", "shape expressions", 1),
     "test_missing_file_and_empty_file": ("spec", "missing or empty spec file", 2),
     "test_a_spec_path_that_is_not_a_regular_file_is_refused_without_reading": ("spec", "missing or empty spec file", 3),
     "test_payload_in_any_string_field_is_refused_or_stays_a_string": (

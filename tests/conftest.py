@@ -213,3 +213,20 @@ def hf_gpt2(seed: int = 0):
             if n.endswith("bias"):
                 p.normal_(0, 0.2)
     return model
+
+
+def smollm2_shaped_layer():
+    """One random Llama layer of SmolLM2-135M's shape (q 576 -> 576, k/v 576 -> 192, MLP 576 -> 1536)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=1,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import lora_lite as ll
-from conftest import SPECS, llama, token_batch
+from conftest import SPECS, llama, smollm2_shaped_layer, token_batch
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -62,6 +62,9 @@ KNOWN_DIVERGENCES: dict[str, str] = {
     "corda_dora": "as corda_lora, and dora (the norm of W_res + s B A expanded)",
     "eva_dora": "as eva (the exact pooled PCA; compared on one batch with PEFT's SVD made exact) and "
     "dora (the norm of W + s B A expanded)",
+    "lokr": "where r >= max(k, n) / 2 (w2's factor sizes) PEFT holds a full (k, n) w2; here w2 stays "
+    "w2_a w2_b at rank r on every layer (other parameter counts there); the update is applied as "
+    "vec(s w1 X w2^T), not as the dense kron(w1, w2) (same math); no decompose_both, rank_dropout or module_dropout",
     "antipasto_corda": "upstream lora-lite's whitened CorDA: SVD of W C^1/2 and P = Vh C^-1/2, where "
     "CorDA's paper and PEFT decompose W C and keep Vh C^-1; damping cov_eps is absolute (no parity test)",
 }
@@ -69,12 +72,13 @@ KNOWN_DIVERGENCES: dict[str, str] = {
 
 def peft_configs() -> dict:
     """spec[:case] -> (PEFT config, our overrides, {our tensor: PEFT tensor path on the layer}, frozen)."""
-    from peft import BOFTConfig, DeloraConfig, HRAConfig, IA3Config, LoHaConfig, LoraConfig, OFTConfig
+    from peft import BOFTConfig, DeloraConfig, HRAConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig
 
     lora = dict(r=4, lora_alpha=8, target_modules=QV, lora_dropout=0.0)
     ab = {"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight"}
     oft = {"lora_oft_R": "oft_R.default.weight"}
     hada = {f"lora_hada_w{k}_{side}": f"hada_w{k}_{side}.default" for k in (1, 2) for side in "ab"}
+    lokr = {f"lora_lokr_{k}": f"lokr_{k}.default" for k in ("w1", "w2_a", "w2_b")}
     return {
         "lora": (LoraConfig(**lora), dict(r=4, alpha=8.0), ab, {}),
         "pissa": (LoraConfig(**lora, init_lora_weights="pissa"), dict(r=4, alpha=8.0), ab, {}),
@@ -114,6 +118,16 @@ def peft_configs() -> dict:
         # r=2: the rank-r^2 factored form (r^2 (i + o) < i o on every target); r=4: the dense update
         "loha": (LoHaConfig(r=2, alpha=8, target_modules=QV), dict(r=2, alpha=8.0), hada, {}),
         "loha:dense": (LoHaConfig(r=4, alpha=8, target_modules=QV), dict(r=4, alpha=8.0), hada, {}),
+        # r=2, 3 < max(k, n) / 2 = 4 on the tiny q and v: PEFT factors w2 too. decompose_factor 2:
+        # 32 = 2 x 16, 16 = 2 x 8 (a factor that divides comes first, not the smaller first)
+        "lokr": (LoKrConfig(r=2, alpha=8, target_modules=QV), dict(r=2, alpha=8.0), lokr, {}),
+        "lokr:r3": (LoKrConfig(r=3, alpha=5, target_modules=QV), dict(r=3, alpha=5.0), lokr, {}),
+        "lokr:factor2": (
+            LoKrConfig(r=2, alpha=8, decompose_factor=2, target_modules=QV),
+            dict(r=2, alpha=8.0, decompose_factor=2),
+            lokr,
+            {},
+        ),
         "boft": (
             BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=1, target_modules=QV),
             dict(boft_block_size=4),
@@ -399,3 +413,58 @@ def test_road_same_logits_and_gradients_as_peft(variant):
     with torch.no_grad():
         base_logits = base(**batch).logits
     copied_tensors_match_peft(f"road_{variant}", ours, theirs, layers, mapping, batch, base_logits)
+
+
+def test_lokr_on_smollm2_shape_same_shapes_count_logits_and_gradients_as_peft():
+    """576 = 24 x 24 and 192 = 12 x 16: at PEFT's defaults (r 8, alpha 8) both libraries split
+    q, k and v alike, train as many parameters and give the same logits and gradients."""
+    from peft import LoKrConfig
+
+    base = smollm2_shaped_layer()
+    qkv = ["q_proj", "k_proj", "v_proj"]
+    ours = copy.deepcopy(base)
+    ll.attach(ours, ll.from_spec("lokr", target_names=[rf"\.{t}$" for t in qkv]))
+    theirs = peft.get_peft_model(copy.deepcopy(base), LoKrConfig(target_modules=qkv)).eval()
+    mapping = {f"lora_lokr_{k}": f"lokr_{k}.default" for k in ("w1", "w2_a", "w2_b")}
+    layers = {t: theirs.base_model.model.get_submodule(t) for t in ll.state(ours).targets}
+    assert len(layers) == 3
+    for target, layer in layers.items():
+        m = ll.state(ours).targets[target].module
+        for ours_k, path in mapping.items():
+            assert getattr(m, ours_k).shape == peft_tensor(layer, path).shape, (target, ours_k)
+        assert not m.lora_lokr_w1.any() and not peft_tensor(layer, mapping["lora_lokr_w1"]).any()
+    assert ll.state(ours).targets["model.layers.0.self_attn.k_proj"].module.lora_lokr_w1.shape == (12, 24)
+    theirs_count = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    assert sum(p.numel() for p in ll.trainable_parameters(ours)) == theirs_count
+    batch = {"input_ids": token_batch(seed=7, vocab=64)["input_ids"]}
+    with torch.no_grad():
+        base_logits = base(**batch).logits
+    copied_tensors_match_peft("lokr_smollm2", ours, theirs, layers, mapping, batch, base_logits)
+
+
+def test_lokr_keeps_w2_factored_where_peft_switches_to_a_full_w2():
+    """The documented divergence: at r=4 on the tiny q (k = n = 8: r >= max(k, n) / 2) PEFT holds a
+    full (8, 8) w2; lora-lite keeps w2_a (8, 4) w2_b (4, 8), the same function class."""
+    from peft import LoKrConfig
+
+    base = llama()
+    theirs = peft.get_peft_model(copy.deepcopy(base), LoKrConfig(r=4, target_modules=QV))
+    layer = theirs.base_model.model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert "default" in layer.lokr_w2 and "default" not in layer.lokr_w2_a
+    assert tuple(layer.lokr_w2["default"].shape) == (8, 8)
+    ours = copy.deepcopy(base)
+    ll.attach(ours, ll.from_spec("lokr", r=4))
+    m = ll.state(ours).targets["model.layers.0.self_attn.q_proj"].module
+    assert (m.lora_lokr_w2_a.shape, m.lora_lokr_w2_b.shape) == ((8, 4), (4, 8))
+
+
+def test_shape_functions_split_dimensions_as_pefts_lokr_factorization():
+    """codegen.shapes.factorization (factor_m, factor_n) equals PEFT's on every dimension up to 600
+    with factors -3..40, and on the dimensions of common models."""
+    from peft.tuners.lokr.layer import factorization as peft_factorization
+
+    from lora_lite.codegen.shapes import factorization
+
+    for dim in [*range(1, 601), 896, 1536, 2048, 3072, 4096, 11008, 14336, 151936]:
+        for factor in range(-3, 41):
+            assert factorization(dim, factor) == peft_factorization(dim, factor), (dim, factor)

@@ -9,7 +9,17 @@ import torch
 from safetensors.torch import load_file
 
 import lora_lite as ll
-from conftest import NOT_IDENTITY_AT_INIT, SPECS, attach_small, lm_loss, logits, make_model, perturb, token_batch
+from conftest import (
+    NOT_IDENTITY_AT_INIT,
+    SPECS,
+    attach_small,
+    lm_loss,
+    logits,
+    make_model,
+    perturb,
+    smollm2_shaped_layer,
+    token_batch,
+)
 
 
 @pytest.mark.parametrize("name", SPECS)
@@ -127,23 +137,6 @@ def test_bf16_model_with_fp32_adapters(name, monkeypatch):
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), n
-
-
-def smollm2_shaped_layer():
-    """One random Llama layer of SmolLM2-135M's shape (q 576 -> 576, k/v 576 -> 192, MLP 576 -> 1536)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=1,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=512,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
 
 
 @pytest.mark.parametrize("name", SPECS)

@@ -9,7 +9,7 @@ import pytest
 
 from lora_lite.cli import main
 from lora_lite.codegen import SpecError, load_spec, render
-from lora_lite.codegen.shapes import eval_shape_expr, parse_shape_expr
+from lora_lite.codegen.shapes import eval_shape_expr, factorization, parse_shape_expr, to_python
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD = Path(__file__).parent / "bad_specs"
@@ -151,10 +151,45 @@ def test_shape_expressions(expr, value):
     assert eval_shape_expr(parse_shape_expr(expr), {"r": 8, "block": 2, "d_in": 64, "d_out": 48}) == value
 
 
-@pytest.mark.parametrize("expr", ["r ** 2", "f(r)", "r.x", "'a'", "r if r else 1", "1.5", "[r]", "r / 2"])
+@pytest.mark.parametrize(
+    "expr,value",
+    [
+        ("factor_m(d_in, -1)", 8),  # 64 = 8 x 8
+        ("factor_n(d_out, -1)", 8),  # 48 = 6 x 8, smaller first
+        ("factor_m(d_out, -1)", 6),
+        ("factor_m(d_out, block) * r", 16),  # a factor that divides comes first: 48 = 2 x 24
+        ("factor_n(d_out, block)", 24),
+        ("factor_n(d_in + r, 0)", 72),  # factor 0: (1, d), as PEFT
+    ],
+)
+def test_shape_functions_give_pefts_kronecker_factor_sizes(expr, value):
+    tree = parse_shape_expr(expr)
+    assert eval_shape_expr(tree, {"r": 8, "block": 2, "d_in": 64, "d_out": 48}) == value
+    assert to_python(tree, "cfg").count("factor_") == 1 and "cfg.factor" not in to_python(tree, "cfg")
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        *["r ** 2", "f(r)", "r.x", "'a'", "r if r else 1", "1.5", "[r]", "r / 2"],
+        *["eval(r)", "factor_m", "factor_m(d_in)", "factor_m(d_in, r, r)", "factor_m(d_in, factor=r)"],
+        *["factor_m(*d_in)", "cfg.factor_m(d_in, r)", "factor_m(d_in, r)(r)", "d_in // factor_m(d_in, r)"],
+    ],
+)
 def test_shape_expressions_refused(expr):
-    with pytest.raises(ValueError, match="not allowed|cannot parse"):
+    with pytest.raises(ValueError, match="not allowed|cannot parse|plain arguments|call it|divides only"):
         parse_shape_expr(expr)
+
+
+@pytest.mark.parametrize("dim", [0, -4, 2**31 + 1])
+def test_shape_functions_refuse_dimensions_out_of_range(dim):
+    with pytest.raises(ValueError, match=r"outside \[1, 2\*\*31\]"):
+        eval_shape_expr(parse_shape_expr("factor_m(d_in, -1)"), {"d_in": dim})
+
+
+def test_factorization_of_a_large_prime_is_quick_and_exact():
+    assert factorization(2**31 - 1, -1) == (1, 2**31 - 1)  # a prime: O(sqrt(d)) steps, not O(d)
+    assert factorization(2**31, -1) == (32768, 65536)
 
 
 def test_validate_cli_exit_status(capsys):
