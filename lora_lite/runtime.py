@@ -11,7 +11,7 @@ target's tensors are built, so a failure leaves the model as it was):
          WEIGHT_READERS parent is refused; preflight: every check on the model and its targets
          (load runs it too)
       2. clamp rank hyperparameters per target to the dimension they need (min(d_in, d_out);
-         HRA: d_in), alpha scaled with r so alpha / r stays as configured (one warning each)
+         HRA: d_in), alpha (DeLoRA: lambda0) scaled with r so alpha / r stays as configured (one warning each)
       3. calibrate on the *intact* model: input statistics of every target (padding excluded)
       4. build each target's tensors with the variant's init(W, cfg, stats), in fp32
       5. install: freeze every base parameter, register the tensors on the target (names
@@ -612,12 +612,18 @@ def rank_limit(gen: ModuleType, k: str, d_in: int, d_out: int) -> tuple[str, int
     return "min(d_in, d_out)", min(d_in, d_out)
 
 
+# Hyperparameters the math reads divided by r: LoRA's alpha (s = alpha / r), DeLoRA's lambda0
+# (g = lambda / r). Clamping r scales them by r_clamped / r, so the quotient stays as configured.
+PER_RANK = ("alpha", "lambda0")
+
+
 def target_config(cfg: AdapterConfig, name: str, m: nn.Module, warn: bool = True) -> AdapterConfig:
     """The config for one target: rank hyperparameters clamped to the dimension they need
-    (rank_limit). When `r` is clamped and the spec has `alpha` (scale alpha / r), alpha is
-    scaled by r_clamped / r too, so the layer keeps the configured alpha / r, as PEFT (which
-    never clamps) scales it. Per-target hyperparameters are saved in checkpoints, so an adapter
-    saved with another rule loads with the scaling it was trained with."""
+    (rank_limit). When `r` is clamped, each PER_RANK hyperparameter the spec has (alpha: scale
+    alpha / r; DeLoRA's lambda0: strength lambda / r) is scaled by r_clamped / r too, so the
+    layer keeps the configured quotient, as PEFT (which never clamps) has it. Per-target
+    hyperparameters are saved in checkpoints, so an adapter saved with another rule loads with
+    the scaling it was trained with."""
     gen = cfg.variant()
     changes = {}
     for k in gen.RANKS:
@@ -626,9 +632,10 @@ def target_config(cfg: AdapterConfig, name: str, m: nn.Module, warn: bool = True
             continue
         changes[k] = limit
         note = ""
-        if k == "r" and "alpha" in gen.BOUNDS:
-            changes["alpha"] = cfg.alpha * limit / cfg.r
-            note = f" and alpha={changes['alpha']:g}, keeping alpha / r = {cfg.alpha / cfg.r:g}"
+        for h in PER_RANK if k == "r" else ():
+            if h in gen.BOUNDS:
+                changes[h] = getattr(cfg, h) * limit / cfg.r
+                note += f" and {h}={changes[h]:g}, keeping {h} / r = {getattr(cfg, h) / cfg.r:g}"
         if warn:
             warnings.warn(
                 f"{gen.NAME}: {name}: {k}={getattr(cfg, k)} exceeds {what}={limit}; "
