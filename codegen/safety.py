@@ -209,7 +209,7 @@ IMPORTS = {
     "torch": None,
     ("torch", "from"): {"Tensor", "nn"},
     "lora_lite.config": {"AdapterConfig"},
-    "lora_lite.runtime": {"base_forward", "base_row_sqnorm"},
+    "lora_lite.runtime": {"base_forward", "base_row_sqnorm", "embedding_lookup", "is_embedding"},
 }
 # First-level attributes of the imported modules that function bodies and annotations may use.
 # torch: tensor construction and math only (no torch.load, torch.hub, torch.utils, torch.ops, ...).
