@@ -50,16 +50,21 @@ def test_embedding_adapter_is_identity_trains_only_its_tensors_saves_loads_and_d
     assert_unchanged(model, snap)
 
 
-def test_named_embedding_adapter_composes_with_the_default():
+def test_named_embedding_adapter_composes_with_the_default_and_scales():
     model = llama()
     base = out(model)
     ll.attach(model, ll.from_spec("lora", r=2, target_names=["embed_tokens"]))
     ll.attach(model, ll.from_spec("dora", r=2, target_names=["embed_tokens"]), name="extra")
     assert torch.equal(out(model), base)
     perturb(model)
-    assert (out(model) - base).abs().max() > 1e-3
+    adapted = out(model)
+    assert (adapted - base).abs().max() > 1e-3
     with ll.disabled(model):
         assert torch.equal(out(model), base)
+    ll.scale(model, 0.0)
+    assert torch.equal(out(model), base)
+    ll.scale(model, 1.0)
+    assert torch.equal(out(model), adapted)
 
 
 def test_tied_embedding_is_adapted_without_writing_the_shared_weight():
