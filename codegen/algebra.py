@@ -9,11 +9,14 @@ Jinja2 template (its code fragments, indented as function bodies). Metadata keys
     core      hooks, hyper, tensors (name -> shape, allowed inits), handoffs (per hand-off: inits
               the basis sets, frozen tensors that make a frozen part) or spectral: true (the
               hand-off U, S, vin kept frozen), freezable, scaled, dropout, cast_input, additive
-              (true, false or the hooks on which update binds `delta`), runtime;
-              blocks formula, update (binds `delta` or returns), factors, frozen, init, init_<h>, check
+              (true, false or the hooks on which update binds `delta`), runtime, embedding;
+              blocks formula, update (binds `delta` or returns), factors, frozen, init, init_<h>,
+              init_embedding, check
     modifier  cores (what the core must have), hooks, handoffs, residuals, exclusive, replaces,
               options, hyper, tensors, base_weight, runtime; blocks formula, init, pre, scale, update, wrap
 
+`embedding: true` on every part of a composition (and nothing frozen) lets it adapt nn.Embedding
+targets (Composition.embedding; the core's update and init_embedding blocks see `embedding`).
 `hyper` maps a name to [type, default(, runtime)]; `bounds` maps each int or float one to its
 [min, max] (what a cell's spec declares; a shipped spec declares its own). Shapes are expressions in r, d_in, d_out,
 d_hook (the hooked side) and hyperparameters. compose() checks a composition and names the
@@ -113,6 +116,14 @@ class Composition:
         )
 
     @property
+    def embedding(self) -> bool:
+        """True when nn.Embedding targets work: every part declares `embedding: true` (basis none,
+        core lowrank, modifiers scale and magnitude: PEFT's LoRA, rsLoRA, DoRA on embeddings),
+        nothing is frozen, the hook is on the output."""
+        every = all(p.meta.get("embedding") for p in self.all_parts())
+        return every and not self.frozen and self.hook == "output" and all(t[1] for t in self.tensors().values())
+
+    @property
     def calibration(self) -> str:
         c = self.basis.meta.get("calibration", "none")
         return c.get(self.select, "none") if isinstance(c, dict) else c
@@ -122,7 +133,14 @@ class Composition:
         opts = {k: v for _, o in self.mods.values() for k, v in o.items()}
         x = "xd" if "dropout" in self.mods else "x"  # the adapter's input
         return dict(
-            select=self.select, handoff=self.handoff, vin=self.vin, hook=self.hook, frozen=self.frozen, x=x, **opts
+            select=self.select,
+            handoff=self.handoff,
+            vin=self.vin,
+            hook=self.hook,
+            frozen=self.frozen,
+            x=x,
+            embedding=self.embedding,
+            **opts,
         )
 
     def all_parts(self) -> list[Part]:

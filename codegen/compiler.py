@@ -149,6 +149,8 @@ def _bodies(spec, comp) -> dict[str, str]:
     elif comp.frozen:
         init.append(core.render("init_frozen", **ctx))
     init += [p.render("init", **ctx) for p in comp.all_parts()[1:] if p.has("init")]
+    if comp.embedding:  # after the magnitude's init: A = 0 or B = 0 gives the same ||W||_row
+        init.append(core.render("init_embedding", **ctx))
     init.append("    return t")
     fwd = [p.render("pre", **ctx) for p, _ in comp.mods.values() if p.has("pre")]
     fwd.append(comp.block("update"))
@@ -184,6 +186,8 @@ COMMENTS = {
     ("QUANTIZED_BASE", True): "bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)",
     ("USES_BASE_WEIGHT", True): "the math reads W: load refuses a base whose weights differ",
     ("USES_BASE_WEIGHT", False): "the math never reads W after init",
+    ("EMBEDDING", True): "nn.Embedding targets work (token ids in; PEFT's layout and init)",
+    ("EMBEDDING", False): "attach refuses nn.Embedding targets",
 }
 
 
@@ -201,6 +205,7 @@ def context(spec, display: str) -> dict:
         config_doc=prose(f"{spec.title} hyperparameters (defaults from {display})."),
         hook=spec.hook,
         cast=cast,
+        embedding=comp.embedding,
         constants=[
             (k, py(v), COMMENTS.get((k, v), what))
             for k, v, what in (
@@ -215,6 +220,7 @@ def context(spec, display: str) -> dict:
                 ("LR", spec.lr, "recommended AdamW learning rate"),
                 ("QUANTIZED_BASE", spec.quantized_base, ""),
                 ("USES_BASE_WEIGHT", any(p.meta.get("base_weight") for p in comp.all_parts()), ""),
+                ("EMBEDDING", comp.embedding, ""),
             )
         ],
         fields=[

@@ -35,7 +35,9 @@ import torch
 from torch import Tensor, nn
 
 from lora_lite.config import AdapterConfig
-from lora_lite.runtime import base_forward  # read W through the layer (float or 4/8-bit)
+
+# the layer's own reads: W through its forward (float or 4/8-bit), an nn.Embedding's token lookup
+from lora_lite.runtime import base_forward
 
 NAME = "boft"  # the spec's name
 TITLE = "BOFT"  # its title
@@ -48,6 +50,7 @@ TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on mod
 LR = 0.001  # recommended AdamW learning rate
 QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)
 USES_BASE_WEIGHT = False  # the math never reads W after init
+EMBEDDING = False  # attach refuses nn.Embedding targets
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ()  # hyperparameters clamped per target to min(d_in, d_out)
 BOUNDS = {

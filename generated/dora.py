@@ -38,7 +38,9 @@ import torch
 from torch import Tensor, nn
 
 from lora_lite.config import AdapterConfig
-from lora_lite.runtime import base_forward, base_row_sqnorm  # read W through the layer (float or 4/8-bit)
+
+# the layer's own reads: W through its forward (float or 4/8-bit), an nn.Embedding's token lookup
+from lora_lite.runtime import base_forward, base_row_sqnorm, embedding_lookup, is_embedding
 
 NAME = "dora"  # the spec's name
 TITLE = "DoRA"  # its title
@@ -51,6 +53,7 @@ TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on mod
 LR = 0.0001  # recommended AdamW learning rate
 QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)
 USES_BASE_WEIGHT = True  # the math reads W: load refuses a base whose weights differ
+EMBEDDING = True  # nn.Embedding targets work (token ids in; PEFT's layout and init)
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
 BOUNDS = {"r": (1, 65536), "alpha": (-1000000.0, 1000000.0)}  # (min, max) of each hyperparameter; None for a bool
@@ -82,13 +85,15 @@ def shapes(cfg: Config, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
 
 
 # i: d_in, o: d_out, r: rank, ...: leading (batch, token) dims
-def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]:
+def init(W: Tensor, cfg: Config, stats: dict | None = None, embedding: bool = False) -> dict[str, Tensor]:
     """Initial adapter tensors (fp32) for one target. W: (o, i) base weight, fp32, dequantized.
 
     `stats` holds statistics of this layer's input, gathered on the intact model, when
     calibration data was given: "second_moment" (i, i) = mean of x x^T and "mean" (i,) = mean
     of x over the counted tokens (padding and labels == -100 excluded), and "tokens", their
     count. Otherwise it is None.
+    `embedding`: the target is an nn.Embedding, W its weight transposed, (embedding_dim,
+    num_embeddings): o = embedding_dim, i = num_embeddings.
     """
     d_out, d_in = W.shape
     t = {}
@@ -97,13 +102,17 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
     t["lora_B"] = torch.zeros(d_out, cfg.r)  # (o, r)
     # magnitude m = ||W||_row, the row norms of the adapted weight at init (the core starts at the identity)
     t["lora_magnitude_vector"] = torch.linalg.vector_norm(W, dim=1)  # (o,)
+    if embedding:  # an nn.Embedding (PEFT's layout, the reverse of a linear layer's): A = 0, B ~ N(0, 1)
+        t["lora_A"], t["lora_B"] = torch.zeros(cfg.r, d_in), torch.randn(d_out, cfg.r)  # (r, i), (o, r)
     return t
 
 
 def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     """New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output."""
     s = cfg.alpha / cfg.r
-    delta = (s * (x @ m.lora_A.T)) @ m.lora_B.T  # (..., o); s scales the (..., r) factor
+    # an nn.Embedding's x holds token ids (...,): x A^T is a lookup of A's columns (PEFT's lora_embedding_A)
+    xa = embedding_lookup(m, x, m.lora_A) if is_embedding(m) else x @ m.lora_A.T  # (..., r)
+    delta = (s * xa) @ m.lora_B.T  # (..., o); s scales the (..., r) factor
     with torch.no_grad():  # the norm is a constant for autograd (DoRA sec. 4.3, as PEFT)
         # the adapted weight is the layer's weight plus Bf Af; its squared row norms are
         # ||W_i||^2 + 2 Bf_i . (W Af^T)_i + Bf_i (Af Af^T) Bf_i^T: W is only applied to Af's rows,
@@ -112,7 +121,7 @@ def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
         WAt = base_forward(m, Af).T  # (o, k) W Af^T by the layer's own forward, bias removed
         sq = base_row_sqnorm(m) + 2 * (WAt * Bf).sum(1) + ((Bf @ (Af @ Af.T)) * Bf).sum(1)  # (o,)
         norm = sq.clamp_min(0.0).sqrt()  # (o,) row norms of the adapted weight
-    scale = m.lora_magnitude_vector / norm.to(x.dtype)  # (o,)
+    scale = m.lora_magnitude_vector / norm.to(m.lora_magnitude_vector.dtype)  # (o,)
     # y + delta is formed in the wider of the two dtypes (a bf16 y is read once, not cast first)
     bias = getattr(m, "bias", None)
     if bias is None:

@@ -44,6 +44,7 @@ TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on mod
 LR = 0.0001  # recommended AdamW learning rate
 QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)
 USES_BASE_WEIGHT = False  # the math never reads W after init
+EMBEDDING = False  # attach refuses nn.Embedding targets
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
 BOUNDS = {"r": (1, 65536), "alpha": (-1000000.0, 1000000.0)}  # (min, max) of each hyperparameter; None for a bool

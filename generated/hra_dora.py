@@ -37,7 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from lora_lite.config import AdapterConfig
-from lora_lite.runtime import base_forward, base_row_sqnorm  # read W through the layer (float or 4/8-bit)
+
+# the layer's own reads: W through its forward (float or 4/8-bit), an nn.Embedding's token lookup
+from lora_lite.runtime import base_forward, base_row_sqnorm
 
 NAME = "hra_dora"  # the spec's name
 TITLE = "HRA-DoRA"  # its title
@@ -50,6 +52,7 @@ TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on mod
 LR = 0.001  # recommended AdamW learning rate
 QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)
 USES_BASE_WEIGHT = True  # the math reads W: load refuses a base whose weights differ
+EMBEDDING = False  # attach refuses nn.Embedding targets
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
 BOUNDS = {"r": (2, 65536)}  # (min, max) of each hyperparameter; None for a bool
@@ -121,7 +124,7 @@ def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
         WAt = base_forward(m, Af).T  # (o, k) W Af^T by the layer's own forward, bias removed
         sq = base_row_sqnorm(m) + 2 * (WAt * Bf).sum(1) + ((Bf @ (Af @ Af.T)) * Bf).sum(1)  # (o,)
         norm = sq.clamp_min(0.0).sqrt()  # (o,) row norms of the adapted weight
-    scale = m.lora_magnitude_vector / norm.to(x.dtype)  # (o,)
+    scale = m.lora_magnitude_vector / norm.to(m.lora_magnitude_vector.dtype)  # (o,)
     # y + delta is formed in the wider of the two dtypes (a bf16 y is read once, not cast first)
     bias = getattr(m, "bias", None)
     if bias is None:

@@ -26,6 +26,9 @@ from torch import Tensor, nn
 
 from lora_lite.config import AdapterConfig
 
+# the layer's own reads: W through its forward (float or 4/8-bit), an nn.Embedding's token lookup
+from lora_lite.runtime import embedding_lookup, is_embedding
+
 NAME = "rslora"  # the spec's name
 TITLE = "rsLoRA"  # its title
 HOOK = "output"  # forward hook: forward() returns the layer's new output
@@ -37,6 +40,7 @@ TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on mod
 LR = 0.0001  # recommended AdamW learning rate
 QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)
 USES_BASE_WEIGHT = False  # the math never reads W after init
+EMBEDDING = True  # nn.Embedding targets work (token ids in; PEFT's layout and init)
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
 BOUNDS = {"r": (1, 65536), "alpha": (-1000000.0, 1000000.0)}  # (min, max) of each hyperparameter; None for a bool
@@ -66,26 +70,32 @@ def shapes(cfg: Config, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
 
 
 # i: d_in, o: d_out, r: rank, ...: leading (batch, token) dims
-def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]:
+def init(W: Tensor, cfg: Config, stats: dict | None = None, embedding: bool = False) -> dict[str, Tensor]:
     """Initial adapter tensors (fp32) for one target. W: (o, i) base weight, fp32, dequantized.
 
     `stats` holds statistics of this layer's input, gathered on the intact model, when
     calibration data was given: "second_moment" (i, i) = mean of x x^T and "mean" (i,) = mean
     of x over the counted tokens (padding and labels == -100 excluded), and "tokens", their
     count. Otherwise it is None.
+    `embedding`: the target is an nn.Embedding, W its weight transposed, (embedding_dim,
+    num_embeddings): o = embedding_dim, i = num_embeddings.
     """
     d_out, d_in = W.shape
     t = {}
     t["lora_A"] = torch.empty(cfg.r, d_in)  # (r, i)
     nn.init.kaiming_uniform_(t["lora_A"], a=math.sqrt(5))  # as nn.Linear (PEFT's lora_A init)
     t["lora_B"] = torch.zeros(d_out, cfg.r)  # (o, r)
+    if embedding:  # an nn.Embedding (PEFT's layout, the reverse of a linear layer's): A = 0, B ~ N(0, 1)
+        t["lora_A"], t["lora_B"] = torch.zeros(cfg.r, d_in), torch.randn(d_out, cfg.r)  # (r, i), (o, r)
     return t
 
 
 def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     """New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output."""
     s = cfg.alpha / math.sqrt(cfg.r)  # rsLoRA: the update's scale stays stable as r grows
-    delta = (s * (x @ m.lora_A.T)) @ m.lora_B.T  # (..., o); s scales the (..., r) factor
+    # an nn.Embedding's x holds token ids (...,): x A^T is a lookup of A's columns (PEFT's lora_embedding_A)
+    xa = embedding_lookup(m, x, m.lora_A) if is_embedding(m) else x @ m.lora_A.T  # (..., r)
+    delta = (s * xa) @ m.lora_B.T  # (..., o); s scales the (..., r) factor
     return y + delta.to(y.dtype)  # (..., o)
 
 

@@ -57,6 +57,7 @@ from .runtime import (
     check_quantized,
     fingerprint_distance,
     install,
+    is_embedding,
     is_linear_like,
     layer_dims,
     preflight,
@@ -538,7 +539,7 @@ def _plan_target(ck: _File, gen, cfg, name: str, tmeta: dict, modules: dict) -> 
     model and the file's tensor table; reads no tensor bytes."""
     path, where = ck.path, ("targets", name)
     m = modules.get(name)
-    if m is None or not is_linear_like(m):
+    if m is None or not (is_linear_like(m) or is_embedding(m)):
         what = "missing from" if m is None else "not linear-like in"
         raise _err(path, "$.targets", f"target {name!r} is {what} this model")
     d_in, d_out = layer_dims(m)

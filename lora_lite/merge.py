@@ -11,7 +11,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .runtime import AttachError, InputHook, OutputHook, detach, is_quantized, quantization, states, stored_layout
+from .runtime import (
+    AttachError,
+    InputHook,
+    OutputHook,
+    detach,
+    is_embedding,
+    is_quantized,
+    quantization,
+    states,
+    stored_layout,
+)
 from .wrappers import full, shard_like, unwrap
 
 
@@ -57,7 +67,8 @@ def merge(model: nn.Module) -> nn.Module:
     `model` may be wrapped (torch.compile, DDP, accelerate, FSDP2); Conv1D layers and a model
     moved with model.to(dtype) after attach merge too.
     Raises AttachError, leaving the model unchanged, when nothing is attached, when an adapter
-    is inactive (ll.disabled, ll.set_active; named), or when a target is a quantized layer:
+    is inactive (ll.disabled, ll.set_active; named), when a target is an nn.Embedding (not
+    folded: often tied to lm_head), or when a target is a quantized layer:
     load the base in float (or dequantize it, e.g. transformers' `model.dequantize()`), attach or
     ll.load the adapter there, then merge.
     Source: PEFT's `merge_and_unload` (peft/tuners/tuners_utils.py), here computed from the
@@ -74,6 +85,11 @@ def merge(model: nn.Module) -> nn.Module:
                 raise AttachError(
                     f"merge: {tname} is quantized ({quantization(t.module)}); merging would rewrite its quantized "
                     "weight. Load the base model in float (or dequantize it), ll.load the adapter there, then merge"
+                )
+            if is_embedding(t.module):
+                raise AttachError(
+                    f"merge: {tname} is an nn.Embedding; merge folds linear layers only (an embedding is often tied "
+                    "to lm_head, which folding would change too); ll.save the adapter or ll.export_peft it"
                 )
             if not t.enabled:
                 raise AttachError(

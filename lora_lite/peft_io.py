@@ -51,6 +51,7 @@ from .runtime import (
     check_quantized,
     install,
     is_conv1d,
+    is_embedding,
     is_linear_like,
     is_quantized,
     layer_dims,
@@ -206,7 +207,7 @@ def _fan_in_fan_out(st) -> bool:
             f"export_peft: {st.variant.NAME}: {conv[0]} is a transformers Conv1D, which PEFT's {peft_type} "
             "does not adapt; use ll.merge(model) and save_pretrained"
         )
-    linear = [n for n in st.targets if n not in conv]
+    linear = [n for n, t in st.targets.items() if n not in conv and not is_embedding(t.module)]
     if linear:
         raise AttachError(
             f"export_peft: {conv[0]} is a Conv1D (fan_in_fan_out) and {linear[0]} is not; PEFT takes one "
@@ -368,7 +369,9 @@ def _payload(model: nn.Module, st) -> tuple[dict, dict, str]:
                 "layers_pattern": None,
             }
     flat = {
-        f"{PREFIX}{n}.{k}": v.detach().to(device="cpu", dtype=st.cfg.dtype).contiguous()
+        f"{PREFIX}{n}.{_embedding_key(k) if is_embedding(st.targets[n].module) else k}": v.detach()
+        .to(device="cpu", dtype=st.cfg.dtype)
+        .contiguous()
         for n, ts in tensors.items()
         for k, v in ts.items()
     }
@@ -564,6 +567,8 @@ def _read_peft(model: nn.Module, peft_dir, name: str) -> tuple:
     if not found:
         raise CheckpointError(f"{cpath}: target_modules={c.get('target_modules')!r} matches no module of this model")
     for n in found:
+        if is_embedding(modules[n]):
+            continue  # refused below unless the spec adapts embeddings
         if not is_linear_like(modules[n]) or EXCLUDE.search(n):
             raise CheckpointError(f"{cpath}: target {n} is not a linear layer lora-lite adapts")
         if c.get("fan_in_fan_out") and not is_conv1d(modules[n]):  # PEFT would transpose W of a Linear
@@ -575,6 +580,11 @@ def _read_peft(model: nn.Module, peft_dir, name: str) -> tuple:
             _refuse(cpath, "feedforward_modules", ff, "some targets but not all (one lora-lite spec per model)")
         spec = "ia3_ff" if all(is_ff) else "ia3"
     gen = variant_module(spec)
+    embeddings = [n for n in found if is_embedding(modules[n])]
+    if embeddings and not gen.EMBEDDING:
+        raise CheckpointError(
+            f"{cpath}: target {embeddings[0]} is an nn.Embedding, which lora-lite's {spec} does not adapt"
+        )
     base = {"target_names": tuple(f"^{re.escape(n)}$" for n in found)}
     cropped = {t for st in states(model).values() for t, x in st.targets.items() if x.cfg.residual == "crop"}
     if spec == "pissa" and any(is_quantized(modules[n]) or n in cropped for n in found):
@@ -589,6 +599,7 @@ def _read_peft(model: nn.Module, peft_dir, name: str) -> tuple:
             want = gen.shapes(cfg_t, *layer_dims(m))
             tensors = {}
             for ours, suffix in _names(spec).items():
+                suffix = tuple(_embedding_key(s) for s in suffix) if is_embedding(m) else suffix
                 key = next((f"{PREFIX}{n}.{s}" for s in suffix if f"{PREFIX}{n}.{s}" in keys), None)
                 if key is None:
                     raise CheckpointError(f"{wpath}: tensor {PREFIX}{n}.{suffix[0]} is missing")
@@ -608,6 +619,16 @@ def _read_peft(model: nn.Module, peft_dir, name: str) -> tuple:
         if keys:
             raise CheckpointError(f"{wpath}: tensor {sorted(keys)[0]} belongs to no target of adapter_config.json")
     return per_target[found[0]][1], per_target
+
+
+# PEFT's names for the LoRA pair on an nn.Embedding (peft/tuners/lora/layer.py, class Embedding):
+# the same shapes as ours, lora_embedding_A (r, num_embeddings) and lora_embedding_B (embedding_dim, r).
+EMBEDDING_KEYS = {"lora_A.weight": "lora_embedding_A", "lora_B.weight": "lora_embedding_B"}
+
+
+def _embedding_key(k: str) -> str:
+    """PEFT's saved key suffix for tensor `k` of an nn.Embedding target (lora_A.weight -> lora_embedding_A)."""
+    return EMBEDDING_KEYS.get(k, k)
 
 
 def _line(e: BaseException) -> str:

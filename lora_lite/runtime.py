@@ -6,12 +6,13 @@ target's tensors are built, so a failure leaves the model as it was):
     attach(model, cfg, calibration_data=None)
       1. find targets: linear-like modules (in_features, out_features, weight; and transformers
          Conv1D, weight stored (d_in, d_out)) whose names match cfg.target_names (re.search)
-         and cfg.layers; lm_head and embeddings excluded; a matching layer of another kind
-         with a weight matrix (Conv2d, an Embedding under another name, ...) or one inside a
-         WEIGHT_READERS parent is refused; preflight: every check on the model and its targets
-         (load runs it too)
+         and cfg.layers; lm_head excluded; nn.Embedding (read as a Conv1D on one-hot x) when
+         a pattern matches it (embed_tokens, wte, ...: when a pattern spells the name), refused
+         unless the variant says EMBEDDING; a matching layer of another kind with a weight
+         matrix (Conv2d, ...) or one inside a WEIGHT_READERS parent is refused; preflight:
+         every check on the model and its targets (load runs it too)
       2. clamp rank hyperparameters per target to the dimension they need (min(d_in, d_out);
-         HRA: d_in), alpha scaled with r so alpha / r stays as configured (one warning each)
+         HRA: d_in), alpha (DeLoRA: lambda0) scaled with r so alpha / r stays as configured (one warning each)
       3. calibrate on the *intact* model: input statistics of every target (padding excluded)
       4. build each target's tensors with the variant's init(W, cfg, stats), in fp32
       5. install: freeze every base parameter, register the tensors on the target (names
@@ -58,6 +59,7 @@ STATE_ATTR = "_lora_lite"
 NAMED_ATTR = "_lora_lite_named"  # {name: State} of the adapters attached with a name other than "default"
 SLOT_PREFIX = "lora_lite_"  # a named adapter's tensors live on a child module <layer>.lora_lite_<name>
 EXCLUDE = re.compile(r"(^|\.)(lm_head|embed_tokens|embed_out|wte|wpe|embeddings?)$")
+EMBEDDING_RULE = ", and an embedding only when a pattern spells its name (embed_tokens)"
 LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
 
 
@@ -169,9 +171,38 @@ def is_conv1d(m: nn.Module) -> bool:
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and isinstance(getattr(m, "weight", None), Tensor)
 
 
+def is_embedding(m: nn.Module) -> bool:
+    """An nn.Embedding (or a subclass): y = W[x] for token ids x, W stored (num_embeddings,
+    embedding_dim). Read as a linear layer on one-hot x, d_in = num_embeddings, d_out =
+    embedding_dim, W stored (d_in, d_out) as a Conv1D's: PEFT's lora_embedding_A (r, d_in) and
+    lora_embedding_B (d_out, r) are then lora_A and lora_B. A named adapter's slot is read as its layer."""
+    if isinstance(m, AdapterSlot):
+        m = m.__dict__["layer"]
+    return isinstance(m, nn.Embedding)
+
+
+def stored_in_out(m: nn.Module) -> bool:
+    """True when the layer stores W as (d_in, d_out): a Conv1D or an nn.Embedding."""
+    return is_conv1d(m) or is_embedding(m)
+
+
+def embedding_lookup(m: nn.Module, x: Tensor, A: Tensor) -> Tensor:
+    """x A^T for an nn.Embedding target: the columns of A (r, num_embeddings) at token ids x
+    (...,), as F.embedding with the layer's padding_idx, scale_grad_by_freq and sparse (no
+    gradient reaches A's padding column), times the layer's `embed_scale` when it has one
+    (Gemma-style scaled embeddings). Returns (..., r) in A's dtype. Source: PEFT
+    peft/tuners/lora/layer.py, Embedding._embed and forward. max_norm is refused at attach (F.embedding would
+    renormalise A's columns in place)."""
+    rows = nn.functional.embedding(
+        x, A.T, padding_idx=m.padding_idx, scale_grad_by_freq=m.scale_grad_by_freq, sparse=m.sparse
+    )  # (..., r)
+    scale = getattr(m, "embed_scale", None)
+    return rows if scale is None else rows * torch.as_tensor(scale).to(rows)
+
+
 def layer_dims(m: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of a linear-like layer or a Conv1D."""
-    if is_conv1d(m):
+    """(d_in, d_out) of a linear-like layer, a Conv1D, or an nn.Embedding (num_embeddings, embedding_dim)."""
+    if stored_in_out(m):
         d_in, d_out = m.weight.shape  # stored (in, out)
         return int(d_in), int(d_out)
     return m.in_features, m.out_features
@@ -187,8 +218,8 @@ def is_linear_like(m: nn.Module) -> bool:
 
 
 def stored_layout(m: nn.Module, W: Tensor) -> Tensor:
-    """A (d_out, d_in) matrix laid out as the layer stores its weight ((d_in, d_out) for Conv1D)."""
-    return W.T if is_conv1d(m) else W
+    """A (d_out, d_in) matrix laid out as the layer stores its weight ((d_in, d_out) for Conv1D and Embedding)."""
+    return W.T if stored_in_out(m) else W
 
 
 def layer_index(name: str) -> int | None:
@@ -215,15 +246,22 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> dict[str, nn.Module]:
         for c, _ in pm.named_children()
     }
     for name, m in model.named_modules():
-        if not name or isinstance(m, AdapterSlot) or EXCLUDE.search(name):
+        if not name or isinstance(m, AdapterSlot):
             continue  # a named adapter's slot reads like its layer but is never a target
         matches = any(rx.search(name) for rx in regexes) and (cfg.layers is None or layer_index(name) in cfg.layers)
+        if is_embedding(m):  # embed_tokens, wte, ...: only when a pattern spells the name, so '.' skips it
+            last = name.rsplit(".", 1)[-1]
+            if matches and (not EXCLUDE.search(name) or any(last in rx.pattern for rx in regexes)):
+                found[name] = m  # preflight refuses it for a variant without EMBEDDING
+            continue
+        if EXCLUDE.search(name):
+            continue
         if not is_linear_like(m):
             w = m._parameters.get("weight")
             if matches and isinstance(w, Tensor) and w.dim() >= 2:  # a weight matrix: not a container or a norm
                 raise AttachError(
                     f"{gen.NAME}: {name} is a {type(m).__name__}; lora-lite adapts linear layers "
-                    "(in_features, out_features, weight) and transformers Conv1D only"
+                    "(in_features, out_features, weight), transformers Conv1D and nn.Embedding only"
                 )
             continue
         linear.append(name)
@@ -240,7 +278,7 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> dict[str, nn.Module]:
         excluded = [
             n for n, m in model.named_modules() if n and EXCLUDE.search(n) and any(r.search(n) for r in regexes)
         ]
-        why = f" ({excluded[0]} matches, but lm_head and embeddings are never targets)" if excluded else ""
+        why = f" ({excluded[0]} matches, but lm_head is never a target{EMBEDDING_RULE})" if excluded else ""
         raise AttachError(
             f"{gen.NAME}: no linear layer matches target_names={list(patterns)} "
             f"layers={cfg.layers}{why}; linear layers here: {sample}"
@@ -326,8 +364,8 @@ def base_forward(m: nn.Module, x: Tensor) -> Tensor:
     """
     if not is_quantized(m):
         w = m.weight.detach()
-        if is_conv1d(m):
-            return (x.to(w.dtype) @ w).float()  # W stored (i, o)
+        if stored_in_out(m):
+            return (x.to(w.dtype) @ w).float()  # W stored (i, o): Conv1D, Embedding
         return nn.functional.linear(x.to(w.dtype), w).float()
     bias = getattr(m, "bias", None)
     if bias is not None:
@@ -382,7 +420,7 @@ def _row_sqnorm(m: nn.Module) -> Tensor:
         return base_weight(m).square().sum(1)  # (o,); the dequantized copy is freed here
     w = m.weight.detach()
     wide = torch.promote_types(w.dtype, torch.float32)  # fp32 (fp64 for an fp64 W)
-    dim = 0 if is_conv1d(m) else 1  # a Conv1D stores W as (i, o)
+    dim = 0 if stored_in_out(m) else 1  # a Conv1D or an Embedding stores W as (i, o)
     return torch.linalg.vector_norm(w, dim=dim, dtype=wide).square().float()  # (o,)
 
 
@@ -462,6 +500,21 @@ def preflight(
     own_tensors, own_hooks = _accounted_by(mine.values())
     cropped = {id(t.module): n for n, st in mine.items() for t in st.targets.values() if t.cfg.residual == "crop"}
     for tname, m in targets.items():
+        if is_embedding(m) and not gen.EMBEDDING:
+            raise AttachError(
+                f"{gen.NAME}: {tname} is an {type(m).__name__}; {gen.NAME} does not adapt embeddings "
+                "(lora, rslora and dora do: basis none, core lowrank, as PEFT's LoRA, rsLoRA and DoRA)"
+            )
+        if is_embedding(m) and is_quantized(m):
+            raise AttachError(
+                f"{gen.NAME}: {tname} is a quantized ({quantization(m)}) {type(m).__name__}; lora-lite adapts "
+                "float embeddings only"
+            )
+        if is_embedding(m) and m.max_norm is not None:
+            raise AttachError(
+                f"{gen.NAME}: {tname} is an {type(m).__name__} with max_norm={m.max_norm}, which renormalises "
+                "looked-up rows in place; lora-lite adapts embeddings without max_norm"
+            )
         dims = layer_dims(m)
         if not all(isinstance(d, int) and d > 0 for d in dims):
             raise AttachError(f"{gen.NAME}: {tname}: (in_features, out_features) = {dims}, expected positive integers")
@@ -612,12 +665,18 @@ def rank_limit(gen: ModuleType, k: str, d_in: int, d_out: int) -> tuple[str, int
     return "min(d_in, d_out)", min(d_in, d_out)
 
 
+# Hyperparameters the math reads divided by r: LoRA's alpha (s = alpha / r), DeLoRA's lambda0
+# (g = lambda / r). Clamping r scales them by r_clamped / r, so the quotient stays as configured.
+PER_RANK = ("alpha", "lambda0")
+
+
 def target_config(cfg: AdapterConfig, name: str, m: nn.Module, warn: bool = True) -> AdapterConfig:
     """The config for one target: rank hyperparameters clamped to the dimension they need
-    (rank_limit). When `r` is clamped and the spec has `alpha` (scale alpha / r), alpha is
-    scaled by r_clamped / r too, so the layer keeps the configured alpha / r, as PEFT (which
-    never clamps) scales it. Per-target hyperparameters are saved in checkpoints, so an adapter
-    saved with another rule loads with the scaling it was trained with."""
+    (rank_limit). When `r` is clamped, each PER_RANK hyperparameter the spec has (alpha: scale
+    alpha / r; DeLoRA's lambda0: strength lambda / r) is scaled by r_clamped / r too, so the
+    layer keeps the configured quotient, as PEFT (which never clamps) has it. Per-target
+    hyperparameters are saved in checkpoints, so an adapter saved with another rule loads with
+    the scaling it was trained with."""
     gen = cfg.variant()
     changes = {}
     for k in gen.RANKS:
@@ -626,9 +685,10 @@ def target_config(cfg: AdapterConfig, name: str, m: nn.Module, warn: bool = True
             continue
         changes[k] = limit
         note = ""
-        if k == "r" and "alpha" in gen.BOUNDS:
-            changes["alpha"] = cfg.alpha * limit / cfg.r
-            note = f" and alpha={changes['alpha']:g}, keeping alpha / r = {cfg.alpha / cfg.r:g}"
+        for h in PER_RANK if k == "r" else ():
+            if h in gen.BOUNDS:
+                changes[h] = getattr(cfg, h) * limit / cfg.r
+                note += f" and {h}={changes[h]:g}, keeping {h} / r = {getattr(cfg, h) / cfg.r:g}"
         if warn:
             warnings.warn(
                 f"{gen.NAME}: {name}: {k}={getattr(cfg, k)} exceeds {what}={limit}; "
@@ -660,9 +720,9 @@ def _build(gen: ModuleType, name: str, m: nn.Module, cfg_t: AdapterConfig, stats
     d_in, d_out = layer_dims(m)
     want = gen.shapes(cfg_t, d_in, d_out)
     _check_sizes(gen, name, want, d_in, d_out)
-    W = base_weight(m)
+    W = base_weight(m)  # (o, i); an embedding's (embedding_dim, num_embeddings)
     try:
-        tensors = gen.init(W, cfg_t, stats)
+        tensors = gen.init(W, cfg_t, stats, embedding=True) if is_embedding(m) else gen.init(W, cfg_t, stats)
     except torch.linalg.LinAlgError as e:  # an SVD/eigendecomposition failed: NaN/inf weights or statistics
         msg = str(e).splitlines()[0]
         finite = bool(torch.isfinite(W).all())
@@ -929,7 +989,9 @@ class OutputHook:
         if v == 0.0 and cfg.residual != "crop":
             return None  # the layer's own output: the base model's, bit for bit
         gen = cfg.variant()
-        x = args[0].to(self.adapter_dtype()) if gen.CAST_INPUT else args[0]
+        x = args[0]
+        if gen.CAST_INPUT and x.is_floating_point():  # an embedding's token ids stay integers
+            x = x.to(self.adapter_dtype())
         if v == 1.0:
             return gen.forward(t.holder, x, y, cfg)
         return scaled_output(gen, t.holder, x, y, cfg, v)

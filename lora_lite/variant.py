@@ -25,6 +25,7 @@ class Variant(Protocol):
     LR: float  # recommended AdamW learning rate
     QUANTIZED_BASE: bool  # bitsandbytes 4/8-bit targets allowed
     USES_BASE_WEIGHT: bool  # the math reads W: load refuses a base whose weights differ
+    EMBEDDING: bool  # nn.Embedding targets work: init(..., embedding=True), forward reads token ids
     RUNTIME_KNOBS: tuple  # hyperparameters that may change after attach (set_coeff)
     RANKS: tuple  # hyperparameters clamped per target to min(d_in, d_out)
     BOUNDS: dict  # hyperparameter -> (min, max); its keys are the hyperparameters

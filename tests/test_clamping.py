@@ -79,3 +79,49 @@ def test_a_checkpoint_keeps_the_per_target_scaling_it_was_saved_with(tmp_path):
     m = fresh.get_submodule(V)
     x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
     assert (update(fresh, V, x) - (16 / 16) * x @ m.lora_A.T @ m.lora_B.T).abs().max() < 1e-5
+
+
+def test_clamped_delora_keeps_lambda_over_the_configured_r():
+    """DeLoRA's strength is lambda / r: clamping r to 16 scales lambda0 by 16 / 24, so each
+    normalised rank-1 term starts at lambda0 / 24 as in PEFT (which never clamps)."""
+    model = make_model()
+    with pytest.warns(UserWarning, match=rf"{V}: r=24 exceeds min\(d_in, d_out\)=16; using r=16 and lambda0=10,"):
+        ll.attach(model, ll.from_spec("delora", r=24, lambda0=15.0))
+    t, q = ll.state(model).targets[V].cfg, ll.state(model).targets[Q].cfg
+    assert (t.r, t.lambda0, q.r, q.lambda0) == (16, 10.0, 24, 15.0)
+    perturb(model)
+    m = model.get_submodule(V)
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
+    A, B, w = m.lora_A, m.lora_B, m.lora_w_norm
+    g = (15.0 / 24) * (m.lora_lambda / 10.0) / (A.norm(dim=1) * B.norm(dim=0))  # (r,) lambda0 / r as configured
+    want = ((x * w) @ A.T * g) @ B.T
+    assert (update(model, V, x) - want).abs().max() < 1e-5
+
+
+def test_a_delora_checkpoint_keeps_the_lambda_it_was_saved_with(tmp_path):
+    """An adapter saved under the earlier rule (lambda0 unchanged at a clamped r) loads with the
+    strength it was trained with: the learned lambda is a saved tensor, r is the saved per-target r."""
+    model = make_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ll.attach(model, ll.from_spec("delora", r=24, lambda0=15.0))
+    perturb(model)
+    with torch.no_grad():
+        model.get_submodule(V).lora_lambda.fill_(15.0)  # what the earlier rule started from
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
+    before = update(model, V, x)
+    path = ll.save(model, tmp_path / "a.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["lora_lite"])
+    meta["targets"][V]["hyperparameters"]["lambda0"] = 15.0  # the earlier rule: lambda0 unchanged
+    meta["sha256"] = digest(meta, tensors)
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={"lora_lite": json.dumps(meta)})
+    fresh = make_model()
+    ll.load(fresh, old)
+    assert ll.state(fresh).targets[V].cfg.lambda0 == 15.0
+    assert torch.equal(update(fresh, V, x), before)
+    m = fresh.get_submodule(V)
+    g = (15.0 / 16) / (m.lora_A.norm(dim=1) * m.lora_B.norm(dim=0))  # lambda 15 over the saved r = 16
+    assert (before - ((x * m.lora_w_norm) @ m.lora_A.T * g) @ m.lora_B.T).abs().max() < 1e-5

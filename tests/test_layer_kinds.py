@@ -92,7 +92,7 @@ def test_a_layer_whose_parent_reads_its_weight_is_refused_by_name():
 
 @pytest.mark.parametrize(
     "layer, kind",
-    [(nn.Conv2d(4, 4, 3), "Conv2d"), (nn.Embedding(10, 4), "Embedding"), (nn.Bilinear(4, 4, 4), "Bilinear")],
+    [(nn.Conv2d(4, 4, 3), "Conv2d"), (nn.Conv1d(4, 4, 3), "Conv1d"), (nn.Bilinear(4, 4, 4), "Bilinear")],
 )
 def test_another_layer_kind_is_refused_naming_layer_and_type(layer, kind):
     model = nn.Sequential()

@@ -32,6 +32,8 @@ QV = ["q_proj", "v_proj"]
 
 # Deliberate differences from PEFT, by spec; each must name a shipped spec (and the README says why).
 KNOWN_DIVERGENCES: dict[str, str] = {
+    "lora": "an nn.Embedding with max_norm is refused (PEFT passes max_norm to F.embedding on A^T, which "
+    "renormalises A's columns in place); the same for rslora and dora",
     "hra": "an odd r is refused (PEFT warns and starts from a random, non-identity transform); "
     "the reflections are applied to x in compact WY form, not as a dense product (same math); "
     "no Gram-Schmidt option (PEFT's apply_GS)",
@@ -468,3 +470,67 @@ def test_shape_functions_split_dimensions_as_pefts_lokr_factorization():
     for dim in [*range(1, 601), 896, 1536, 2048, 3072, 4096, 11008, 14336, 151936]:
         for factor in range(-3, 41):
             assert factorization(dim, factor) == peft_factorization(dim, factor), (dim, factor)
+
+
+EMBED = {"lora_A": "lora_embedding_A.default", "lora_B": "lora_embedding_B.default"}
+
+
+class ScaledEmbedding(torch.nn.Embedding):
+    """An embedding that multiplies its rows by a scalar buffer `embed_scale` (as Gemma 3's)."""
+
+    def __init__(self, weight: torch.Tensor, padding_idx: int, scale: float):
+        super().__init__(*weight.shape, padding_idx=padding_idx)
+        self.weight.data.copy_(weight)
+        self.register_buffer("embed_scale", torch.tensor(scale), persistent=False)
+
+    def forward(self, ids):
+        return super().forward(ids) * self.embed_scale.to(self.weight.dtype)
+
+
+@pytest.mark.parametrize(
+    "name, extra, scaled",
+    [
+        ("lora", {}, False),
+        ("rslora", {"use_rslora": True}, False),
+        ("dora", {"use_dora": True}, False),
+        ("lora", {}, True),
+        ("dora", {"use_dora": True}, True),
+    ],
+)
+def test_embedding_target_same_logits_and_gradients_as_peft(name, extra, scaled):
+    """nn.Embedding targets in PEFT's layout: lora_A (r, num_embeddings) = lora_embedding_A,
+    lora_B (embedding_dim, r) = lora_embedding_B, DoRA's magnitude over embedding_dim. The
+    embedding has a padding_idx (no gradient reaches A's padding column) and the batch holds it;
+    `scaled`: an embedding with an embed_scale, which scales the update too (as PEFT)."""
+    from peft import LoraConfig
+
+    base = llama()
+    base.model.embed_tokens.padding_idx = 0
+    if scaled:
+        base.model.embed_tokens = ScaledEmbedding(base.model.embed_tokens.weight.detach(), 0, 3.0)
+    ours = copy.deepcopy(base)
+    ll.attach(ours, ll.from_spec(name, r=4, alpha=8.0, target_names=["embed_tokens"]))
+    pcfg = LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens"], lora_dropout=0.0, **extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(base), pcfg).eval()
+    target = "model.embed_tokens"
+    assert list(ll.state(ours).targets) == [target]
+    layer = theirs.base_model.model.get_submodule(target)
+    mapping = EMBED | ({"lora_magnitude_vector": "lora_magnitude_vector.default.weight"} if name == "dora" else {})
+    m = ll.state(ours).targets[target].module
+    for k, path in mapping.items():  # PEFT's shapes and init: A = 0, B ~ N(0, 1), m = ||W[:, j]||
+        assert getattr(m, k).shape == peft_tensor(layer, path).shape, k
+    assert not m.lora_A.any() and m.lora_B.std() > 0.5
+    if name == "dora":
+        assert rel_err(m.lora_magnitude_vector, peft_tensor(layer, mapping["lora_magnitude_vector"])) < RTOL
+    n_ours = sum(p.numel() for p in ll.trainable_parameters(ours))
+    assert n_ours == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    batch = {"input_ids": token_batch(seed=7, vocab=64, pad=0)["input_ids"]}
+    batch["input_ids"][:, 0] = 0  # the padding id
+    base_logits = base(**batch).logits
+    with torch.no_grad():
+        assert rel_err(theirs(**batch).logits, base_logits) < RTOL
+        assert rel_err(ours(**batch).logits, base_logits) < RTOL
+    copied_tensors_match_peft(f"{name} on embed_tokens", ours, theirs, {target: layer}, mapping, batch, base_logits)
+    assert not m.lora_A.grad[:, 0].any()  # padding_idx: no gradient to A's padding column, as PEFT

@@ -303,7 +303,10 @@ def test_clear_errors_for_bad_regex_lm_head_nan_weight_and_bad_coeff(tmp_path):
     model = make_model()
     with pytest.raises(ll.AttachError, match=r"target_names: bad regex '\(q'"):
         ll.attach(model, ll.from_spec("lora", target_names=("(q",)))
-    with pytest.raises(ll.AttachError, match="lm_head matches, but lm_head and embeddings are never targets"):
+    with pytest.raises(
+        ll.AttachError,
+        match="lm_head matches, but lm_head is never a target, and an embedding only when a pattern spells its name",
+    ):
         ll.attach(model, ll.from_spec("lora", target_names=("lm_head",)))
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("nan")
