@@ -49,6 +49,16 @@ def _dict_literal(d: dict, room: int) -> str:
     return "{\n" + "".join(f"    {py(k)}: {py(v)},\n" for k, v in d.items()) + "}"
 
 
+def _entry(indent: int, key: str, items: list[str], comment: str = "") -> str:
+    """`key: (items),comment` on one line within 120 columns, else one item per line (as ruff
+    formats it; a one-item tuple keeps its comma)."""
+    pad = " " * indent
+    one = f"{pad}{key}: ({', '.join(items)}{',' if len(items) == 1 else ''}),{comment}"
+    if len(one) <= 120:
+        return one
+    return f"{pad}{key}: (\n" + "".join(f"{pad}    {it},\n" for it in items) + f"{pad}),{comment}"
+
+
 def _dims(shape) -> str:
     return ", ".join(to_python(parse_shape_expr(s), "cfg") for s in shape) + ("," if len(shape) == 1 else "")
 
@@ -197,10 +207,10 @@ def context(spec, display: str) -> dict:
             for h in spec.hyperparameters
         ],
         params=[
-            (py(p.name), py(tuple(p.shape)), py(p.init), py(p.trainable), prose(p.doc or "", comment=True))
+            _entry(4, py(p.name), [py(tuple(p.shape)), py(p.init), py(p.trainable)], prose(p.doc or "", comment=True))
             for p in spec.params
         ],
-        shape_lines=[(py(p.name), _dims(p.shape)) for p in spec.params],
+        shape_lines=[_entry(8, py(p.name), _dims(p.shape).rstrip(",").split(", ")) for p in spec.params],
         runtime_imports=", ".join(runtime),
         runtime_knobs=py(tuple(h.name for h in spec.hyperparameters if h.runtime)),
         ranks=py(tuple(h.name for h in spec.hyperparameters if h.rank)),
