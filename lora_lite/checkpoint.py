@@ -446,7 +446,14 @@ def _variant(path, meta: dict):
     name, text = meta["spec_name"], meta["spec"]
     sha = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
     if (FORMAT_1_SPECS.get(name) == sha or RELAYOUT_SPECS.get(sha, ("",))[0] == name) and name in shipped_names():
-        return variant_module(name)
+        gen = variant_module(name)
+        # a hyperparameter the shipped spec gained since (pissa's svd_niter) takes its default,
+        # which keeps the old behaviour; the saved keys are checked as usual
+        defaults = {f.name: f.default for f in dataclasses.fields(gen.Config) if f.name in gen.BOUNDS}
+        for values in [meta["config"], *(t.get("hyperparameters") for t in meta["targets"].values())]:
+            if isinstance(values, dict):
+                values.update({k: v for k, v in defaults.items() if k not in values})
+        return gen
     try:
         return variant_from_text(text, name)
     except SpecError as e:
