@@ -341,6 +341,10 @@ def build_rows(variants: list[str], r: int, r_spectral: int, adapter_dtype: torc
         for key, label, factory, how, step in peft_family_refs(r_spectral):
             attach = peft_attacher(factory, adapter_dtype, calib, how)
             rows.append(Row(key, "family-ref", "PEFT", f"{label} (r={r_spectral})", r_spectral, QV, attach, step))
+        # lora-lite's partner of PEFT's pissa_niter_4 (pissa's svd_niter): attach only
+        attach = ll_attacher("pissa", adapter_dtype, calib, r=r_spectral, alpha=2.0 * r_spectral, svd_niter=4)
+        label = f"PiSSA init, 4 power iterations (r={r_spectral})"
+        rows.append(Row("ll:pissa_niter4@rs", "family-ref", "lora-lite", label, r_spectral, QV, attach, False))
     for name in family:
         attach = ll_attacher(name, adapter_dtype, calib, r=r_spectral)
         rows.append(Row(f"ll:{name}", name, "lora-lite", TITLES[name], r_spectral, QV, attach))

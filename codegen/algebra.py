@@ -5,7 +5,9 @@ Jinja2 template (its code fragments, indented as function bodies). Metadata keys
 
     basis     produces (a HANDOFFS key), vin (name of the input side, Vh or P), select (allowed
               selections, first = default), calibration (none | optional | required, or by
-              select), hyper; blocks formula, init (binds the hand-off's names)
+              select), hyper, optional (hyperparameters a spec may declare to opt in: name -> [type,
+              default, selects that take it]; blocks test `name in declared`); blocks formula,
+              init (binds the hand-off's names)
     core      hooks, hyper, tensors (name -> shape, allowed inits), handoffs (per hand-off: inits
               the basis sets, frozen tensors that make a frozen part) or spectral: true (the
               hand-off U, S, vin kept frozen), freezable, scaled, dropout, cast_input, additive
@@ -99,6 +101,7 @@ class Composition:
     residual: str
     hook: str
     problems: list = field(default_factory=list)
+    declared: frozenset = frozenset()  # the spec's hyperparameter names (its opt-in `optional` ones render code)
 
     @property
     def handoff(self) -> str:
@@ -141,7 +144,7 @@ class Composition:
             x=x,
             embedding=self.embedding,
             **opts,
-        )
+        ) | dict(declared=self.declared)
 
     def all_parts(self) -> list[Part]:
         return [self.basis, self.core] + [p for p, _ in self.mods.values()]
@@ -158,6 +161,13 @@ class Composition:
         out = {"r": ["int", 8]} if self.handoff != "none" else {}
         for p in self.all_parts():
             out.update(p.meta.get("hyper", {}))
+        return out
+
+    def optional_hypers(self) -> dict[str, list]:
+        """Hyperparameters a spec may declare to opt in: name -> [type, default, selects allowed]."""
+        out = {}
+        for p in self.all_parts():
+            out.update(p.meta.get("optional", {}))
         return out
 
     def replaced(self) -> set[str]:

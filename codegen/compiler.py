@@ -50,6 +50,16 @@ def _dict_literal(d: dict, room: int) -> str:
     return "{\n" + "".join(f"    {py(k)}: {py(v)},\n" for k, v in d.items()) + "}"
 
 
+def _entry(indent: int, key: str, items: list[str], comment: str = "") -> str:
+    """`key: (items),comment` on one line within 120 columns, else one item per line (as ruff
+    formats it; a one-item tuple keeps its comma)."""
+    pad = " " * indent
+    one = f"{pad}{key}: ({', '.join(items)}{',' if len(items) == 1 else ''}),{comment}"
+    if len(one) <= 120:
+        return one
+    return f"{pad}{key}: (\n" + "".join(f"{pad}    {it},\n" for it in items) + f"{pad}),{comment}"
+
+
 def _dims(shape) -> str:
     return ", ".join(to_python(parse_shape_expr(s), "cfg") for s in shape) + ("," if len(shape) == 1 else "")
 
@@ -65,15 +75,6 @@ def _short(expr) -> str:
     if isinstance(tree, ast.Call):  # factor_m(d_out, decompose_factor) -> factor_m(o)
         return f"{tree.func.id}({_short(ast.unparse(tree.args[0]))})"
     return {"d_in": "i", "d_out": "o"}.get(str(expr), str(expr))
-
-
-def _param_line(p) -> str:
-    """One PARAMS entry, on one line when it fits in 120 columns, else split as ruff formats it."""
-    shape, comment = py(tuple(p.shape)), prose(p.doc or "", comment=True)
-    line = f"    {py(p.name)}: ({shape}, {py(p.init)}, {py(p.trainable)}),{comment}"
-    if len(line) <= 120:
-        return line
-    return f"    {py(p.name)}: (\n        {shape},\n        {py(p.init)},\n        {py(p.trainable)},\n    ),{comment}"
 
 
 def _simple_init(p) -> list[str]:
@@ -227,8 +228,11 @@ def context(spec, display: str) -> dict:
             (_identifier(h.name), PYTYPE[h.type], py(h.default), prose(h.doc, comment=True))
             for h in spec.hyperparameters
         ],
-        params=[_param_line(p) for p in spec.params],
-        shape_lines=[(py(p.name), _dims(p.shape)) for p in spec.params],
+        params=[
+            _entry(4, py(p.name), [py(tuple(p.shape)), py(p.init), py(p.trainable)], prose(p.doc or "", comment=True))
+            for p in spec.params
+        ],
+        shape_lines=[_entry(8, py(p.name), _dims(p.shape).rstrip(",").split(", ")) for p in spec.params],
         runtime_imports=", ".join(runtime),
         shape_imports=", ".join(sorted({f for p in spec.params for d in p.shape for f in _calls(d)})),
         runtime_knobs=py(tuple(h.name for h in spec.hyperparameters if h.runtime)),

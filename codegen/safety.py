@@ -222,7 +222,7 @@ MODULE_ATTRS = {
         *("zeros", "ones", "full", "empty", "eye", "arange", "zeros_like", "ones_like", "empty_like"),
         *("where", "cat", "stack", "outer", "triu", "tril", "diag", "diag_embed", "einsum", "matmul"),
         *("sqrt", "rsqrt", "exp", "log", "sigmoid", "tanh", "abs", "sign", "clamp", "minimum", "maximum"),
-        *("linalg", "randn", "rand", "rand_like", "randn_like", "cos", "sin", "softmax"),
+        *("linalg", "randn", "rand", "rand_like", "randn_like", "cos", "sin", "softmax", "svd_lowrank"),
         *("dist", "triu_indices"),
     },
     "nn": {"Module", "Linear", "Parameter", "functional", "init"},

@@ -113,7 +113,9 @@ class Spec:
     text: str  # the YAML text itself (checkpoints carry it, so custom specs reload anywhere)
 
     def composition(self) -> Composition:
-        return compose(self.basis, self.select, self.core, list(self.modifiers), self.residual, self.hook)
+        comp = compose(self.basis, self.select, self.core, list(self.modifiers), self.residual, self.hook)
+        comp.declared = frozenset(h.name for h in self.hyperparameters)
+        return comp
 
     def hyper(self, name: str) -> Hyperparameter | None:
         return next((h for h in self.hyperparameters if h.name == name), None)
@@ -468,10 +470,10 @@ def _semantic_problems(data: dict, lines: dict, where: str, stem: str | None) ->
         bad(path, f"{msg} (rule {rule})")
     if comp.problems:
         return problems
-    need = comp.hypers()
+    need, optional = comp.hypers(), comp.optional_hypers()
     env = {n: h["default"] for n, h in hypers.items() if h["type"] == "int"}
     env.update(d_in=64, d_out=48)
-    used = set(need)
+    used = set(need) | (set(optional) & set(hypers))
     for name, p in data["params"].items():
         path = ("params", name)
         for i, expr in enumerate(p["shape"]):
@@ -513,6 +515,14 @@ def _semantic_problems(data: dict, lines: dict, where: str, stem: str | None) ->
             bad(("hyperparameters",), f"the composition needs hyperparameter {name!r} ({typ}) (rule missing-hyper)")
         elif hypers[name]["type"] != typ:
             bad(("hyperparameters", name, "type"), f"{name} is a {typ} (rule hyper-type)")
+    for name, (typ, _default, selects) in optional.items():
+        if name not in hypers or name in need:
+            continue
+        if hypers[name]["type"] != typ:
+            bad(("hyperparameters", name, "type"), f"{name} is a {typ} (rule hyper-type)")
+        elif comp.select not in selects:
+            msg = f"{name} needs select {' or '.join(selects)}, not {comp.select!r} (rule optional-hyper)"
+            bad(("hyperparameters", name), msg)
     for name in hypers:
         if name not in used:
             bad(("hyperparameters", name), f"the composition has no use for {name!r} (rule unused-hyper)")

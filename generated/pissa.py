@@ -9,6 +9,8 @@ Reference implementation: PEFT peft/tuners/lora/layer.py, LoraLayer.pissa_init.
 Formula (from the composition):
 
     W = U diag(S) Vh + W_res    (top-r singular directions of W, fp32)
+        svd_niter > 0: randomized SVD instead (torch.svd_lowrank, q = r columns, svd_niter subspace
+        iterations; PEFT's init_lora_weights="pissa_niter_[svd_niter]"), approximate, from the global RNG
     s = alpha / r
     A = sqrt(S / s) Vh,   B = U sqrt(S / s)     (so s B A = U diag(S) Vh)
     y = W_res x + s B A x              (residual crop: W_res stored in the layer)
@@ -44,7 +46,11 @@ USES_BASE_WEIGHT = False  # the math never reads W after init
 EMBEDDING = False  # attach refuses nn.Embedding targets
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
-BOUNDS = {"r": (1, 65536), "alpha": (-1000000.0, 1000000.0)}  # (min, max) of each hyperparameter; None for a bool
+BOUNDS = {
+    "r": (1, 65536),
+    "alpha": (-1000000.0, 1000000.0),
+    "svd_niter": (0, 64),
+}  # (min, max) of each hyperparameter; None for a bool
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ class Config(AdapterConfig):
 
     r: int = 8  # rank of the update
     alpha: float = 16.0  # scale numerator, s = alpha / r
+    svd_niter: int = 0  # 0: exact SVD; k > 0: randomized, k iterations (PEFT pissa_niter_k)
 
 
 # Adapter tensors registered on each target: name -> (shape, init, trainable)
@@ -88,7 +95,11 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
     t = {}
     # basis: SVD of W in fp32; signs made canonical (largest |entry| of each U column > 0)
     # so the result does not depend on the LAPACK build
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # (o, n), (n,), (n, i); n = min(o, i)
+    if cfg.svd_niter:  # randomized (Halko et al. 2011, arXiv 0909.4061): only the top r, q = r as PEFT
+        U, S, V = torch.svd_lowrank(W, q=cfg.r, niter=cfg.svd_niter)  # (o, r), (r,), (i, r)
+        Vh = V.T  # (r, i)
+    else:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # (o, n), (n,), (n, i); n = min(o, i)
     sign = torch.where(U.gather(0, U.abs().argmax(0, keepdim=True)) < 0, -1.0, 1.0)  # (1, n)
     U, Vh = U * sign, Vh * sign.T
     U, S, Vh = U[:, : cfg.r], S[: cfg.r], Vh[: cfg.r]  # (o, r), (r,), (r, i) the top-r

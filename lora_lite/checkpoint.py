@@ -107,6 +107,13 @@ FORMAT_1_SPECS = {
     "lora": "4cfc75c1a0c87ca52992bbe090403f4058a65b1b09055356db0a45ed882b0ee1",
     "pissa": "93e52c37c07e950701f664d7c11f0cf0a45971aace7cff3d008323a89fcab14b",
 }
+# sha256 of shipped spec texts whose tensor layout changed since, with the tensors to read in
+# today's layout: {tensor: size-1 axes to put in front}. Such a checkpoint loads with today's
+# shipped module of that name (as FORMAT_1_SPECS); its tensors keep their values and order.
+# boft before butterfly factors >= 2: lora_boft_R (n, b, b) is the one factor of (1, n, b, b).
+RELAYOUT_SPECS = {
+    "891ecc090df83a7d4c558af430f1651daeb0996fc7f3916bd2359dcf0c0f4508": ("boft", {"lora_boft_R": 1}),
+}
 _CONTROLS = [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]
 _ESCAPES = {c: repr(chr(c))[1:-1] for c in _CONTROLS if c != 0x09}  # line breaks and other controls
 _MAX_DEPTH = 16  # the metadata is 5 levels deep
@@ -438,9 +445,16 @@ def _variant(path, meta: dict):
     """The generated module for the checkpoint's spec: a shipped module for a spec text shipped
     with lora-lite 0.1.0, else the text compiled like a spec file (SpecError -> $.spec)."""
     name, text = meta["spec_name"], meta["spec"]
-    known = FORMAT_1_SPECS.get(name)
-    if known and known == hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest() and name in shipped_names():
-        return variant_module(name)
+    sha = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    if (FORMAT_1_SPECS.get(name) == sha or RELAYOUT_SPECS.get(sha, ("",))[0] == name) and name in shipped_names():
+        gen = variant_module(name)
+        # a hyperparameter the shipped spec gained since (pissa's svd_niter) takes its default,
+        # which keeps the old behaviour; the saved keys are checked as usual
+        defaults = {f.name: f.default for f in dataclasses.fields(gen.Config) if f.name in gen.BOUNDS}
+        for values in [meta["config"], *(t.get("hyperparameters") for t in meta["targets"].values())]:
+            if isinstance(values, dict):
+                values.update({k: v for k, v in defaults.items() if k not in values})
+        return gen
     try:
         return variant_from_text(text, name)
     except SpecError as e:
@@ -449,6 +463,17 @@ def _variant(path, meta: dict):
         raise _err(path, "$.spec", lines[0] + more) from None
     except Exception as e:  # noqa: BLE001 (no other type may escape load; the spec text is untrusted data)
         raise _err(path, "$.spec", f"does not compile: {type(e).__name__}: {e}") from None
+
+
+def _relayout(ck: _File, meta: dict) -> None:
+    """Read a superseded layout's tensors (RELAYOUT_SPECS) in today's shape: the table's shape
+    gains size-1 leading axes; the bytes, already checked against the digest, stay as stored."""
+    sha = hashlib.sha256(meta["spec"].encode("utf-8", "surrogatepass")).hexdigest()
+    _, axes = RELAYOUT_SPECS.get(sha, ("", {}))
+    for key, (code, shape, b, e) in list(ck.table.items()):
+        lead = axes.get(key.rsplit(".", 1)[-1], 0)
+        if lead:
+            ck.table[key] = (code, [1] * lead + list(shape), b, e)
 
 
 def _config(path, gen, values: dict, where: tuple, keys) -> None:
@@ -502,6 +527,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, residual: str | None = No
     with _File(path) as ck:
         meta = _check_metadata(ck)
         gen = _variant(path, meta)
+        _relayout(ck, meta)
         cfg = _load_config(path, gen, meta["config"], residual)
         modules = dict(model.named_modules())
         plans = {tname: _plan_target(ck, gen, cfg, tname, tm, modules) for tname, tm in meta["targets"].items()}

@@ -118,6 +118,7 @@ def test_a_shape_is_checked_symbolically_not_as_text():
 
 def test_the_formula_follows_the_composition():
     text = (shipped_specs_dir() / "pissa.yaml").read_text()
+    text = "".join(line for line in text.splitlines(True) if "svd_niter" not in line)  # an SVD-only knob
     moved = parse_spec(text.replace("{source: svd, select: top}", "{source: qr}"), "pissa.yaml", "pissa")
     doc = ast.get_docstring(ast.parse(render(moved)))
     assert "Q_r" in doc and "sqrt(S / s)" not in doc

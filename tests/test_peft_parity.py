@@ -55,8 +55,10 @@ KNOWN_DIVERGENCES: dict[str, str] = {
     "as PEFT's dense update (same math, both compared); no rank_dropout or module_dropout",
     "oft": "a d_in that oft_block_size does not divide is refused, naming the layer (PEFT adjusts the "
     "block size with a warning); no coft, block_share or module_dropout",
-    "boft": "one butterfly factor only (factors >= 2 refused); W R x formed as y - b + W (R x - x) "
-    "instead of x times the dense block-diagonal matrix (same math); no boft_dropout",
+    "boft": "the factors are applied to x one at a time, blockwise between permutations, and x R W^T "
+    "formed as y - b + (x R - x) W^T, where PEFT multiplies x by the dense (d_in, d_in) product (same "
+    "math); factors >= 2 run without PEFT's CUDA extension (compared with PEFT's block-diagonal kernel "
+    "done by torch.block_diag); no boft_dropout",
     "corda_lora": "C is the mean of x x^T over non-padding calibration tokens; PEFT's statistic runs "
     "batches of one sequence scaled by their signed max, without a padding mask (the same up to a scale, "
     "which cancels, on one unpadded sequence: the parity test); A and B carry C's scale, s B A does not; "
@@ -224,6 +226,39 @@ def test_same_logits_and_gradients_as_peft(name):
             assert rel_err(m.weight, layer.base_layer.weight) < RTOL, target
     # same non-zero trainable values: move PEFT's off init, copy them into ours
     copied_tensors_match_peft(name, ours, theirs, layers, mapping, batch, base_logits)
+
+
+class CpuBlockDiag:
+    """PEFT's FastBlockDiag (a CUDA kernel) on the CPU: (f, n, b, b) -> (f, n b, n b), block by block."""
+
+    @staticmethod
+    def apply(R: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.block_diag(*r) for r in R])
+
+
+@pytest.mark.parametrize("factors", [2, 3])
+def test_boft_butterfly_factors_same_logits_and_gradients_as_peft(factors, monkeypatch):
+    """PEFT builds factors >= 2 only with its CUDA extension (without it, it falls back to one
+    factor). Its extension only assembles block-diagonal matrices: with that one kernel done by
+    torch.block_diag, PEFT's own permutations (boft_P) and product run on the CPU."""
+    from peft import BOFTConfig
+    from peft.tuners.boft import layer as boft_layer
+
+    monkeypatch.setattr(boft_layer, "get_fbd_cuda", lambda: True)
+    monkeypatch.setattr(boft_layer, "FastBlockDiag", CpuBlockDiag)
+    base = llama()
+    ours = copy.deepcopy(base)
+    ll.attach(ours, ll.from_spec("boft", boft_block_size=4, boft_n_butterfly_factor=factors))
+    pcfg = BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=factors, target_modules=QV)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(base), pcfg).eval()
+    layers = {t: theirs.base_model.model.get_submodule(t) for t in ll.state(ours).targets}
+    for layer in layers.values():
+        assert layer.boft_R["default"].shape[0] == factors  # PEFT did not fall back to one factor
+    batch = {"input_ids": token_batch(seed=7, vocab=64, pad=0)["input_ids"]}
+    mapping = {"lora_boft_R": "boft_R.default", "lora_boft_s": "boft_s.default"}
+    copied_tensors_match_peft("boft", ours, theirs, layers, mapping, batch, llama()(**batch).logits)
 
 
 def eva_setup():

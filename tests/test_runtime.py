@@ -184,6 +184,7 @@ def test_checkpoint_metadata_is_self_describing(tmp_path):
         "residual": "crop",
         "r": 2,
         "alpha": 16.0,
+        "svd_niter": 0,
     }
     t = meta["targets"]["model.layers.0.self_attn.v_proj"]
     assert t["weight_shape"] == [16, 32] and t["weight_dtype"] == "float32" and len(t["fingerprint"]) == 9

@@ -54,7 +54,7 @@ def test_speed_bench_tiny_one_step(tmp_path, capsys):
     assert values and all(math.isfinite(v) for v in values)
     rows = {r["key"]: r for r in data["rows"]}
     timed = ["limit", "peft:lora", "ll:lora", "peft:hra", "ll:hra", "peft:pissa_full@rs", "ll:antipasto"]
-    attach_only = ["peft:pissa_niter4@rs", "peft:corda@rs", "ll:antipasto+wanda"]
+    attach_only = ["peft:pissa_niter4@rs", "ll:pissa_niter4@rs", "peft:corda@rs", "ll:antipasto+wanda"]
     assert set(rows) == set(timed + attach_only)
     for key in timed:
         assert len(rows[key]["step_s"]) == 1 and rows[key]["step_median_ms"] > 0, key
@@ -71,6 +71,11 @@ def test_speed_bench_tiny_one_step(tmp_path, capsys):
     for row in ["| limit | frozen base |", "| LoRA | PEFT |", "| LoRA | lora-lite |", "| HRA | PEFT |"]:
         assert row in md, row
     for row in ["| HRA | lora-lite |", "| AntiPaSTO | lora-lite |", "| PiSSA init, full SVD (r=16) | PEFT |"]:
+        assert row in md, row
+    for row in [
+        "| PiSSA init, 4 power iterations (r=16) | PEFT |",
+        "| PiSSA init, 4 power iterations (r=16) | lora-lite |",
+    ]:
         assert row in md, row
     assert "| HRA: step <= 1.5x our LoRA |" in md and "| AntiPaSTO: attach <= PEFT PiSSA init |" in md
 
