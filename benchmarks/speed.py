@@ -8,8 +8,11 @@ One random transformers Qwen3 causal LM, one token batch, one dtype. Every confi
 on its own deep copy of that model:
   - limit: the frozen base with activation gradients only (no adapter; the input embeddings'
     output requires grad, so backward crosses every layer): the time no adapter can beat;
-  - PEFT's version of each variant both libraries have (LoRA, PiSSA, DoRA, DeLoRA, IA3, IA3-FF,
-    HRA, EVA), get_peft_model on the copy (EVA: plus initialize_lora_eva_weights);
+  - PEFT's version of each variant both libraries have (the bench's pairing table,
+    lora_lite.bench.twins.TWINS: LoRA, PiSSA, DoRA, DeLoRA, IA3, IA3-FF, HRA, EVA, OLoRA, rsLoRA,
+    PiSSA-DoRA, EVA-DoRA, CorDA, CorDA-DoRA, RoAd, LoHa, OFT, BOFT), get_peft_model on the copy
+    (EVA: plus initialize_lora_eva_weights; CorDA: preprocess_corda first), its config built from
+    the same lora-lite config (ll_overrides), on the same target modules;
   - lora-lite's version, ll.attach on the copy;
   - the AntiPaSTO family (lora-lite only: antipasto, _corda, _ablate, _arrow) at --r-spectral,
     beside PEFT's PiSSA (full SVD, and 4 power iterations) and CorDA inits at the same rank and
@@ -57,23 +60,12 @@ import torch
 from torch import nn
 
 import lora_lite as ll
+from lora_lite.bench.twins import TWINS, Twin
+from lora_lite.bench.twins import lora as peft_lora
 
-SHARED = ["lora", "pissa", "dora", "delora", "ia3", "ia3_ff", "hra", "eva"]
+SHARED = list(TWINS)  # the specs with a PEFT twin
 FAMILY = ["antipasto", "antipasto_corda", "antipasto_ablate", "antipasto_arrow"]
-TITLES = {
-    "lora": "LoRA",
-    "pissa": "PiSSA",
-    "dora": "DoRA",
-    "delora": "DeLoRA",
-    "ia3": "IA3",
-    "ia3_ff": "IA3-FF",
-    "hra": "HRA",
-    "eva": "EVA",
-    "antipasto": "AntiPaSTO",
-    "antipasto_corda": "AntiPaSTO-CorDA",
-    "antipasto_ablate": "AntiPaSTO-ablate",
-    "antipasto_arrow": "AntiPaSTO-arrow",
-}
+TITLES = {name: ll.variant_module(name).TITLE for name in SHARED + FAMILY}
 QV = ["q_proj", "v_proj"]
 
 # Model shapes (transformers Qwen3Config fields) and the run each is meant for.
@@ -199,31 +191,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def peft_attacher(cfg_factory: Callable, adapter_dtype: torch.dtype, calib: list[dict], how: str = "plain"):
-    """A function that puts PEFT's adapter on a copy: get_peft_model (+ EVA or CorDA's init)."""
+def peft_attacher(twin: Twin, cfg, targets: list[str], calib: list[dict]):
+    """A function that puts PEFT's twin of `cfg` on a copy (its EVA or CorDA init on `calib`)."""
 
     def attach(model: nn.Module) -> nn.Module:
-        import peft
-
-        pcfg = cfg_factory()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if how == "corda":
-                from peft.tuners.lora.corda import preprocess_corda
-
-                def run_model():
-                    for b in calib:
-                        model(**b)
-
-                preprocess_corda(model, pcfg, run_model=run_model)
-            # PEFT casts bf16/fp16 adapter weights to fp32 unless told not to: keep them in the
-            # adapter dtype we give lora-lite, so both compute in the same dtype
-            pm = peft.get_peft_model(model, pcfg, autocast_adapter_dtype=adapter_dtype == torch.float32)
-            if how == "eva":
-                from peft.tuners.lora.eva import initialize_lora_eva_weights
-
-                initialize_lora_eva_weights(pm, dataloader=calib, show_progress_bar=False)
-        return pm
+            return twin.attach(model, cfg, targets, calib, progress=False)[0]
 
     return attach
 
@@ -243,64 +217,39 @@ def ll_attacher(name: str, adapter_dtype: torch.dtype, calib: list[dict], wanda:
     return attach
 
 
-def peft_configs(r: int) -> dict[str, tuple[Callable, str, list[str]]]:
-    """spec -> (PEFT config factory, init kind, targets), as tests/test_peft_parity.py builds them."""
-    from peft import DeloraConfig, EvaConfig, HRAConfig, IA3Config, LoraConfig
-
-    lora = dict(r=r, lora_alpha=2 * r, target_modules=QV, lora_dropout=0.0)
-    kv, down = ["k_proj", "v_proj"], ["down_proj"]
-    return {
-        "lora": (lambda: LoraConfig(**lora), "plain", QV),
-        "pissa": (lambda: LoraConfig(**lora, init_lora_weights="pissa"), "plain", QV),
-        "dora": (lambda: LoraConfig(**lora, use_dora=True), "plain", QV),
-        "delora": (lambda: DeloraConfig(r=r, delora_lambda=15, target_modules=QV), "plain", QV),
-        "ia3": (lambda: IA3Config(target_modules=kv, feedforward_modules=[]), "plain", kv),
-        "ia3_ff": (lambda: IA3Config(target_modules=down, feedforward_modules=down), "plain", down),
-        "hra": (lambda: HRAConfig(r=r, target_modules=QV), "plain", QV),
-        "eva": (lambda: LoraConfig(**lora, init_lora_weights="eva", eva_config=EvaConfig(rho=1.0)), "eva", QV),
-    }
-
-
-def peft_family_refs(r: int) -> list[tuple[str, str, Callable, str, bool]]:
-    """(key, label, PEFT config factory, init kind, also time steps) at the AntiPaSTO family's rank."""
-    from peft import LoraConfig
-    from peft.tuners.lora.config import CordaConfig
-
-    lora = dict(r=r, lora_alpha=2 * r, target_modules=QV, lora_dropout=0.0)
-    corda = CordaConfig(corda_method="ipm")
-    return [
-        (
-            "peft:pissa_full@rs",
-            "PiSSA init, full SVD",
-            lambda: LoraConfig(**lora, init_lora_weights="pissa"),
-            "plain",
-            True,
-        ),
-        (
-            "peft:pissa_niter4@rs",
-            "PiSSA init, 4 power iterations",
-            lambda: LoraConfig(**lora, init_lora_weights="pissa_niter_4"),
-            "plain",
-            False,
-        ),
-        (
-            "peft:corda@rs",
-            "CorDA init (IPM)",
-            lambda: LoraConfig(**lora, init_lora_weights="corda", corda_config=corda),
-            "corda",
-            False,
-        ),
-    ]
-
-
 def ll_overrides(name: str, r: int, r_spectral: int) -> dict:
-    if name in ("ia3", "ia3_ff"):
-        return {}
-    if name in ("lora", "pissa", "dora", "eva"):
-        return dict(r=r, alpha=2.0 * r)
-    if name in ("delora", "hra"):
-        return dict(r=r)
-    return dict(r=r_spectral)  # the AntiPaSTO family: other hyperparameters at the spec's defaults
+    """The hyperparameters both libraries get: r (and alpha = 2r where the spec has alpha) for the
+    variants with a rank, group size 32 for RoAd (it divides every preset's q/v outputs; the cost
+    does not depend on it), the spec's defaults otherwise; the AntiPaSTO family at r_spectral."""
+    if name in FAMILY:
+        return dict(r=r_spectral)  # other hyperparameters at the spec's defaults
+    bounds = ll.variant_module(name).BOUNDS
+    if "r" in bounds:
+        return dict(r=r, alpha=2.0 * r) if "alpha" in bounds else dict(r=r)
+    return dict(group_size=32) if name == "road" else {}
+
+
+def target_names(base: nn.Module, cfg) -> list[str]:
+    """The full module names `cfg` adapts on `base` (PEFT gets exactly these)."""
+    return list(ll.runtime.find_targets(base, cfg))
+
+
+def short(names: list[str]) -> list[str]:
+    """Leaf names of module names, for the report: ["q_proj", "v_proj"]."""
+    return sorted({n.rsplit(".", 1)[-1] for n in names})
+
+
+def peft_family_refs(r: int, adapter_dtype: torch.dtype) -> list[tuple]:
+    """(key, label, attach, also time steps): PEFT's PiSSA (full SVD, 4 power iterations) and
+    CorDA inits at the AntiPaSTO family's rank, built as the twins of pissa and corda_lora."""
+    pissa = ll.from_spec("pissa", r=r, alpha=2.0 * r, dtype=adapter_dtype)
+    corda = ll.from_spec("corda_lora", r=r, alpha=2.0 * r, dtype=adapter_dtype)
+    niter4 = Twin(lambda c, t: peft_lora(c, t, init_lora_weights="pissa_niter_4"))
+    return [
+        ("peft:pissa_full@rs", "PiSSA init, full SVD", TWINS["pissa"], pissa, True),
+        ("peft:pissa_niter4@rs", "PiSSA init, 4 power iterations", niter4, pissa, False),
+        ("peft:corda@rs", "CorDA init (IPM)", TWINS["corda_lora"], corda, False),
+    ]
 
 
 def compiled_rows(rows: list[Row], backend: str) -> list[Row]:
@@ -325,21 +274,22 @@ def compiled_rows(rows: list[Row], backend: str) -> list[Row]:
     return out
 
 
-def build_rows(variants: list[str], r: int, r_spectral: int, adapter_dtype: torch.dtype, calib) -> list[Row]:
-    """The limit, then PEFT and lora-lite per shared variant, then the family with PEFT's inits."""
+def build_rows(variants: list[str], r: int, r_spectral: int, adapter_dtype: torch.dtype, calib, base) -> list[Row]:
+    """The limit, then PEFT and lora-lite per shared variant, then the family with PEFT's inits.
+    Both libraries of a pair get one lora-lite config and the modules it targets on `base`."""
     rows = [Row("limit", "limit", "limit", "limit", None, [], None)]
-    pcfgs = peft_configs(r)
     for name in (n for n in variants if n in SHARED):
-        factory, how, targets = pcfgs[name]
-        rank = None if name.startswith("ia3") else r
-        peft_attach = peft_attacher(factory, adapter_dtype, calib, how)
+        cfg = ll.from_spec(name, dtype=adapter_dtype, **ll_overrides(name, r, r_spectral))
+        targets = target_names(base, cfg)
+        rank = getattr(cfg, "r", None)
+        peft_attach = peft_attacher(TWINS[name], cfg, targets, calib)
         ll_attach = ll_attacher(name, adapter_dtype, calib, **ll_overrides(name, r, r_spectral))
-        rows.append(Row(f"peft:{name}", name, "PEFT", TITLES[name], rank, targets, peft_attach))
-        rows.append(Row(f"ll:{name}", name, "lora-lite", TITLES[name], rank, targets, ll_attach))
+        rows.append(Row(f"peft:{name}", name, "PEFT", TITLES[name], rank, short(targets), peft_attach))
+        rows.append(Row(f"ll:{name}", name, "lora-lite", TITLES[name], rank, short(targets), ll_attach))
     family = [n for n in variants if n in FAMILY]
     if family:
-        for key, label, factory, how, step in peft_family_refs(r_spectral):
-            attach = peft_attacher(factory, adapter_dtype, calib, how)
+        for key, label, twin, cfg, step in peft_family_refs(r_spectral, adapter_dtype):
+            attach = peft_attacher(twin, cfg, target_names(base, cfg), calib)
             rows.append(Row(key, "family-ref", "PEFT", f"{label} (r={r_spectral})", r_spectral, QV, attach, step))
         # lora-lite's partner of PEFT's pissa_niter_4 (pissa's svd_niter): attach only
         attach = ll_attacher("pissa", adapter_dtype, calib, r=r_spectral, alpha=2.0 * r_spectral, svd_niter=4)
@@ -752,7 +702,7 @@ def main(argv=None) -> int:
     base = make_model(a.model, device, dtype)
     ids = token_batch(preset["model"]["vocab_size"], a.batch, a.seq, device)
     calib = calibration_batches(ids)
-    rows = build_rows(variants, a.r, a.r_spectral, adapter_dtype, calib)
+    rows = build_rows(variants, a.r, a.r_spectral, adapter_dtype, calib, base)
     if a.compile:
         rows += compiled_rows(rows, a.compile_backend)
     log(f"{len(rows)} configurations on {a.model} ({device}, {dtype}); attaching")

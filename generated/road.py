@@ -99,21 +99,20 @@ def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     """New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output."""
     g = cfg.group_size
     if cfg.road_variant == 1:  # one angle and scale per pair, shared by both halves of the group
-        theta = m.lora_theta.reshape(-1, 1, g // 2)  # (o/g, 1, g/2)
-        alpha = m.lora_alpha.reshape(-1, 1, g // 2)  # (o/g, 1, g/2)
-        c, s = alpha * theta.cos(), alpha * theta.sin()  # (o/g, 1, g/2)
+        theta = m.lora_theta.reshape(-1, 1, g // 2).expand(-1, 2, -1).reshape(-1)  # (o,)
+        alpha = m.lora_alpha.reshape(-1, 1, g // 2).expand(-1, 2, -1).reshape(-1)  # (o,)
+        c, s = alpha * theta.cos(), alpha * theta.sin()  # (o,)
     elif cfg.road_variant == 2:  # one angle and scale per feature
-        c = (m.lora_alpha * m.lora_theta.cos()).reshape(-1, 2, g // 2)  # (o/g, 2, g/2)
-        s = (m.lora_alpha * m.lora_theta.sin()).reshape(-1, 2, g // 2)  # (o/g, 2, g/2)
+        c, s = m.lora_alpha * m.lora_theta.cos(), m.lora_alpha * m.lora_theta.sin()  # (o,)
     else:  # 4: per feature, separate angle and scale for the cos and the sin term
         theta = m.lora_theta.reshape(-1, 2, g)  # (o/g, 2, g): [:, 0] for c, [:, 1] for s
         alpha = m.lora_alpha.reshape(-1, 2, g)  # (o/g, 2, g)
-        c = (alpha[:, 0] * theta[:, 0].cos()).reshape(-1, 2, g // 2)  # (o/g, 2, g/2)
-        s = (alpha[:, 1] * theta[:, 1].sin()).reshape(-1, 2, g // 2)  # (o/g, 2, g/2)
-    h = y.to(c.dtype).unflatten(-1, (-1, 2, g // 2))  # (..., o/g, 2, g/2) the two halves of each group
-    rot = torch.stack((-h[..., 1, :], h[..., 0, :]), dim=-2)  # (..., o/g, 2, g/2) each pair turned by 90 degrees
-    out = h * c + rot * s  # (..., o/g, 2, g/2)
-    return out.flatten(-3).to(y.dtype)  # (..., o); the bias is rotated too, as in PEFT
+        c, s = (alpha[:, 0] * theta[:, 0].cos()).reshape(-1), (alpha[:, 1] * theta[:, 1].sin()).reshape(-1)  # (o,)
+    # c and s are (o,) vectors, so their gradients reduce over the tokens only (not also over pair axes)
+    h = y.to(c.dtype)  # (..., o)
+    halves = h.unflatten(-1, (-1, 2, g // 2))  # (..., o/g, 2, g/2) the two halves of each group
+    rot = torch.stack((-halves[..., 1, :], halves[..., 0, :]), dim=-2).flatten(-3)  # (..., o) pairs turned 90 degrees
+    return (h * c + rot * s).to(y.dtype)  # (..., o); the bias is rotated too, as in PEFT
 
 
 def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:

@@ -11,10 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import lora_lite as ll
 from lora_lite.bench import builtin_problems, load_data, main, markdown_table, normalise_number
+from lora_lite.bench.cli import config_from, parser, prepare
 from lora_lite.bench.data import TRAIN_POOL, TrainOrder, calibration_rows
+from lora_lite.bench.evaluate import answer_nll_sum
+from lora_lite.bench.run import check_base, run_one
 from lora_lite.bench.twins import TWINS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +91,46 @@ def test_peft_twins_share_batches_and_the_base_comes_back(tmp_path, monkeypatch,
     assert sum(line.startswith("| PiSSA |") for line in md.splitlines()) == 1
     assert main(["--report", str(tmp_path / "results.json")]) == 0
     assert "| LoRA |" in capsys.readouterr().out
+
+
+COMBINED = ("pissa", "lora", "eva", "ia3")  # the pairs of the test above
+CROPPING = ("olora", "pissa_dora", "corda_lora", "corda_dora")  # PEFT writes W_res into the base
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    """One prepared bench on the tiny model (built-in problems, one step) and its step-1 base loss."""
+    out = tmp_path_factory.mktemp("twins")
+    args = [*SMALL, "--data", "builtin", "--variants", "lora", "--steps", "1", "--peft", "--out", str(out)]
+    b = prepare(config_from(parser().parse_args(args)))
+    rows = [b.data.train[i] for i in TrainOrder(len(b.data.train), b.env.cfg.seed).batch(0, b.env.cfg.batch_size)]
+    with torch.no_grad():
+        s, n = answer_nll_sum(b.model, b.env.batch(rows))
+    return b, float(s / n), out
+
+
+@pytest.mark.parametrize("name", [n for n in TWINS if n not in COMBINED])
+def test_each_twin_trains_beside_ours_from_the_base_loss_and_gives_the_base_back(name, tiny_bench):
+    """Every PEFT twin builds from the spec's config and trains on the same batch: both start from
+    the base model's step-1 loss (every twin is the identity at init); afterwards the base is
+    bit-identical again (PEFT's cropping inits undone)."""
+    b, base_loss, out = tiny_bench
+    spec = name
+    if name == "road":  # the tiny model's v_proj has 32 outputs: a group size that divides them
+        spec = out / "road.yaml"
+        text = (ROOT / "specs" / "road.yaml").read_text()
+        spec.write_text(text.replace("group_size: {type: int, default: 64,", "group_size: {type: int, default: 16,"))
+        spec = str(spec)
+    ours, theirs = run_one(b, spec, "lora-lite"), run_one(b, spec, "peft")
+    check_base(b)
+    assert ours["trainable_params"] == theirs["trainable_params"] > 0
+    for r in (ours, theirs):
+        assert r["losses"][0] == pytest.approx(base_loss, rel=1e-5), (name, r["library"])
+        assert r["reload_max_abs_diff"] < 1e-4, (name, r["library"])
+    if ll.variant_module(spec).CALIBRATION == "required":
+        assert ours["calibration_s"] > 0 and theirs["calibration_s"] > 0
+    if name in CROPPING:  # PEFT left W_res in the base after unload(); the bench undid it
+        assert theirs["detach_weight_max_abs_diff"] > 1e-4
 
 
 def test_packaged_and_full_copies_give_the_same_batches():

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
@@ -82,7 +83,8 @@ def test_speed_bench_tiny_one_step(tmp_path, capsys):
 
 def test_compiled_rows_are_compared_with_compiled_rows():
     speed = load_speed()
-    rows = speed.build_rows(["lora", "antipasto"], 4, 8, None, [])
+    base = speed.make_model("tiny", torch.device("cpu"), torch.float32)
+    rows = speed.build_rows(["lora", "antipasto"], 4, 8, torch.float32, [], base)
     rows += speed.compiled_rows(rows, "eager")
     compiled = [r for r in rows if r.compiled]
     assert [r.key for r in compiled] == ["limit+compiled", "peft:lora+compiled", "ll:lora+compiled"]

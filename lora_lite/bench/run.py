@@ -66,13 +66,17 @@ def snapshot(b: Bench, cfg) -> dict[str, torch.Tensor]:
     return {n: m.weight.detach().clone() for n, m in ll.runtime.find_targets(b.model, cfg).items()}
 
 
+def weight_change(b: Bench, saved: dict[str, torch.Tensor]) -> float:
+    """The largest |W now - W saved| over the saved target weights."""
+    modules = dict(b.model.named_modules())
+    return max((float((modules[n].weight.float() - w.float()).abs().max()) for n, w in saved.items()), default=0.0)
+
+
 def restore(b: Bench, saved: dict[str, torch.Tensor]) -> float:
     """Copy the saved target weights back; returns the largest change that undid."""
-    modules = dict(b.model.named_modules())
-    diff = 0.0
+    modules, diff = dict(b.model.named_modules()), weight_change(b, saved)
     with torch.no_grad():
         for n, w in saved.items():
-            diff = max(diff, float((modules[n].weight.float() - w.float()).abs().max()))
             modules[n].weight.copy_(w)
     return diff
 
@@ -206,7 +210,7 @@ def reload_lora_lite(b: Bench, name: str, saved: dict) -> tuple[float, float]:
 
 def run_peft(b: Bench, name: str) -> dict:
     """PEFT's twin of `name` on the same model, batches, seed, lr and steps; base restored after."""
-    from .twins import TWINS, attach_peft
+    from .twins import TWINS
 
     cfg, gen, settings = ll.from_spec(name), ll.variant_module(name), b.env.cfg
     calib, saved = calibration_batches(b, name), snapshot(b, cfg)
@@ -216,14 +220,14 @@ def run_peft(b: Bench, name: str) -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default" if settings.verbose else "ignore")
-            holder["pm"], calibration_s = attach_peft(TWINS[gen.NAME], b.model, cfg, list(saved), calib)
+            holder["pm"], calibration_s = TWINS[gen.NAME].attach(b.model, cfg, list(saved), calib)
         build_s = time.perf_counter() - t0 - calibration_s
         lr = settings.lr_for(gen.LR)
         rec = measure(b, holder["pm"], f"PEFT {gen.TITLE}", train(b, holder["pm"], f"PEFT {gen.TITLE}", lr))
         rec["reload_max_abs_diff"], rec["detach_weight_max_abs_diff"] = reload_peft(b, holder, saved)
     finally:
         unload_peft(b, holder)
-        restore(b, saved)  # PiSSA, OLoRA, CorDA leave W_res in the base after unload()
+        restore(b, saved)  # every target weight: PiSSA, OLoRA, CorDA leave W_res in the base after unload()
     return dict(rec, calibration_s=calibration_s, build_s=build_s, lr=lr)
 
 
@@ -235,8 +239,10 @@ def unload_peft(b: Bench, holder: dict) -> None:
 
 
 def reload_peft(b: Bench, holder: dict, saved: dict) -> tuple[float, float]:
-    """The reload check with PEFT's save_pretrained -> unload -> PeftModel.from_pretrained."""
-    from peft import PeftModel
+    """The reload check with PEFT's save_pretrained -> unload -> PeftModel.from_pretrained. PiSSA,
+    OLoRA and CorDA leave W_res in the base after unload(): the adapter is loaded back onto that
+    residual base, with init_lora_weights=True (no init re-run: CorDA's would need calibration)."""
+    from peft import PeftConfig, PeftModel
 
     bar = tqdm(total=4, desc="reload check PEFT", leave=False)
     ref = probe_logits(b, holder["pm"])
@@ -244,11 +250,14 @@ def reload_peft(b: Bench, holder: dict, saved: dict) -> tuple[float, float]:
         holder["pm"].save_pretrained(d)
         bar.update()
         unload_peft(b, holder)
-        detach_diff = restore(b, saved)
+        detach_diff = weight_change(b, saved)
         bar.update()
+        pcfg = PeftConfig.from_pretrained(d)
+        if isinstance(getattr(pcfg, "init_lora_weights", None), str):  # a data-driven init: the saved tensors follow
+            pcfg.init_lora_weights = True
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            holder["pm"] = PeftModel.from_pretrained(b.model, d)
+            holder["pm"] = PeftModel.from_pretrained(b.model, d, config=pcfg)
         bar.update()
         again = probe_logits(b, holder["pm"])
     bar.update()
