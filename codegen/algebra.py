@@ -146,6 +146,18 @@ class Composition:
             **opts,
         ) | dict(declared=self.declared)
 
+    def per_rank(self) -> dict[str, float]:
+        """Hyperparameter -> exponent e: the math reads it over r ** e (alpha / r: 1, rsLoRA's
+        alpha / sqrt(r): 0.5), so clamping r scales it by (r_clamped / r) ** e (a part's
+        `per_rank`, keyed by its `rule` option where the rule decides)."""
+        out = {}
+        for p, opts in [(self.basis, {}), (self.core, {}), *self.mods.values()]:
+            for h, e in p.meta.get("per_rank", {}).items():
+                e = e.get(opts.get("rule")) if isinstance(e, dict) else e
+                if e:
+                    out[h] = float(e)
+        return out
+
     def all_parts(self) -> list[Part]:
         return [self.basis, self.core] + [p for p, _ in self.mods.values()]
 

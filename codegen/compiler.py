@@ -208,7 +208,7 @@ def context(spec, display: str) -> dict:
         cast=cast,
         embedding=comp.embedding,
         constants=[
-            (k, py(v), COMMENTS.get((k, v), what))
+            (k, py(v), COMMENTS.get((k, v), what) if not isinstance(v, dict) else what)
             for k, v, what in (
                 ("NAME", spec.name, "the spec's name"),
                 ("TITLE", spec.title, "its title"),
@@ -221,6 +221,7 @@ def context(spec, display: str) -> dict:
                 ("LR", spec.lr, "recommended AdamW learning rate"),
                 ("QUANTIZED_BASE", spec.quantized_base, ""),
                 ("USES_BASE_WEIGHT", any(p.meta.get("base_weight") for p in comp.all_parts()), ""),
+                ("PER_RANK", comp.per_rank(), "read over r ** e: clamping r to r_c scales it by (r_c / r) ** e"),
                 ("EMBEDDING", comp.embedding, ""),
             )
         ],

@@ -665,16 +665,12 @@ def rank_limit(gen: ModuleType, k: str, d_in: int, d_out: int) -> tuple[str, int
     return "min(d_in, d_out)", min(d_in, d_out)
 
 
-# Hyperparameters the math reads divided by r: LoRA's alpha (s = alpha / r), DeLoRA's lambda0
-# (g = lambda / r). Clamping r scales them by r_clamped / r, so the quotient stays as configured.
-PER_RANK = ("alpha", "lambda0")
-
-
 def target_config(cfg: AdapterConfig, name: str, m: nn.Module, warn: bool = True) -> AdapterConfig:
     """The config for one target: rank hyperparameters clamped to the dimension they need
-    (rank_limit). When `r` is clamped, each PER_RANK hyperparameter the spec has (alpha: scale
-    alpha / r; DeLoRA's lambda0: strength lambda / r) is scaled by r_clamped / r too, so the
-    layer keeps the configured quotient, as PEFT (which never clamps) has it. Per-target
+    (rank_limit). When `r` is clamped, each hyperparameter the math reads over r ** e (the
+    module's PER_RANK: alpha / r, rsLoRA's alpha / sqrt(r), DeLoRA's lambda / r) is scaled by
+    (r_clamped / r) ** e too, so the layer keeps the configured quotient, as PEFT (which never
+    clamps) has it. Per-target
     hyperparameters are saved in checkpoints, so an adapter saved with another rule loads with
     the scaling it was trained with."""
     gen = cfg.variant()
@@ -685,10 +681,10 @@ def target_config(cfg: AdapterConfig, name: str, m: nn.Module, warn: bool = True
             continue
         changes[k] = limit
         note = ""
-        for h in PER_RANK if k == "r" else ():
-            if h in gen.BOUNDS:
-                changes[h] = getattr(cfg, h) * limit / cfg.r
-                note += f" and {h}={changes[h]:g}, keeping {h} / r = {getattr(cfg, h) / cfg.r:g}"
+        for h, e in gen.PER_RANK.items() if k == "r" else ():
+            changes[h] = getattr(cfg, h) * (limit / cfg.r) ** e
+            per = "r" if e == 1 else f"r ** {e:g}"
+            note += f" and {h}={changes[h]:g}, keeping {h} / {per} = {getattr(cfg, h) / cfg.r**e:g}"
         if warn:
             warnings.warn(
                 f"{gen.NAME}: {name}: {k}={getattr(cfg, k)} exceeds {what}={limit}; "

@@ -28,6 +28,7 @@ class Variant(Protocol):
     EMBEDDING: bool  # nn.Embedding targets work: init(..., embedding=True), forward reads token ids
     RUNTIME_KNOBS: tuple  # hyperparameters that may change after attach (set_coeff)
     RANKS: tuple  # hyperparameters clamped per target to min(d_in, d_out)
+    PER_RANK: dict  # hyperparameter -> e: read over r ** e, so clamping r scales it by (r_c / r) ** e
     BOUNDS: dict  # hyperparameter -> (min, max); its keys are the hyperparameters
     PARAMS: dict  # tensor -> (shape expressions, init, trainable)
     Config: type  # the AdapterConfig subclass with the spec's hyperparameters

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 import lora_lite as ll
 from conftest import make_model, perturb
 from lora_lite.checkpoint import digest
+from lora_lite.codegen.spec import shipped_specs_dir
 
 V = "model.layers.0.self_attn.v_proj"  # 32 -> 16
 Q = "model.layers.0.self_attn.q_proj"  # 32 -> 32
@@ -125,3 +126,28 @@ def test_a_delora_checkpoint_keeps_the_lambda_it_was_saved_with(tmp_path):
     m = fresh.get_submodule(V)
     g = (15.0 / 16) / (m.lora_A.norm(dim=1) * m.lora_B.norm(dim=0))  # lambda 15 over the saved r = 16
     assert (before - ((x * m.lora_w_norm) @ m.lora_A.T * g) @ m.lora_B.T).abs().max() < 1e-5
+
+
+def test_clamped_rslora_keeps_alpha_over_sqrt_of_the_configured_r():
+    """rsLoRA's scale is alpha / sqrt(r): clamping r from 24 to 16 scales alpha by sqrt(16 / 24),
+    so the clamped layer's update is B A x times alpha / sqrt(24), as PEFT's (which never clamps)."""
+    model = make_model()
+    with pytest.warns(UserWarning, match=rf"{V}: r=24 exceeds .*keeping alpha / r \*\* 0.5 = 3.26599"):
+        ll.attach(model, ll.from_spec("rslora", r=24, alpha=16.0))
+    t = ll.state(model).targets[V].cfg
+    assert t.r == 16 and t.alpha / t.r**0.5 == pytest.approx(16 / 24**0.5)
+    perturb(model)
+    m, x = model.get_submodule(V), torch.randn(3, 32)
+    want = (16 / 24**0.5) * x @ m.lora_A.T @ m.lora_B.T  # (3, 16) the update at PEFT's scale
+    assert torch.allclose(update(model, V, x), want, atol=1e-5)
+
+
+def test_constant_scale_is_not_changed_by_clamping(tmp_path):
+    """A spec whose scale is a constant alpha (rule constant) reads no r: clamping leaves alpha."""
+    text = (shipped_specs_dir() / "lora.yaml").read_text().replace("name: lora\n", "name: lora_const\n")
+    text = text.replace("core: {kind: lowrank}", "core: {kind: lowrank}\nmodifiers: [{kind: scale, rule: constant}]")
+    (tmp_path / "lora_const.yaml").write_text(text)
+    model = make_model()
+    with pytest.warns(UserWarning, match=rf"{V}: r=24 exceeds min\(d_in, d_out\)=16; using r=16 for this layer"):
+        ll.attach(model, ll.from_spec(tmp_path / "lora_const.yaml", r=24, alpha=2.0))
+    assert ll.state(model).targets[V].cfg.alpha == 2.0
