@@ -117,6 +117,21 @@ def loha(cfg, targets: list[str]):
     return LoHaConfig(r=cfg.r, alpha=cfg.alpha, rank_dropout=0.0, module_dropout=0.0, target_modules=targets)
 
 
+def lokr(cfg, targets: list[str]):
+    """PEFT LoKrConfig (arXiv:2309.14859) at the spec's r, alpha and decompose_factor, no dropouts.
+    Where r >= max(k, n) / 2 PEFT holds a full w2 (README, known divergences): counts differ there."""
+    from peft import LoKrConfig
+
+    return LoKrConfig(
+        r=cfg.r,
+        alpha=cfg.alpha,
+        decompose_factor=cfg.decompose_factor,
+        rank_dropout=0.0,
+        module_dropout=0.0,
+        target_modules=targets,
+    )
+
+
 def oft(cfg, targets: list[str]):
     """PEFT OFTConfig (arXiv:2306.07280) at the spec's block size and Cayley-Neumann setting."""
     from peft import OFTConfig
@@ -159,7 +174,8 @@ TWINS: dict[str, Twin] = {
     "corda_dora": Twin(lambda c, t: corda(c, t, use_dora=True), init="corda"),
     "road": Twin(road),
     "loha": Twin(loha),
+    "lokr": Twin(lokr),
     "oft": Twin(oft),
     "boft": Twin(boft),
-    # a new spec with a PEFT equivalent joins here, one line each (e.g. "lokr", "vera")
+    # a new spec with a PEFT equivalent joins here, one line each
 }
