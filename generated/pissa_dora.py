@@ -48,6 +48,7 @@ TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on mod
 LR = 0.0001  # recommended AdamW learning rate
 QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)
 USES_BASE_WEIGHT = True  # the math reads W: load refuses a base whose weights differ
+SHARED = ()  # tensors kept once per adapter for every target (frozen; see shared())
 RUNTIME_KNOBS = ()  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
 BOUNDS = {"r": (1, 65536), "alpha": (-1000000.0, 1000000.0)}  # (min, max) of each hyperparameter; None for a bool
@@ -145,3 +146,10 @@ def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
     """
     s = cfg.alpha / cfg.r
     return s * (m.lora_B0.float() @ m.lora_A0.float())  # (o, i)
+
+
+def shared(cfg: Config, d_in: int, d_out: int) -> dict[str, Tensor]:
+    """The SHARED tensors (fp32), built once per adapter and registered on every target as one
+    tensor. d_in, d_out: the largest among the adapter's targets; forward() slices each target's part.
+    """
+    return {}

@@ -160,6 +160,13 @@ def _delora(t, v):
     }, None
 
 
+def _vera(t, v):
+    """VeRA: the per-target lambdas (lambda_b is linear in the update, so v folds into it); the
+    shared A and B are added once by _payload (PEFT's base_model.vera_A / vera_B)."""
+    m = t.holder
+    return {"vera_lambda_b": m.lora_vera_lambda_b.detach() * v, "vera_lambda_d": m.lora_vera_lambda_d.detach()}, None
+
+
 # spec -> (route, PEFT type, tensors, whether ll.scale != 1 is representable)
 ROUTES = {
     "lora": ("direct", "LORA", _lowrank, True),
@@ -171,6 +178,7 @@ ROUTES = {
     "ia3_ff": ("direct", "IA3", _ia3, True),
     "hra": ("direct", "HRA", _hra, False),
     "delora": ("direct", "DELORA", _delora, True),
+    "vera": ("direct", "VERA", _vera, True),
     "pissa": ("converted", "LORA", _pissa, True),
     "milora": ("converted", "LORA", _pissa, True),
     "olora": ("converted", "LORA", _pissa, True),
@@ -201,7 +209,7 @@ def _fan_in_fan_out(st) -> bool:
     if not conv:
         return False
     peft_type = ROUTES[st.variant.NAME][1]
-    if peft_type not in ("LORA", "IA3"):
+    if peft_type not in ("LORA", "IA3", "VERA"):
         raise AttachError(
             f"export_peft: {st.variant.NAME}: {conv[0]} is a transformers Conv1D, which PEFT's {peft_type} "
             "does not adapt; use ll.merge(model) and save_pretrained"
@@ -352,6 +360,11 @@ def _payload(model: nn.Module, st) -> tuple[dict, dict, str]:
                 )
             cfg = {"r": r, "apply_GS": False, "init_weights": True, "bias": "none", "modules_to_save": None}
             cfg |= {"layers_to_transform": None, "layers_pattern": None}
+        elif peft_type == "VERA":  # one r for all layers; A and B saved once (save_projection)
+            cfg = {"r": st.cfg.r, "d_initial": _number(st.cfg.d_initial), "save_projection": True}
+            cfg |= {"projection_prng_key": st.cfg.projection_prng_key, "vera_dropout": 0.0, "init_weights": True}
+            cfg |= {"fan_in_fan_out": _fan_in_fan_out(st), "bias": "none", "modules_to_save": None}
+            cfg |= {"layers_to_transform": None, "layers_pattern": None}
         else:  # DELORA
             ranks = {n: ts["delora_A"].shape[0] for n, ts in tensors.items()}
             r = max(ranks.values())
@@ -372,6 +385,9 @@ def _payload(model: nn.Module, st) -> tuple[dict, dict, str]:
         for n, ts in tensors.items()
         for k, v in ts.items()
     }
+    holder = next(iter(st.targets.values())).holder
+    for k in st.variant.SHARED:  # VeRA's A, B: one tensor each, under PEFT's base_model.vera_A / vera_B
+        flat["base_model." + k.removeprefix("lora_")] = getattr(holder, k).detach().to("cpu", st.cfg.dtype).contiguous()
     provenance = {"spec": spec, "route": route, "scale": [t.scale for t in st.targets.values()][0]}
     if "coeff" in st.variant.RUNTIME_KNOBS:
         provenance["coeff"] = st.cfg.coeff
@@ -410,6 +426,8 @@ def _refuse(path, key, value, why: str):
 
 def _check_config(path: Path, c: dict) -> str:
     """The lora-lite spec for this PEFT config; CheckpointError naming the first unsupported key."""
+    if c.get("peft_type") == "VERA":  # before its options, which would be named as the problem
+        _refuse(path, "peft_type", "VERA", "ll.load_peft does not read VeRA yet (ll.export_peft writes it)")
     for key, value in c.items():
         if key in HANDLED or key in HARMLESS:
             continue

@@ -74,7 +74,9 @@ def test_export_loads_in_peft_with_the_same_logits(name, tmp_path):
     assert sorted(config["target_modules"]) == targets  # exact module names
     with safe_open(str(tmp_path / "adapter_model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
-    assert {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in keys} == {
+    shared = {k for k in keys if not k.startswith("base_model.model.")}  # VeRA's A and B, once
+    assert shared == ({"base_model.vera_A", "base_model.vera_B"} if name == "vera" else set())
+    assert {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in keys - shared} == {
         f"base_model.model.{t}" for t in targets
     }
     assert ".default." not in " ".join(keys)
@@ -116,7 +118,7 @@ def test_clamped_ranks_export_with_one_scaling_for_every_layer(name, tmp_path):
     assert rel(got, out(model)) <= TOL
 
 
-@pytest.mark.parametrize("name", ["lora", "pissa", "antipasto_arrow", "ia3", "delora"])
+@pytest.mark.parametrize("name", ["lora", "pissa", "antipasto_arrow", "ia3", "delora", "vera"])
 def test_export_carries_the_current_scale(name, tmp_path):
     base, model = trained(name)
     ll.scale(model, 0.4)
