@@ -163,3 +163,32 @@ def test_load_peft_of_a_vera_directory_is_refused_naming_the_type(tmp_path):
     msg = str(info.value)
     assert len(msg.splitlines()) == 1 and "peft_type='VERA'" in msg, msg
     assert_unchanged(target, snap)
+
+
+def test_trainer_resume_restores_the_lambdas_and_keeps_quiet_about_the_shared_keys(tmp_path):
+    import logging
+
+    import transformers
+
+    from conftest import hf_llama
+    from lora_lite.hf import BaseWeightsNotMissing
+
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (8, 8))]
+    args = transformers.TrainingArguments(
+        str(tmp_path), max_steps=2, save_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True
+    )
+    model = hf_llama()
+    ll.attach(model, ll.from_spec("vera", r=8))
+    ll.AdapterTrainer(model=model, args=args, train_dataset=data).train()
+    want = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    again = hf_llama()
+    ll.attach(again, ll.from_spec("vera", r=8))
+    ll.AdapterTrainer(model=again, args=args, train_dataset=data).train(resume_from_checkpoint=True)
+    got = dict(again.named_parameters())
+    assert want and all(torch.equal(got[n], t) for n, t in want.items())
+    record = lambda keys: logging.LogRecord(
+        "t", 30, "", 0, f"There were unexpected keys in the checkpoint model loaded: {keys}.", None, None
+    )  # noqa: E501, E731
+    quiet = BaseWeightsNotMissing()
+    assert not quiet.filter(record(["shared.lora_vera_A", "shared.lora_vera_B"]))
+    assert quiet.filter(record(["shared.lora_vera_A", "model.layers.0.other"]))
