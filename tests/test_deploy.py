@@ -166,7 +166,7 @@ def peft_made(pcfg, tmp_path, seed: int = 3):
 
 
 def peft_adapters():
-    from peft import DeloraConfig, HRAConfig, IA3Config, LoraConfig
+    from peft import DeloraConfig, HRAConfig, IA3Config, LoraConfig, VeraConfig
 
     lora = dict(r=4, lora_alpha=8, lora_dropout=0.0)
     return {
@@ -189,6 +189,7 @@ def peft_adapters():
         "ia3_ff": ("ia3_ff", IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"])),
         "hra": ("hra", HRAConfig(r=4, target_modules=QV)),
         "delora": ("delora", DeloraConfig(r=4, delora_lambda=15, target_modules=QV, rank_pattern={"v_proj": 2})),
+        "vera": ("vera", VeraConfig(r=4, target_modules=QV, projection_prng_key=7)),
     }
 
 

@@ -152,16 +152,31 @@ def test_merge_folds_the_sliced_update_into_each_weight():
     torch.testing.assert_close(logits(model), want, atol=1e-5, rtol=1e-5)
 
 
-def test_load_peft_of_a_vera_directory_is_refused_naming_the_type(tmp_path):
-    model = make_model()
-    ll.attach(model, ll.from_spec("vera", r=8))
+def test_export_and_load_peft_round_trip_and_a_bad_shared_shape_is_refused(tmp_path):
+    from conftest import hf_llama
+
+    model = hf_llama()
+    ll.attach(model, ll.from_spec("vera", r=8, projection_prng_key=5))
+    perturb(model)
     ll.export_peft(model, tmp_path)  # PEFT's VERA layout (tests/test_deploy.py loads it in PEFT)
-    target = make_model()
+    back = hf_llama()
+    ll.load_peft(back, tmp_path)
+    ids = torch.arange(8)[None]
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert all(len(p) == 1 for p in shared_ptrs(back).values())
+    weights = tmp_path / "adapter_model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(weights)
+    tensors["base_model.vera_A"] = tensors["base_model.vera_A"][:, :16].contiguous()
+    save_file(tensors, weights)
+    target = hf_llama()
     snap = snapshot(target)
     with pytest.raises(ll.CheckpointError) as info:
         ll.load_peft(target, tmp_path)
     msg = str(info.value)
-    assert len(msg.splitlines()) == 1 and "peft_type='VERA'" in msg, msg
+    assert len(msg.splitlines()) == 1 and "base_model.vera_A has shape" in msg, msg
     assert_unchanged(target, snap)
 
 
@@ -192,3 +207,18 @@ def test_trainer_resume_restores_the_lambdas_and_keeps_quiet_about_the_shared_ke
     quiet = BaseWeightsNotMissing()
     assert not quiet.filter(record(["shared.lora_vera_A", "shared.lora_vera_B"]))
     assert quiet.filter(record(["shared.lora_vera_A", "model.layers.0.other"]))
+
+
+def test_load_peft_refuses_a_vera_directory_saved_without_its_projections(tmp_path):
+    model = make_model()
+    ll.attach(model, ll.from_spec("vera", r=8))
+    ll.export_peft(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "save_projection": False}))
+    target = make_model()
+    snap = snapshot(target)
+    with pytest.raises(ll.CheckpointError) as info:
+        ll.load_peft(target, tmp_path)
+    msg = str(info.value)
+    assert len(msg.splitlines()) == 1 and "save_projection=False" in msg, msg
+    assert_unchanged(target, snap)
