@@ -192,7 +192,8 @@ class Composition:
         ho = self.core.meta.get("handoffs", {}).get(self.handoff, {})
         for name, t in self.core.meta.get("tensors", {}).items():
             inits = (ho.get("init", {})[name],) if name in ho.get("init", {}) else tuple(t["init"])
-            out[name] = (tuple(side if s == "d_hook" else str(s) for s in t["shape"]), True, inits)
+            trainable = t.get("trainable", True)  # VeRA's shared random A and B are frozen
+            out[name] = (tuple(side if s == "d_hook" else str(s) for s in t["shape"]), trainable, inits)
         frozen = dict(ho.get("frozen", {}))
         if self.core.meta.get("spectral"):
             frozen = {"lora_U": HANDOFFS["usv"]["U"], "lora_S": ("r",), f"lora_{self.vin}": ("r", "d_in")}
@@ -204,6 +205,12 @@ class Composition:
                 if name in out:
                     out[name] = (out[name][0], False, out[name][2])
         return out
+
+    def shared(self) -> tuple[str, ...]:
+        """Tensors the core keeps once per adapter, shared by every target (`shared: true`:
+        VeRA's A and B): built by the core's `shared` block from the targets' largest d_in and
+        d_out, frozen, and sliced per target by its update."""
+        return tuple(n for n, t in self.core.meta.get("tensors", {}).items() if t.get("shared"))
 
 
 def _modifier_problems(comp: Composition, i: int, part: Part, opts: dict) -> list:
@@ -346,12 +353,14 @@ def cell_spec(cell: dict, name: str) -> dict:
     hypers = {
         n: {"type": t, "default": d, "doc": f"{n} (its part's default)", **{f: True for f in flags}}
         | ({"min": bounds[n][0], "max": bounds[n][1]} if t != "bool" else {})
-        | ({"rank": True} if n == "r" else {})
+        | ({"rank": True} if n == "r" and not comp.shared() else {})  # a shared A fixes r for every target
         for n, (t, d, *flags) in comp.hypers().items()
     }
     values = {n: t["value"] for n, t in comp.core.meta.get("tensors", {}).items() if "value" in t}
     params = {
-        n: {"shape": list(shape), "init": inits[0], "trainable": tr, **({"value": values[n]} if n in values else {})}
+        n: {"shape": list(shape), "init": inits[0], "trainable": tr}
+        | ({"value": values[n]} if n in values else {})
+        | ({"shared": True} if n in comp.shared() else {})
         for n, (shape, tr, inits) in comp.tensors().items()
     }
     targets = ["\\.q_proj$", "\\.v_proj$"] if cell["hook"] == "output" else ["\\.down_proj$"]

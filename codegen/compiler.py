@@ -167,8 +167,10 @@ def _bodies(spec, comp) -> dict[str, str]:
         frozen = core.render("frozen", **ctx)
     else:
         frozen = f"    raise ValueError({py(spec.name + ' has no frozen part (residual none)')})"
+    shared = core.render("shared", **ctx) if comp.shared() else "    return {}"
     join = lambda xs: "\n".join(x for x in xs if x)  # noqa: E731
-    return {k: _with_scale(comp, v) for k, v in (("init", join(init)), ("forward", join(fwd)), ("frozen", frozen))}
+    bodies = (("init", join(init)), ("forward", join(fwd)), ("frozen", frozen), ("shared", shared))
+    return {k: _with_scale(comp, v) for k, v in bodies}
 
 
 # The comment after each contract constant (lora_lite.Variant), by its value.
@@ -223,6 +225,7 @@ def context(spec, display: str) -> dict:
                 ("USES_BASE_WEIGHT", any(p.meta.get("base_weight") for p in comp.all_parts()), ""),
                 ("PER_RANK", comp.per_rank(), "read over r ** e: clamping r to r_c scales it by (r_c / r) ** e"),
                 ("EMBEDDING", comp.embedding, ""),
+                ("SHARED", comp.shared(), "tensors kept once per adapter for every target (frozen; see shared())"),
             )
         ],
         fields=[
@@ -253,7 +256,7 @@ def render(spec, display: str | None = None) -> str:
     display = display or spec.source
     try:
         ctx = context(spec, display)
-        body = "\n".join(ctx[k] for k in ("init", "forward", "frozen"))
+        body = "\n".join(ctx[k] for k in ("init", "forward", "frozen", "shared"))
         text = ENV.get_template("module.py.j2").render(**ctx, import_math=bool(re.search(r"\bmath\.", body)))
         verify(text)
     except UnsafeText as e:

@@ -223,7 +223,7 @@ MODULE_ATTRS = {
         *("where", "cat", "stack", "outer", "triu", "tril", "diag", "diag_embed", "einsum", "matmul"),
         *("sqrt", "rsqrt", "exp", "log", "sigmoid", "tanh", "abs", "sign", "clamp", "minimum", "maximum"),
         *("linalg", "randn", "rand", "rand_like", "randn_like", "cos", "sin", "softmax", "svd_lowrank"),
-        *("dist", "triu_indices"),
+        *("dist", "triu_indices", "Generator"),
     },
     "nn": {"Module", "Linear", "Parameter", "functional", "init"},
     "math": {"sqrt", "pi", "e", "log", "exp", "inf", "isfinite", "prod"},

@@ -84,6 +84,7 @@ class Param:
     trainable: bool = True
     value: float | None = None
     doc: str = ""
+    shared: bool = False  # one tensor per adapter, shared by every target (VeRA's A and B)
 
 
 @dataclass(frozen=True)
@@ -504,6 +505,9 @@ def _semantic_problems(data: dict, lines: dict, where: str, stem: str | None) ->
             bad(("params", name, "shape"), f"{s} differs from {list(shape)} that {where_from} reads (rule shape)")
         if p.get("trainable", True) != trainable:
             bad(("params", name, "trainable"), f"the composition needs it {'trainable' if trainable else 'frozen'}")
+        if p.get("shared", False) != (name in comp.shared()):
+            how = "shared: true (one tensor for every target)" if name in comp.shared() else "not shared"
+            bad(("params", name, "shared"), f"the composition needs it {how}")
         if p["init"] not in inits:
             why = "the basis sets it" if inits == ("basis",) else f"allowed: {list(inits)}"
             bad(("params", name, "init"), f"init {p['init']!r} for {name}: {why} (rule init)")
@@ -558,7 +562,15 @@ def parse_spec(text: str, where: str = "<spec>", stem: str | None = None) -> Spe
         for n, h in data["hyperparameters"].items()
     )
     params = tuple(
-        Param(n, tuple(map(str, p["shape"])), p["init"], p.get("trainable", True), p.get("value"), p.get("doc", ""))
+        Param(
+            n,
+            tuple(map(str, p["shape"])),
+            p["init"],
+            p.get("trainable", True),
+            p.get("value"),
+            p.get("doc", ""),
+            p.get("shared", False),
+        )
         for n, p in data["params"].items()
     )
     return Spec(

@@ -52,6 +52,7 @@ QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtra
 USES_BASE_WEIGHT = False  # the math never reads W after init
 PER_RANK = {}  # read over r ** e: clamping r to r_c scales it by (r_c / r) ** e
 EMBEDDING = False  # attach refuses nn.Embedding targets
+SHARED = ()  # tensors kept once per adapter for every target (frozen; see shared())
 RUNTIME_KNOBS = ("coeff",)  # hyperparameters that may change after attach
 RANKS = ("r",)  # hyperparameters clamped per target to min(d_in, d_out)
 BOUNDS = {
@@ -154,3 +155,10 @@ def frozen_weight(m: nn.Module, cfg: Config) -> Tensor:
     output in factored form, without forming the (o, i) matrix. Raises ValueError without one.
     """
     return (m.lora_U.float() * m.lora_S.float()) @ m.lora_P.float()  # (o, i)
+
+
+def shared(cfg: Config, d_in: int, d_out: int) -> dict[str, Tensor]:
+    """The SHARED tensors (fp32), built once per adapter and registered on every target as one
+    tensor. d_in, d_out: the largest among the adapter's targets; forward() slices each target's part.
+    """
+    return {}

@@ -62,6 +62,7 @@ from .runtime import (
     layer_dims,
     preflight,
     rank_limit,
+    shared_shapes,
     state,
     target_info,
     warn_if_wrapped_already,
@@ -74,6 +75,7 @@ except ImportError:  # pragma: no cover (Windows: no locks, so stale temporary f
     fcntl = None
 
 FORMAT_VERSION = 2
+SHARED_PREFIX = "shared."  # a variant's SHARED tensors (VeRA's A, B) are stored once, as shared.<tensor name>
 READS = (1, 2)  # format versions this lora-lite loads
 FINGERPRINT_TOL = 0.05  # relative; rounding W to bf16 moves it by ~0.1%, to fp16 by ~0.02%
 # fingerprint_distance estimates the relative weight change. Measured with bitsandbytes 0.50
@@ -424,7 +426,8 @@ def _check_metadata(ck: _File) -> dict:
     dtype = DTYPES_BY_NAME[meta["config"]["dtype"]]
     for name, (code, _, _, _) in ck.table.items():
         target = name.rsplit(".", 1)[0]
-        if "." not in name or target not in meta["targets"]:
+        one = target + "." == SHARED_PREFIX  # shared.<tensor>: checked against the spec's SHARED in load
+        if "." not in name or not (one or target in meta["targets"]):
             raise _err(path, f"tensor {name!r}", "belongs to no target in $.targets (extra tensor)")
         if DTYPES[code] != dtype:
             msg = f"is {code}, the adapter dtype ($.config.dtype) is {dtype_name(dtype)}"
@@ -532,13 +535,16 @@ def load(model: nn.Module, path: str | os.PathLike, *, residual: str | None = No
         modules = dict(model.named_modules())
         plans = {tname: _plan_target(ck, gen, cfg, tname, tm, modules) for tname, tm in meta["targets"].items()}
         preflight(model, cfg, {tname: plan[0] for tname, plan in plans.items()}, op="load", name=name)
-        extra = sorted(set(ck.table) - {f"{tname}.{k}" for tname, p in plans.items() for k in p[2]})
+        shared_want = _plan_shared(ck, gen, cfg, plans)
+        known = {f"{tname}.{k}" for tname, p in plans.items() for k in p[2]} | set(shared_want)
+        extra = sorted(set(ck.table) - known)
         if extra:
             raise _err(path, f"tensor {extra[0]!r}", f"is not a tensor of {gen.NAME} ({len(extra)} extra tensors)")
         strict = cfg.residual in STRICT_RESIDUALS or gen.USES_BASE_WEIGHT
         per_target = {tname: _read_target(ck, gen, tname, *plan, strict) for tname, plan in plans.items()}
+        shared = {key.removeprefix(SHARED_PREFIX): _finite(ck, key) for key in shared_want}
     scales = {tname: float(tmeta.get("scale", 1.0)) for tname, tmeta in meta["targets"].items()}
-    st = install(model, cfg, per_target, op="load", name=name)
+    st = install(model, cfg, per_target, op="load", name=name, shared=shared)
     for tname, t in st.targets.items():
         t.scale = scales[tname]
     warn_if_wrapped_already(wrapper, "load")
@@ -586,7 +592,7 @@ def _plan_target(ck: _File, gen, cfg, name: str, tmeta: dict, modules: dict) -> 
         cfg_t = gen.Config(**{**cfg.to_dict(), **hyper, "residual": cfg.residual})
     except (ValueError, TypeError) as e:
         raise _err(path, _jpath(where + ("hyperparameters",)), str(e)) from None
-    want = gen.shapes(cfg_t, d_in, d_out)
+    want = {k: v for k, v in gen.shapes(cfg_t, d_in, d_out).items() if k not in gen.SHARED}
     for k, shape_k in want.items():
         key = f"{name}.{k}"
         if key not in ck.table:
@@ -597,13 +603,38 @@ def _plan_target(ck: _File, gen, cfg, name: str, tmeta: dict, modules: dict) -> 
     return m, cfg_t, want, tmeta
 
 
+def _plan_shared(ck: _File, gen, cfg, plans: dict) -> dict[str, tuple[int, ...]]:
+    """{file key: shape} of the variant's SHARED tensors (stored once, `shared.<name>`), each
+    present with the shape the adapter's largest target needs (VeRA's A (r, largest d_in));
+    reads no tensor bytes. CheckpointError naming the tensor otherwise."""
+    if not gen.SHARED:
+        return {}
+    _, _, want = shared_shapes(gen, cfg, (layer_dims(m) for m, *_ in plans.values()))
+    out = {}
+    for k, shape in want.items():
+        key = SHARED_PREFIX + k
+        if key not in ck.table:
+            raise _err(ck.path, f"tensor {key!r}", f"missing ({gen.NAME} stores {k} once, shared by every target)")
+        got = tuple(ck.table[key][1])
+        if got != tuple(shape):
+            msg = f"has shape {got}, spec expects {tuple(shape)} (r and the targets' largest d_in, d_out)"
+            raise _err(ck.path, f"tensor {key!r}", msg)
+        out[key] = tuple(shape)
+    return out
+
+
+def _finite(ck: _File, key: str) -> torch.Tensor:
+    """The tensor `key` of the file; CheckpointError naming it when it holds NaN/inf."""
+    t = ck.tensor(key)
+    if not bool(torch.isfinite(t).all()):
+        raise _err(ck.path, f"tensor {key!r}", "holds NaN/inf values (a diverged run?); refusing to load")
+    return t
+
+
 def _read_target(ck: _File, gen, name: str, m, cfg_t, want: dict, tmeta: dict, strict: bool) -> tuple:
     """Read one target's tensors (finite), compare the base weight's fingerprint: install's tuple."""
     path, where = ck.path, _jpath(("targets", name))
-    tensors = {k: ck.tensor(f"{name}.{k}") for k in want}
-    for k, t in tensors.items():
-        if not bool(torch.isfinite(t).all()):
-            raise _err(path, f"tensor {f'{name}.{k}'!r}", "holds NaN/inf values (a diverged run?); refusing to load")
+    tensors = {k: _finite(ck, f"{name}.{k}") for k in want}
     info = target_info(m, base_weight(m))
     dist = fingerprint_distance(info["fingerprint"], tmeta["fingerprint"])
     tol = FINGERPRINT_TOL_QUANT if (info["quantization"] or tmeta.get("quantization")) else FINGERPRINT_TOL
@@ -657,7 +688,9 @@ def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Pa
     tensors, targets, bad, held = {}, {}, [], None
     for name, t in st.targets.items():
         for k in t.tensors:
-            key = f"{name}.{k}"
+            key = f"{name}.{k}" if k not in st.variant.SHARED else SHARED_PREFIX + k  # a shared tensor: once
+            if key in tensors:
+                continue
             v = full(getattr(t.holder, k)).detach().to("cpu").contiguous()  # FSDP2: gathered
             held = held or (key, v.dtype)
             if v.dtype != held[1]:

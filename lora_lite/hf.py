@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import SAFE_WEIGHTS_NAME
 
-from .checkpoint import CheckpointError, read_metadata, save
+from .checkpoint import SHARED_PREFIX, CheckpointError, read_metadata, save
 from .runtime import AttachError, state
 from .wrappers import is_sharded, unwrap
 
@@ -98,10 +99,16 @@ class AdapterTrainer(Trainer):
 
 class BaseWeightsNotMissing(logging.Filter):
     """Drops Trainer's "missing keys" warning on resume: an adapter checkpoint lacks the base
-    weights by design (check_resumable has matched its variant and targets first)."""
+    weights by design (check_resumable has matched its variant and targets first); and its
+    "unexpected keys" warning when those are only the shared tensors stored once
+    (`shared.<name>`: VeRA's A and B, which the attached adapter already holds)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("There were missing keys in the checkpoint model loaded")
+        msg = record.getMessage()
+        if msg.startswith("There were unexpected keys in the checkpoint model loaded"):
+            keys = re.findall(r"'([^']*)'", msg)
+            return not (keys and all(k.startswith(SHARED_PREFIX) for k in keys))
+        return not msg.startswith("There were missing keys in the checkpoint model loaded")
 
 
 def check_resumable(model, path: Path) -> None:

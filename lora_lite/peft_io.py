@@ -55,6 +55,7 @@ from .runtime import (
     is_linear_like,
     is_quantized,
     layer_dims,
+    shared_shapes,
     states,
     target_info,
 )
@@ -161,6 +162,13 @@ def _delora(t, v):
     }, None
 
 
+def _vera(t, v):
+    """VeRA: the per-target lambdas (lambda_b is linear in the update, so v folds into it); the
+    shared A and B are added once by _payload (PEFT's base_model.vera_A / vera_B)."""
+    m = t.holder
+    return {"vera_lambda_b": m.lora_vera_lambda_b.detach() * v, "vera_lambda_d": m.lora_vera_lambda_d.detach()}, None
+
+
 # spec -> (route, PEFT type, tensors, whether ll.scale != 1 is representable)
 ROUTES = {
     "lora": ("direct", "LORA", _lowrank, True),
@@ -172,6 +180,7 @@ ROUTES = {
     "ia3_ff": ("direct", "IA3", _ia3, True),
     "hra": ("direct", "HRA", _hra, False),
     "delora": ("direct", "DELORA", _delora, True),
+    "vera": ("direct", "VERA", _vera, True),
     "pissa": ("converted", "LORA", _pissa, True),
     "milora": ("converted", "LORA", _pissa, True),
     "olora": ("converted", "LORA", _pissa, True),
@@ -202,7 +211,7 @@ def _fan_in_fan_out(st) -> bool:
     if not conv:
         return False
     peft_type = ROUTES[st.variant.NAME][1]
-    if peft_type not in ("LORA", "IA3"):
+    if peft_type not in ("LORA", "IA3", "VERA"):
         raise AttachError(
             f"export_peft: {st.variant.NAME}: {conv[0]} is a transformers Conv1D, which PEFT's {peft_type} "
             "does not adapt; use ll.merge(model) and save_pretrained"
@@ -353,6 +362,11 @@ def _payload(model: nn.Module, st) -> tuple[dict, dict, str]:
                 )
             cfg = {"r": r, "apply_GS": False, "init_weights": True, "bias": "none", "modules_to_save": None}
             cfg |= {"layers_to_transform": None, "layers_pattern": None}
+        elif peft_type == "VERA":  # one r for all layers; A and B saved once (save_projection)
+            cfg = {"r": st.cfg.r, "d_initial": _number(st.cfg.d_initial), "save_projection": True}
+            cfg |= {"projection_prng_key": st.cfg.projection_prng_key, "vera_dropout": 0.0, "init_weights": True}
+            cfg |= {"fan_in_fan_out": _fan_in_fan_out(st), "bias": "none", "modules_to_save": None}
+            cfg |= {"layers_to_transform": None, "layers_pattern": None}
         else:  # DELORA
             ranks = {n: ts["delora_A"].shape[0] for n, ts in tensors.items()}
             r = max(ranks.values())
@@ -375,6 +389,9 @@ def _payload(model: nn.Module, st) -> tuple[dict, dict, str]:
         for n, ts in tensors.items()
         for k, v in ts.items()
     }
+    holder = next(iter(st.targets.values())).holder
+    for k in st.variant.SHARED:  # VeRA's A, B: one tensor each, under PEFT's base_model.vera_A / vera_B
+        flat["base_model." + k.removeprefix("lora_")] = getattr(holder, k).detach().to("cpu", st.cfg.dtype).contiguous()
     provenance = {"spec": spec, "route": route, "scale": [t.scale for t in st.targets.values()][0]}
     if "coeff" in st.variant.RUNTIME_KNOBS:
         provenance["coeff"] = st.cfg.coeff
@@ -399,6 +416,7 @@ HANDLED = {
     "peft_type", "r", "lora_alpha", "target_modules", "exclude_modules", "layers_to_transform",
     "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "init_lora_weights",
     "feedforward_modules", "apply_GS", "delora_lambda", "lambda_pattern", "eva_config", "fan_in_fan_out",
+    "d_initial", "projection_prng_key", "save_projection",
 }  # fmt: skip
 HARMLESS = {
     "auto_mapping", "base_model_name_or_path", "revision", "inference_mode", "task_type", "peft_version",
@@ -447,7 +465,11 @@ def _check_config(path: Path, c: dict) -> str:
         return "hra"
     if kind == "DELORA":
         return "delora"
-    _refuse(path, "peft_type", kind, "lora-lite loads LORA, IA3, HRA and DELORA adapters")
+    if kind == "VERA":
+        if c.get("save_projection") is False:
+            _refuse(path, "save_projection", False, "lora-lite loads VeRA with its A and B saved in the file")
+        return "vera"
+    _refuse(path, "peft_type", kind, "lora-lite loads LORA, IA3, HRA, DELORA and VERA adapters")
 
 
 def _pattern_get(pattern: dict, name: str, default):
@@ -506,7 +528,7 @@ def _resolve(peft_dir, name: str) -> Path:
 
 
 def load_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "default") -> nn.Module:
-    """Attach a PEFT adapter directory (LoRA, rsLoRA, DoRA, PiSSA, IA3, HRA, DeLoRA) as the matching
+    """Attach a PEFT adapter directory (LoRA, rsLoRA, DoRA, PiSSA, IA3, HRA, DeLoRA, VeRA) as the matching
     lora-lite spec; returns `model`. Logits equal PEFT's on the same base (tests/test_deploy.py).
 
     peft_dir: a local directory (PEFT's layout: `default` in it, adapter `name` in peft_dir/name),
@@ -525,14 +547,16 @@ def load_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "defaul
     an adapter `name` is already attached or for whatever runtime.preflight refuses.
     `model` may be wrapped (torch.compile, DDP, accelerate, FSDP2); the wrapper is returned.
     fan_in_fan_out: true is read for transformers Conv1D targets and refused for any other.
-    Source: PEFT's LoraModel/IA3Model/HRAModel/DeloraModel _create_and_replace and
+    VeRA: base_model.vera_A / vera_B (save_projection true; false is refused) shaped for r and the
+    largest target, as PEFT's VeraModel._find_dim.
+    Source: PEFT's LoraModel/IA3Model/HRAModel/DeloraModel/VeraModel _create_and_replace and
     check_target_module_exists (peft/tuners/).
     """
     check_model(model, "load_peft")
     wrapper, model = model, unwrap(model)
     check_name(name)
     try:  # the directory is untrusted input: whatever it breaks is one CheckpointError line
-        cfg, per_target = _read_peft(model, peft_dir, name)
+        cfg, per_target, shared = _read_peft(model, peft_dir, name)
     except (CheckpointError, AttachError, SpecError):
         raise
     except Exception as e:  # noqa: BLE001 (a malformed file or value; no other type may escape)
@@ -540,7 +564,7 @@ def load_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "defaul
         raise CheckpointError(
             f"{peft_dir}: not a readable PEFT adapter ({type(e).__name__}: {lines[0][:200]})"
         ) from None
-    install(model, cfg, per_target, op="load_peft", name=name)
+    install(model, cfg, per_target, op="load_peft", name=name, shared=shared)
     return wrapper
 
 
@@ -596,7 +620,7 @@ def _read_peft(model: nn.Module, peft_dir, name: str) -> tuple:
             m = modules[n]
             cfg_t = gen.Config(**base, **_hyper(c, spec, n))
             check_quantized(gen, cfg_t, n, m, fix="load the base in float")
-            want = gen.shapes(cfg_t, *layer_dims(m))
+            want = {k: v for k, v in gen.shapes(cfg_t, *layer_dims(m)).items() if k not in gen.SHARED}
             tensors = {}
             for ours, suffix in _names(spec).items():
                 suffix = tuple(_embedding_key(s) for s in suffix) if is_embedding(m) else suffix
@@ -616,9 +640,32 @@ def _read_peft(model: nn.Module, peft_dir, name: str) -> tuple:
                 init = gen.init(W, cfg_t)
                 tensors["lora_A0"], tensors["lora_B0"] = init["lora_A0"], init["lora_B0"]
             per_target[n] = (m, cfg_t, tensors, target_info(m, W))
+        shared = _read_shared(f, wpath, gen, per_target, keys)
         if keys:
             raise CheckpointError(f"{wpath}: tensor {sorted(keys)[0]} belongs to no target of adapter_config.json")
-    return per_target[found[0]][1], per_target
+    return per_target[found[0]][1], per_target, shared
+
+
+def _read_shared(f, wpath: Path, gen, per_target: dict, keys: set) -> dict:
+    """The variant's SHARED tensors from PEFT's `base_model.vera_A` / `vera_B` (saved once),
+    shaped for r and the largest target (PEFT's _find_dim); taken out of `keys`."""
+    if not gen.SHARED:
+        return {}
+    cfg = next(iter(per_target.values()))[1]
+    _, _, want = shared_shapes(gen, cfg, (layer_dims(m) for m, *_ in per_target.values()))
+    out = {}
+    for k, shape in want.items():
+        key = "base_model." + k.removeprefix("lora_")
+        if key not in keys:
+            raise CheckpointError(f"{wpath}: tensor {key} is missing")
+        t = f.get_tensor(key)
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"{wpath}: {key} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{wpath}: {key} is not finite floating point; refusing to load")
+        out[k] = t.float()
+        keys.discard(key)
+    return out
 
 
 # PEFT's names for the LoRA pair on an nn.Embedding (peft/tuners/lora/layer.py, class Embedding):
@@ -646,6 +693,7 @@ def _names(spec: str) -> dict[str, tuple[str, ...]]:
         "ia3": {"lora_ia3": ("ia3_l",)},
         "ia3_ff": {"lora_ia3": ("ia3_l",)},
         "hra": {"lora_hra_u": ("hra_u",)},
+        "vera": {"lora_vera_lambda_d": ("vera_lambda_d",), "lora_vera_lambda_b": ("vera_lambda_b",)},
         "delora": {
             "lora_A": ("delora_A",),
             "lora_B": ("delora_B",),
@@ -662,6 +710,10 @@ def _hyper(c: dict, spec: str, name: str) -> dict:
     r = int(_pattern_get(c.get("rank_pattern"), name, c.get("r", 8)))
     if spec == "hra":
         return {"r": r}
+    if spec == "vera":  # one r for every layer (the shared A has r rows; PEFT's VeRA has no rank_pattern)
+        return {"r": int(c.get("r", 256)), "d_initial": float(c.get("d_initial", 0.1))} | {
+            "projection_prng_key": int(c.get("projection_prng_key", 0))
+        }
     if spec == "delora":
         return {"r": r, "lambda0": float(_pattern_get(c.get("lambda_pattern"), name, c.get("delora_lambda", 15)))}
     alpha = float(_pattern_get(c.get("alpha_pattern"), name, c.get("lora_alpha", 8)))

@@ -714,7 +714,7 @@ def _check_sizes(gen: ModuleType, name: str, want: dict, d_in: int, d_out: int) 
 
 def _build(gen: ModuleType, name: str, m: nn.Module, cfg_t: AdapterConfig, stats: dict | None) -> dict:
     d_in, d_out = layer_dims(m)
-    want = gen.shapes(cfg_t, d_in, d_out)
+    want = {k: v for k, v in gen.shapes(cfg_t, d_in, d_out).items() if k not in gen.SHARED}
     _check_sizes(gen, name, want, d_in, d_out)
     W = base_weight(m)  # (o, i); an embedding's (embedding_dim, num_embeddings)
     try:
@@ -737,6 +737,32 @@ def _build(gen: ModuleType, name: str, m: nn.Module, cfg_t: AdapterConfig, stats
         if not torch.isfinite(t).all():
             raise AttachError(f"{gen.NAME}: {name}: {k} is not finite after init (check the weights/calibration)")
     return {"tensors": tensors, "info": target_info(m, W)}
+
+
+def shared_shapes(gen: ModuleType, cfg: AdapterConfig, dims) -> tuple[int, int, dict]:
+    """(d_in_max, d_out_max, {tensor: shape}) of the variant's SHARED tensors for targets of
+    (d_in, d_out) `dims`: one tensor per adapter, sized by its largest target (VeRA's A, B)."""
+    dims = list(dims)
+    d_in, d_out = max(d for d, _ in dims), max(d for _, d in dims)
+    return d_in, d_out, {k: v for k, v in gen.shapes(cfg, d_in, d_out).items() if k in gen.SHARED}
+
+
+def build_shared(gen: ModuleType, cfg: AdapterConfig, targets: dict[str, nn.Module]) -> dict[str, Tensor]:
+    """The variant's SHARED tensors for these targets ({} for most variants), fp32, checked
+    (names, shapes, finite). AttachError naming the tensor otherwise; nothing is installed."""
+    if not gen.SHARED:
+        return {}
+    d_in, d_out, want = shared_shapes(gen, cfg, (layer_dims(m) for m in targets.values()))
+    try:
+        tensors = gen.shared(cfg, d_in, d_out)
+    except Exception as e:  # a (user's) variant's shared() failing: name it, keep the cause
+        raise AttachError(f"{gen.NAME}: shared tensors: {type(e).__name__}: {_first_line(e)}") from e
+    if set(tensors) != set(want):
+        raise AttachError(f"{gen.NAME}: shared() returned {sorted(tensors)}, spec declares {sorted(want)}")
+    for k, t in tensors.items():
+        if tuple(t.shape) != tuple(want[k]) or not torch.isfinite(t).all():
+            raise AttachError(f"{gen.NAME}: shared {k} has shape {tuple(t.shape)} (spec {want[k]}) or is not finite")
+    return tensors
 
 
 def _first_line(e: BaseException) -> str:
@@ -799,7 +825,7 @@ def attach(
             stats = collect_input_stats(model, targets, calibration_data, progress=progress)
     built = {n: _build(gen, n, m, cfgs[n], stats[n] if stats else None) for n, m in targets.items()}
     per_target = {n: (targets[n], cfgs[n], b["tensors"], b["info"]) for n, b in built.items()}
-    install(model, cfg, per_target, op="attach", name=name)
+    install(model, cfg, per_target, op="attach", name=name, shared=build_shared(gen, cfg, targets))
     warn_if_wrapped_already(wrapper, "attach")
     return wrapper
 
@@ -865,10 +891,20 @@ def is_adapter_parameter(name: str) -> bool:
     return name.rsplit(".", 1)[-1].startswith("lora_")
 
 
-def install(model: nn.Module, cfg: AdapterConfig, per_target: dict, op: str = "load", name: str = "default") -> State:
+def install(
+    model: nn.Module,
+    cfg: AdapterConfig,
+    per_target: dict,
+    op: str = "load",
+    name: str = "default",
+    shared: dict | None = None,
+) -> State:
     """Register tensors, crop, add hooks (attach step 5; load uses it too); returns the State.
 
-    per_target: {target name: (module, its config, {tensor name: tensor}, info)}. Runs
+    per_target: {target name: (module, its config, {tensor name: tensor}, info)}. shared: the
+    variant's SHARED tensors (VeRA's A, B), each made one frozen nn.Parameter registered on every
+    target (one tensor in memory: a Parameter, unlike a buffer, stays one object through
+    model.to(dtype or device)); a target lists them among its tensors. Runs
     `preflight` first (a second time for attach: it is cheap), then converts every tensor before
     touching the model, so running out of memory there changes nothing. Freezes the base (every
     parameter that is not another adapter's) and records its flags as they were before the first
@@ -888,6 +924,14 @@ def install(model: nn.Module, cfg: AdapterConfig, per_target: dict, op: str = "l
             k: t.detach().to(device=device, dtype=cfg.dtype).clone(memory_format=torch.contiguous_format)
             for k, t in tensors.items()
         }
+    first = next(iter(per_target.values()))[0].weight.device
+    one = {  # the shared tensors, once; frozen Parameters, on the first target's device
+        k: nn.Parameter(
+            t.detach().to(device=first if first.type != "meta" else None, dtype=cfg.dtype).contiguous().clone(),
+            requires_grad=False,
+        )
+        for k, t in (shared or {}).items()
+    }
     before = {n: p.requires_grad for n, p in model.named_parameters()}  # what a rollback restores
     base = {n: p for n, p in model.named_parameters() if not is_adapter_parameter(n)}
     earlier = list(states(model).values())
@@ -898,7 +942,7 @@ def install(model: nn.Module, cfg: AdapterConfig, per_target: dict, op: str = "l
         for p in base.values():
             p.requires_grad_(False)
         for tname, (m, cfg_t, tensors, info) in per_target.items():
-            target = Target(name=tname, module=m, cfg=cfg_t, tensors=tuple(tensors), info=info)
+            target = Target(name=tname, module=m, cfg=cfg_t, tensors=(*tensors, *one), info=info)
             st.targets[tname] = target
             host = m
             if name != "default":
@@ -910,6 +954,8 @@ def install(model: nn.Module, cfg: AdapterConfig, per_target: dict, op: str = "l
                     host.register_parameter(k, nn.Parameter(t))
                 else:
                     host.register_buffer(k, t)
+            for k, p in one.items():
+                host.register_parameter(k, p)  # the same Parameter on every target
             if cfg_t.residual == "crop":
                 add_to_weight(m, -gen.frozen_weight(host, cfg_t))
                 cropped.add(tname)

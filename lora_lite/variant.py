@@ -31,6 +31,7 @@ class Variant(Protocol):
     PER_RANK: dict  # hyperparameter -> e: read over r ** e, so clamping r scales it by (r_c / r) ** e
     BOUNDS: dict  # hyperparameter -> (min, max); its keys are the hyperparameters
     PARAMS: dict  # tensor -> (shape expressions, init, trainable)
+    SHARED: tuple  # tensors of PARAMS kept once per adapter, shared by every target (frozen)
     Config: type  # the AdapterConfig subclass with the spec's hyperparameters
 
     def shapes(self, cfg, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]: ...
@@ -41,5 +42,7 @@ class Variant(Protocol):
 
     def frozen_weight(self, m: nn.Module, cfg) -> Tensor: ...
 
+    def shared(self, cfg, d_in: int, d_out: int) -> dict[str, Tensor]: ...
 
-MEMBERS = tuple(n for n in (*Variant.__annotations__, "shapes", "init", "forward", "frozen_weight"))
+
+MEMBERS = tuple(n for n in (*Variant.__annotations__, "shapes", "init", "forward", "frozen_weight", "shared"))

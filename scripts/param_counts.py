@@ -12,8 +12,8 @@ no real weights; attach time does depend on the shape only (full fp32 SVD per ta
 
 Ranks follow upstream's table: r=256 for the AntiPaSTO family (spectral cores: gain, ablate,
 arrow), r=32 for the other specs with a rank (the LoRA family, HRA), PEFT's defaults for the
-methods with their own PEFT config (LoHa, LoKr, OFT, BOFT, RoAd), each spec's default targets.
-Specs that use calibration data get 4 x 512 random tokens (at least d_in = 1024 per target, as CorDA needs).
+methods with their own PEFT config (LoHa, LoKr, OFT, BOFT, RoAd, VeRA: r=256), each spec's default
+targets. Specs that use calibration data get 4 x 512 random tokens (at least d_in = 1024 per target, as CorDA needs).
 Not part of the test suite: 56 full SVDs take minutes on 2 CPU cores. On a shared machine run
 it with OMP_NUM_THREADS=1: OpenMP threads competing with another process for the same cores
 spin and made the 2-thread timings here swing by 5x.
@@ -30,7 +30,7 @@ import lora_lite as ll
 from lora_lite.codegen.spec import load_spec, shipped_specs_dir
 
 SPECTRAL = {"gain", "ablate", "arrow"}
-OWN_DEFAULTS = {"boft", "loha", "lokr", "oft", "road"}  # methods with their own PEFT config: its defaults, r included
+OWN_DEFAULTS = {"boft", "loha", "lokr", "oft", "road", "vera"}  # own PEFT config: its defaults, r included
 # Trainable counts in the upstream README / design table (q, v unless the spec says otherwise).
 UPSTREAM = {
     "lora": 4_587_520,
@@ -60,6 +60,7 @@ def peft_configs() -> dict:
         "lokr": peft.LoKrConfig(target_modules=qv),
         "oft": peft.OFTConfig(target_modules=qv),
         "boft": peft.BOFTConfig(target_modules=qv),
+        "vera": peft.VeraConfig(target_modules=qv),  # r=256, one shared A and B (frozen, not counted)
         # CorDA (ipm) has LoRA's shapes: count without running its calibration
         "corda_lora": peft.LoraConfig(r=32, target_modules=qv),
         "corda_dora": peft.LoraConfig(r=32, target_modules=qv, use_dora=True),

@@ -74,7 +74,9 @@ def test_export_loads_in_peft_with_the_same_logits(name, tmp_path):
     assert sorted(config["target_modules"]) == targets  # exact module names
     with safe_open(str(tmp_path / "adapter_model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
-    assert {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in keys} == {
+    shared = {k for k in keys if not k.startswith("base_model.model.")}  # VeRA's A and B, once
+    assert shared == ({"base_model.vera_A", "base_model.vera_B"} if name == "vera" else set())
+    assert {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in keys - shared} == {
         f"base_model.model.{t}" for t in targets
     }
     assert ".default." not in " ".join(keys)
@@ -116,7 +118,7 @@ def test_clamped_ranks_export_with_one_scaling_for_every_layer(name, tmp_path):
     assert rel(got, out(model)) <= TOL
 
 
-@pytest.mark.parametrize("name", ["lora", "pissa", "antipasto_arrow", "ia3", "delora"])
+@pytest.mark.parametrize("name", ["lora", "pissa", "antipasto_arrow", "ia3", "delora", "vera"])
 def test_export_carries_the_current_scale(name, tmp_path):
     base, model = trained(name)
     ll.scale(model, 0.4)
@@ -164,7 +166,7 @@ def peft_made(pcfg, tmp_path, seed: int = 3):
 
 
 def peft_adapters():
-    from peft import DeloraConfig, HRAConfig, IA3Config, LoraConfig
+    from peft import DeloraConfig, HRAConfig, IA3Config, LoraConfig, VeraConfig
 
     lora = dict(r=4, lora_alpha=8, lora_dropout=0.0)
     return {
@@ -187,6 +189,7 @@ def peft_adapters():
         "ia3_ff": ("ia3_ff", IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"])),
         "hra": ("hra", HRAConfig(r=4, target_modules=QV)),
         "delora": ("delora", DeloraConfig(r=4, delora_lambda=15, target_modules=QV, rank_pattern={"v_proj": 2})),
+        "vera": ("vera", VeraConfig(r=4, target_modules=QV, projection_prng_key=7)),
     }
 
 

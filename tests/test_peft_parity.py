@@ -69,6 +69,8 @@ KNOWN_DIVERGENCES: dict[str, str] = {
     "lokr": "where r >= max(k, n) / 2 (w2's factor sizes) PEFT holds a full (k, n) w2; here w2 stays "
     "w2_a w2_b at rank r on every layer (other parameter counts there); the update is applied as "
     "vec(s w1 X w2^T), not as the dense kron(w1, w2) (same math); no decompose_both, rank_dropout or module_dropout",
+    "vera": "no vera_dropout and no save_projection=False (A and B are always saved, once); each adapter "
+    "has its own A and B, where PEFT shares the first adapter's pair among all VeRA adapters",
     "antipasto_corda": "upstream lora-lite's whitened CorDA: SVD of W C^1/2 and P = Vh C^-1/2, where "
     "CorDA's paper and PEFT decompose W C and keep Vh C^-1; damping cov_eps is absolute (no parity test)",
 }
@@ -569,3 +571,30 @@ def test_embedding_target_same_logits_and_gradients_as_peft(name, extra, scaled)
         assert rel_err(ours(**batch).logits, base_logits) < RTOL
     copied_tensors_match_peft(f"{name} on embed_tokens", ours, theirs, {target: layer}, mapping, batch, base_logits)
     assert not m.lora_A.grad[:, 0].any()  # padding_idx: no gradient to A's padding column, as PEFT
+
+
+@pytest.mark.parametrize("r", [256, 4])
+def test_vera_same_projections_logits_and_gradients_as_peft(r):
+    """specs/vera.yaml is PEFT's VeRA: the same seeded shared A and B (drawn, not copied), the
+    same trainable count, and with PEFT's lambdas copied the same logits and gradients. r = 256
+    (PEFT's default) exceeds every layer dimension of the tiny model; neither library clamps it."""
+    from peft import VeraConfig
+
+    base = llama()
+    ours = copy.deepcopy(base)
+    ll.attach(ours, ll.from_spec("vera", r=r))
+    theirs = peft.get_peft_model(copy.deepcopy(base), VeraConfig(r=r, target_modules=QV))
+    batch = {"input_ids": token_batch(seed=7, vocab=64)["input_ids"]}
+    layers = {target: theirs.base_model.model.get_submodule(target) for target in ll.state(ours).targets}
+    for target, layer in layers.items():
+        m = ll.state(ours).targets[target].module
+        assert torch.equal(m.lora_vera_A, layer.vera_A["default"]), target  # the same generator draws
+        assert torch.equal(m.lora_vera_B, layer.vera_B["default"]), target
+        assert torch.equal(m.lora_vera_lambda_d, layer.vera_lambda_d["default"]), target
+        assert torch.equal(m.lora_vera_lambda_b, layer.vera_lambda_b["default"]), target
+    trainable = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    assert sum(p.numel() for p in ll.trainable_parameters(ours)) == trainable
+    with torch.no_grad():
+        base_logits = base(**batch).logits
+    mapping = {"lora_vera_lambda_d": "vera_lambda_d.default", "lora_vera_lambda_b": "vera_lambda_b.default"}
+    copied_tensors_match_peft(f"vera r={r}", ours, theirs, layers, mapping, batch, base_logits)
