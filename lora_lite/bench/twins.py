@@ -132,6 +132,19 @@ def lokr(cfg, targets: list[str]):
     )
 
 
+def vera(cfg, targets: list[str]):
+    """PEFT VeraConfig (arXiv:2310.11454) at the spec's r, d_initial and projection_prng_key."""
+    from peft import VeraConfig
+
+    return VeraConfig(
+        r=cfg.r,
+        d_initial=cfg.d_initial,
+        projection_prng_key=cfg.projection_prng_key,
+        vera_dropout=0.0,
+        target_modules=targets,
+    )
+
+
 def oft(cfg, targets: list[str]):
     """PEFT OFTConfig (arXiv:2306.07280) at the spec's block size and Cayley-Neumann setting."""
     from peft import OFTConfig
@@ -175,6 +188,7 @@ TWINS: dict[str, Twin] = {
     "road": Twin(road),
     "loha": Twin(loha),
     "lokr": Twin(lokr),
+    "vera": Twin(vera),
     "oft": Twin(oft),
     "boft": Twin(boft),
     # a new spec with a PEFT equivalent joins here, one line each
