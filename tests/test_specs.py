@@ -197,3 +197,20 @@ def test_validate_cli_exit_status(capsys):
     assert main(["validate", str(BAD / "unknown_key.yaml")]) == 1
     err = capsys.readouterr().err
     assert "unexpected key 'rnak'" in err
+
+
+def test_a_renamed_rank_reports_the_missing_name_not_a_shape_differing_from_itself(tmp_path):
+    """Renaming `r` in a copy of lora.yaml: each problem is one line (unknown name, missing-hyper,
+    unused-hyper) and no line claims ['r', 'd_in'] differs from ['r', 'd_in']."""
+    text = (
+        (ROOT / "specs" / "lora.yaml")
+        .read_text()
+        .replace("\n  r: ", "\n  rnak: ")
+        .replace("name: lora\n", "name: lora2\n")
+    )
+    (tmp_path / "lora2.yaml").write_text(text)
+    with pytest.raises(SpecError) as e:
+        load_spec(tmp_path / "lora2.yaml")
+    assert "rule missing-hyper" in str(e.value) and "rule unused-hyper" in str(e.value)
+    assert "rule shape" not in str(e.value)
+    assert all(line.startswith(str(tmp_path / "lora2.yaml")) for line in e.value.problems)
