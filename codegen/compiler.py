@@ -194,6 +194,13 @@ COMMENTS = {
 }
 
 
+READS = "the layer's own reads: W through its forward (float or 4/8-bit), an nn.Embedding's token lookup"
+RUNTIME_COMMENTS = {  # runtime helper -> what the comment over its import says
+    **dict.fromkeys(("base_forward", "base_row_sqnorm", "embedding_lookup", "is_embedding"), READS),
+    "hadamard_product": "(w1_a w1_b) * (w2_a w2_b) with a backward that recomputes both products",
+}
+
+
 def context(spec, display: str) -> dict:
     """Everything the module template needs, as finished strings and lists."""
     comp = spec.composition()
@@ -238,6 +245,7 @@ def context(spec, display: str) -> dict:
         ],
         shape_lines=[_entry(8, py(p.name), _dims(p.shape).rstrip(",").split(", ")) for p in spec.params],
         runtime_imports=", ".join(runtime),
+        runtime_comment="; ".join(dict.fromkeys(RUNTIME_COMMENTS[f] for f in runtime)),
         shape_imports=", ".join(sorted({f for p in spec.params for d in p.shape for f in _calls(d)})),
         runtime_knobs=py(tuple(h.name for h in spec.hyperparameters if h.runtime)),
         ranks=py(tuple(h.name for h in spec.hyperparameters if h.rank)),

@@ -39,6 +39,9 @@ from torch import Tensor, nn
 
 from lora_lite.config import AdapterConfig
 
+# (w1_a w1_b) * (w2_a w2_b) with a backward that recomputes both products
+from lora_lite.runtime import hadamard_product
+
 NAME = "loha"  # the spec's name
 TITLE = "LoHa"  # its title
 HOOK = "output"  # forward hook: forward() returns the layer's new output
@@ -115,8 +118,9 @@ def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
         B12 = (m.lora_hada_w1_b[:, None, :] * m.lora_hada_w2_b[None, :, :]).flatten(0, 1)  # (r*r, i)
         delta = (s * (x @ B12.T)) @ A12.T  # (..., o)
     else:  # r^2 (i + o) >= i o: the dense (o, i) update is the cheaper one
-        dW = (m.lora_hada_w1_a @ m.lora_hada_w1_b) * (m.lora_hada_w2_a @ m.lora_hada_w2_b)  # (o, i)
-        delta = x @ (s * dW).T  # (..., o)
+        # dW = s (w1_a w1_b) * (w2_a w2_b); backward forms both products again rather than keep them
+        dW = hadamard_product(m.lora_hada_w1_a, m.lora_hada_w1_b, m.lora_hada_w2_a, m.lora_hada_w2_b, s)  # (o, i)
+        delta = x @ dW.T  # (..., o)
     return y + delta.to(y.dtype)  # (..., o)
 
 

@@ -376,6 +376,43 @@ def base_forward(m: nn.Module, x: Tensor) -> Tensor:
     return y.float()
 
 
+class _HadamardProduct(torch.autograd.Function):
+    """s (w1_a w1_b) * (w2_a w2_b) that saves the four factors and recomputes the products in backward."""
+
+    @staticmethod
+    def forward(ctx, w1_a: Tensor, w1_b: Tensor, w2_a: Tensor, w2_b: Tensor, s: float) -> Tensor:
+        ctx.save_for_backward(w1_a, w1_b, w2_a, w2_b)
+        ctx.s = s
+        return (w1_a @ w1_b).mul_(w2_a @ w2_b).mul_(s)  # (o, i); no autograd here, so in place
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        w1_a, w1_b, w2_a, w2_b = ctx.saved_tensors
+        g = grad * ctx.s  # (o, i)
+        need = ctx.needs_input_grad
+        d1_a = d1_b = d2_a = d2_b = None
+        if need[0] or need[1]:  # d/d(w1_a w1_b) = g * (w2_a w2_b)
+            g1 = g * (w2_a @ w2_b)  # (o, i)
+            d1_a, d1_b = g1 @ w1_b.T, w1_a.T @ g1  # (o, r), (r, i)
+        if need[2] or need[3]:  # d/d(w2_a w2_b) = g * (w1_a w1_b)
+            g2 = g * (w1_a @ w1_b)  # (o, i)
+            d2_a, d2_b = g2 @ w2_b.T, w2_a.T @ g2  # (o, r), (r, i)
+        return d1_a, d1_b, d2_a, d2_b, None
+
+
+def hadamard_product(w1_a: Tensor, w1_b: Tensor, w2_a: Tensor, w2_b: Tensor, s: float = 1.0) -> Tensor:
+    """s (w1_a @ w1_b) * (w2_a @ w2_b), the dense LoHa update: (o, r), (r, i), (o, r), (r, i) -> (o, i).
+
+    Autograd keeps only the four rank-r factors for backward and forms the two (o, i) products
+    again there, instead of keeping both products (two (o, i) tensors per target for the whole
+    step). Differentiable in every factor (not in s, a number); backward is built from plain
+    torch ops, so it traces under torch.compile and can be differentiated again. Shapes must
+    chain as matrix products (torch's matmul error otherwise). Source: FedPara (arXiv
+    2108.06098), eq. 2; recomputation as PEFT peft/tuners/loha/layer.py, class HadaWeight.
+    """
+    return _HadamardProduct.apply(w1_a, w1_b, w2_a, w2_b, s)
+
+
 SQNORM_ATTR = "_lora_lite_row_sqnorm"  # module attribute: (weight key, ||W_i||^2), bitsandbytes only
 
 
