@@ -63,6 +63,7 @@ CONFIG_NAMES = {
     "BOFTConfig": "boft",
     "CorDAConfig": "corda_lora",
     "CorDADoRAConfig": "corda_dora",
+    "VeRAConfig": "vera",
 }
 
 
@@ -74,6 +75,11 @@ def __getattr__(name):
 
         return AdapterTrainer
     raise AttributeError(f"module 'lora_lite' has no attribute {name!r}")
+
+
+def __dir__():
+    """The module's names plus the lazy ones (the typed configs, AdapterTrainer), for dir() and completion."""
+    return sorted(set(globals()) | set(__all__))
 
 
 __all__ = [

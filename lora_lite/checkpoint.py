@@ -64,6 +64,7 @@ from .runtime import (
     rank_limit,
     shared_shapes,
     state,
+    states,
     target_info,
     warn_if_wrapped_already,
 )
@@ -651,10 +652,12 @@ def _read_target(ck: _File, gen, name: str, m, cfg_t, want: dict, tmeta: dict, s
 # ---------------------------------------------------------------- writing
 
 
-def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
+def save(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> Path:
     """Write the adapter attached as `name` to `path` (safetensors, format 2); returns `path`.
     The file holds that one adapter (with each target's ll.scale), in the same format whatever
-    its name.
+    its name. Without `name`: the one adapter attached, whatever its name; with several attached
+    it raises AttachError listing them (a checkpoint holds one adapter: save each under its
+    name=, or ll.export_peft them all into one directory).
 
     The adapter dtype saved (config.dtype) is the one its tensors are held in: after
     `model.to(torch.bfloat16)` the file holds bfloat16 tensors and says dtype bfloat16, so load
@@ -674,9 +677,18 @@ def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Pa
     only the start of a checkpoint (never a user's own `.tmp` file). A symlink destination: the
     file it points to is replaced atomically (its temporary file sits next to it) and the link
     is kept.
-    Raises AttachError when nothing (or no adapter `name`) is attached; CheckpointError naming the path for I/O
-    errors (disk full, read-only folder, a directory as destination).
+    Raises AttachError when nothing (or no adapter `name`) is attached, or when `name` is omitted
+    and several are; CheckpointError naming the path for I/O errors (disk full, read-only
+    folder, a directory as destination).
     """
+    if name is None:
+        attached = list(states(model))
+        if len(attached) > 1:
+            raise AttachError(
+                f"save: {len(attached)} adapters are attached ({', '.join(map(repr, attached))}) and a checkpoint "
+                "holds one: pass name= (ll.save(model, path, name=...)), once per adapter"
+            )
+        name = attached[0] if attached else "default"
     check_name(name)
     st = state(model, name)
     if st is None:

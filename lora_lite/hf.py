@@ -72,7 +72,7 @@ class AdapterTrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         sharded = any(is_sharded(p) for p in unwrap(self.model).parameters())
         if self.args.should_save or sharded:
-            save(self.model, Path(output_dir) / SAFE_WEIGHTS_NAME)
+            save(self.model, Path(output_dir) / SAFE_WEIGHTS_NAME, name="default")
         if self.args.should_save:
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)

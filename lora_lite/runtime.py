@@ -518,7 +518,8 @@ def preflight(
     if name in mine:
         what, how = ("", "model") if name == "default" else (f" named {name!r}", f"model, name={name!r}")
         raise AttachError(
-            f"{op}: model already has a {mine[name].variant.NAME} adapter{what} attached; call ll.detach({how}) first"
+            f"{op}: model already has a {mine[name].variant.NAME} adapter{what} attached; call ll.detach({how}) first, "
+            f"or {op} this one under another name= (e.g. name='second')"
         )
     fix = f"ll.from_spec({gen.NAME!r}, residual='subtract')" if op == "attach" else f"ll.{op}(..., residual='subtract')"
     made_inference = next((n for n, p in model.named_parameters() if p.is_inference()), None)
@@ -853,7 +854,9 @@ def attach(
     targets = find_targets(model, cfg)
     preflight(model, cfg, targets, op="attach", name=name)
     _warn_cpu_packed(model)
-    cfgs = {tname: target_config(cfg, tname, m) for tname, m in targets.items()}
+    cfgs = {}
+    for tname, m in targets.items():  # a loop, not a comprehension: the clamp warning names attach's caller
+        cfgs[tname] = target_config(cfg, tname, m)
     stats = None
     if gen.CALIBRATION == "required" and calibration_data is None:
         raise AttachError(f"{gen.NAME} needs calibration_data: pass ll.attach(model, cfg, calibration_data=batches)")

@@ -195,6 +195,18 @@ def hf_llama(seed: int = 0, tie: bool = False):
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
+class ScaledEmbedding(torch.nn.Embedding):
+    """An embedding that multiplies its rows by a scalar buffer `embed_scale` (as Gemma 3's)."""
+
+    def __init__(self, weight: torch.Tensor, padding_idx: int, scale: float):
+        super().__init__(*weight.shape, padding_idx=padding_idx)
+        self.weight.data.copy_(weight)
+        self.register_buffer("embed_scale", torch.tensor(scale), persistent=False)
+
+    def forward(self, ids):
+        return super().forward(ids) * self.embed_scale.to(self.weight.dtype)
+
+
 def crop_specs() -> list[str]:
     """Shipped specs whose default residual is crop (W holds W_res while attached)."""
     return [n for n in SPECS if ll.variant_module(n).RESIDUAL == "crop"]

@@ -151,3 +151,10 @@ def test_constant_scale_is_not_changed_by_clamping(tmp_path):
     with pytest.warns(UserWarning, match=rf"{V}: r=24 exceeds min\(d_in, d_out\)=16; using r=16 for this layer"):
         ll.attach(model, ll.from_spec(tmp_path / "lora_const.yaml", r=24, alpha=2.0))
     assert ll.state(model).targets[V].cfg.alpha == 2.0
+
+
+def test_clamp_warning_names_the_line_that_called_attach():
+    model = make_model()
+    with pytest.warns(UserWarning, match=rf"{V}: r=24 exceeds") as caught:
+        ll.attach(model, ll.from_spec("lora", r=24, target_names=[r"\.v_proj$"]))
+    assert {w.filename for w in caught if "exceeds" in str(w.message)} == {__file__}

@@ -1,5 +1,6 @@
 """nn.Embedding targets: LoRA, rsLoRA and DoRA in PEFT's layout (parity: test_peft_parity.py);
-every other variant, max_norm and merge refused by name; a tied embedding is never written."""
+every other variant and max_norm refused by name; a tied embedding is never written while attached, and
+merge unties it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 import lora_lite as ll
-from conftest import SPECS, assert_unchanged, hf_llama, llama, perturb, snapshot, token_batch
+from conftest import SPECS, ScaledEmbedding, assert_unchanged, hf_llama, llama, perturb, snapshot, token_batch
 
 transformers = pytest.importorskip("transformers")
 EMBEDDERS = [n for n in SPECS if ll.variant_module(n).EMBEDDING]
@@ -119,13 +120,41 @@ def test_a_broad_pattern_skips_embed_tokens_but_any_embedding_it_matches_by_anot
     assert list(ll.state(block).targets) == ["codes"]
 
 
-def test_merge_refuses_an_embedding_target():
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("name, scaled", [("lora", False), ("dora", False), ("lora", True), ("dora", True)])
+def test_merge_folds_an_embedding_target_and_q_proj_into_the_weights(name, scaled):
     model = llama()
-    ll.attach(model, ll.from_spec("lora", r=2, target_names=["embed_tokens"]))
-    snap = snapshot(model)
-    with pytest.raises(ll.AttachError, match=rf"^merge: {EMB} is an nn.Embedding; merge folds linear layers only"):
-        ll.merge(model)
-    assert_unchanged(model, snap)
+    if scaled:  # Gemma-style embed_scale: the update is scaled with the rows, merge divides it back out
+        model.model.embed_tokens = ScaledEmbedding(model.model.embed_tokens.weight.detach(), 0, 3.0)
+    ll.attach(model, ll.from_spec(name, r=4, target_names=["embed_tokens", "q_proj"]))
+    perturb(model)
+    adapted, base = out(model), None
+    with ll.disabled(model):
+        base = out(model)
+    assert rel(adapted, base) > 1e-3
+    ll.merge(model)
+    assert ll.state(model) is None and not any("lora_" in n for n, _ in model.named_parameters())
+    assert rel(out(model), adapted) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["lora", "dora"])
+def test_merge_unties_a_tied_embedding_so_lm_head_keeps_the_base_weight(name, tmp_path):
+    model = hf_llama(tie=True)
+    W = model.lm_head.weight.detach().clone()
+    ll.attach(model, ll.from_spec(name, r=4, target_names=["embed_tokens", "q_proj"]))
+    perturb(model)
+    adapted = out(model)
+    ll.merge(model)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert torch.equal(model.lm_head.weight, W) and not torch.equal(model.model.embed_tokens.weight, W)
+    assert model.config.tie_word_embeddings is False
+    assert rel(out(model), adapted) < 1e-5
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(out(reloaded), out(model))
 
 
 @pytest.mark.parametrize("name", ["lora", "dora"])

@@ -73,7 +73,7 @@ def test_the_default_adapter_keeps_its_layout_and_a_named_one_sits_in_a_slot():
 
 def test_save_and_load_by_name_round_trip(tmp_path):
     base, model = two()
-    ll.save(model, tmp_path / "d.safetensors")
+    ll.save(model, tmp_path / "d.safetensors", name="default")
     ll.save(model, tmp_path / "m.safetensors", name="math")
     fresh = ll.load(copy.deepcopy(base), tmp_path / "d.safetensors")
     ll.load(fresh, tmp_path / "m.safetensors", name="math")
@@ -172,3 +172,27 @@ def test_set_coeff_reaches_a_named_adapter_only():
     assert rel(out(model), out(base)) <= TOL, "coeff 0 makes the named adapter the identity"
     with pytest.raises(ll.AttachError, match="no adapter named 'nope'"):
         ll.set_coeff(model, 0.5, name="nope")
+
+
+def test_save_without_name_refuses_several_adapters_listing_them_and_saves_a_lone_named_one(tmp_path):
+    _, model = two()
+    path = tmp_path / "a.safetensors"
+    with pytest.raises(ll.AttachError, match=r"^save: 2 adapters are attached \('default', 'math'\) and a checkpoint"):
+        ll.save(model, path)
+    assert not path.exists()
+    ll.save(model, path, name="math")
+    ll.detach(model, name="default")
+    ll.save(model, tmp_path / "b.safetensors")  # one adapter left: saved without name=
+    fresh = llama()
+    ll.load(fresh, tmp_path / "b.safetensors", name="math")
+    assert torch.equal(out(fresh), out(model))
+
+
+def test_attaching_twice_under_one_name_suggests_another_name():
+    _, model = two()
+    with pytest.raises(
+        ll.AttachError, match=r"call ll.detach\(model, name='math'\) first, or attach this one under another name="
+    ):
+        ll.attach(model, ll.IA3Config(), name="math")
+    with pytest.raises(ll.AttachError, match=r"call ll.detach\(model\) first, or attach this one under another name="):
+        ll.attach(model, ll.IA3Config())

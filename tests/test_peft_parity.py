@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import lora_lite as ll
-from conftest import SPECS, llama, smollm2_shaped_layer, token_batch
+from conftest import SPECS, ScaledEmbedding, llama, smollm2_shaped_layer, token_batch
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -33,7 +33,8 @@ QV = ["q_proj", "v_proj"]
 # Deliberate differences from PEFT, by spec; each must name a shipped spec (and the README says why).
 KNOWN_DIVERGENCES: dict[str, str] = {
     "lora": "an nn.Embedding with max_norm is refused (PEFT passes max_norm to F.embedding on A^T, which "
-    "renormalises A's columns in place); the same for rslora and dora",
+    "renormalises A's columns in place); ll.merge unties an embedding tied to lm_head (lm_head keeps W, "
+    "tie_word_embeddings False) where PEFT's merge_and_unload writes the shared weight; the same for rslora and dora",
     "hra": "an odd r is refused (PEFT warns and starts from a random, non-identity transform); "
     "the reflections are applied to x in compact WY form, not as a dense product (same math); "
     "no Gram-Schmidt option (PEFT's apply_GS)",
@@ -510,18 +511,6 @@ def test_shape_functions_split_dimensions_as_pefts_lokr_factorization():
 
 
 EMBED = {"lora_A": "lora_embedding_A.default", "lora_B": "lora_embedding_B.default"}
-
-
-class ScaledEmbedding(torch.nn.Embedding):
-    """An embedding that multiplies its rows by a scalar buffer `embed_scale` (as Gemma 3's)."""
-
-    def __init__(self, weight: torch.Tensor, padding_idx: int, scale: float):
-        super().__init__(*weight.shape, padding_idx=padding_idx)
-        self.weight.data.copy_(weight)
-        self.register_buffer("embed_scale", torch.tensor(scale), persistent=False)
-
-    def forward(self, ids):
-        return super().forward(ids) * self.embed_scale.to(self.weight.dtype)
 
 
 @pytest.mark.parametrize(

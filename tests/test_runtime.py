@@ -32,6 +32,13 @@ def test_every_typed_config_is_its_shipped_spec_config_at_the_spec_defaults():
     assert ll.RoadConfig().group_size == 64 and ll.OFTConfig().oft_block_size == 32  # PEFT's defaults
 
 
+def test_every_shipped_spec_has_a_typed_config_and_dir_lists_the_lazy_names():
+    assert sorted(ll.CONFIG_NAMES.values()) == sorted(ll.shipped_names())
+    assert type(ll.from_spec("vera")) is ll.VeRAConfig
+    names = dir(ll)
+    assert {"LoRAConfig", "VeRAConfig", "AdapterTrainer", "attach", "CONFIG_NAMES"} <= set(names)
+
+
 def test_unknown_override_and_bad_values():
     with pytest.raises(
         ValueError, match=r"unknown override 'rank'; allowed: r, alpha, dtype, target_names, layers, residual"
