@@ -323,7 +323,7 @@ def resident_bytes(model: nn.Module, opt: torch.optim.Optimizer | None) -> int:
 def train_step(row: Row, ids: torch.Tensor) -> None:
     if row.opt is not None:
         row.opt.zero_grad(set_to_none=True)
-    loss = row.model(input_ids=ids, labels=ids).loss
+    loss = row.model(input_ids=ids, labels=ids, use_cache=False).loss  # training: no KV cache (it recompiles per layer)
     loss.backward()
     if row.opt is not None:
         row.opt.step()
