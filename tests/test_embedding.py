@@ -157,3 +157,19 @@ def test_load_peft_refuses_an_embedding_for_a_spec_without_embeddings(tmp_path):
     with pytest.raises(ll.CheckpointError, match=rf"target {EMB} is an nn.Embedding, which lora-lite's pissa does not"):
         ll.load_peft(model, tmp_path / "p")
     assert_unchanged(model, snap)
+
+
+def test_sparse_embedding_trains_with_a_dense_adapter_gradient_equal_to_the_dense_layers():
+    grads = {}
+    for sparse in (False, True):
+        model = llama()
+        model.model.embed_tokens.sparse = sparse
+        ll.attach(model, ll.from_spec("lora", r=2, target_names=["embed_tokens"]))
+        perturb(model)
+        batch = {"input_ids": token_batch(seed=3)["input_ids"]}
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        params = ll.trainable_parameters(model)
+        assert all(p.grad is not None and p.grad.layout == torch.strided for p in params)
+        grads[sparse] = [p.grad.clone() for p in params]
+        torch.optim.AdamW(params).step()  # AdamW takes no sparse gradient
+    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True]))

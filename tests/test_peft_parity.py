@@ -33,7 +33,8 @@ QV = ["q_proj", "v_proj"]
 # Deliberate differences from PEFT, by spec; each must name a shipped spec (and the README says why).
 KNOWN_DIVERGENCES: dict[str, str] = {
     "lora": "an nn.Embedding with max_norm is refused (PEFT passes max_norm to F.embedding on A^T, which "
-    "renormalises A's columns in place); the same for rslora and dora",
+    "renormalises A's columns in place); the same for rslora and dora. On a sparse=True embedding A's gradient "
+    "is dense (PEFT's sparse gradient of A^T cannot be transposed back to A: its backward fails)",
     "hra": "an odd r is refused (PEFT warns and starts from a random, non-identity transform); "
     "the reflections are applied to x in compact WY form, not as a dense product (same math); "
     "no Gram-Schmidt option (PEFT's apply_GS)",
