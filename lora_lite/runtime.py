@@ -518,7 +518,8 @@ def preflight(
             )
         dims = layer_dims(m)
         if not all(isinstance(d, int) and d > 0 for d in dims):
-            raise AttachError(f"{gen.NAME}: {tname}: (in_features, out_features) = {dims}, expected positive integers")
+            what = "(num_embeddings, embedding_dim)" if is_embedding(m) else "(in_features, out_features)"
+            raise AttachError(f"{gen.NAME}: {tname}: {what} = {dims}, expected positive integers")
         if m.weight.is_meta:
             raise AttachError(f"{gen.NAME}: {tname}: weight is on the meta device (not loaded); load the weights first")
         elsewhere = lambda key: key in tensors and key not in own_tensors  # noqa: E731

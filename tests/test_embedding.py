@@ -203,3 +203,12 @@ def test_load_peft_refuses_a_base_table_copy_that_differs_from_the_models_embedd
     text = str(e.value)
     assert "\n" not in text and f"{EMB}.base_layer.weight (64, 32), PEFT's saved copy" in text, text
     assert_unchanged(model, snap)
+
+
+def test_an_empty_embedding_is_refused_naming_its_sizes():
+    block = torch.nn.Module()
+    block.codes = torch.nn.Embedding(0, 4)
+    snap = snapshot(block)
+    with pytest.raises(ll.AttachError, match=r"^lora: codes: \(num_embeddings, embedding_dim\) = \(0, 4\), expected"):
+        ll.attach(block, ll.from_spec("lora", r=2, target_names=["codes"]))
+    assert_unchanged(block, snap)
