@@ -136,9 +136,10 @@ def _with_scale(comp, body: str) -> str:
 
 
 def _bodies(spec, comp) -> dict[str, str]:
-    """init(), forward() and frozen_weight() bodies, from the parts' blocks in composition order."""
+    """check(), init(), forward() and frozen_weight() bodies, from the parts' blocks in composition order."""
     ctx, core = comp.ctx(), comp.core
-    init = [core.render("check", **ctx)] if core.has("check") else []
+    check = core.render("check", **ctx) if core.has("check") else "    return None  # every layer takes it"
+    init = ["    check(cfg, d_in, d_out)"] if core.has("check") else []
     init.append("    t = {}")
     init += [line for p in spec.params for line in _simple_init(p)]
     if comp.handoff != "none":
@@ -170,7 +171,7 @@ def _bodies(spec, comp) -> dict[str, str]:
     shared = core.render("shared", **ctx) if comp.shared() else "    return {}"
     join = lambda xs: "\n".join(x for x in xs if x)  # noqa: E731
     bodies = (("init", join(init)), ("forward", join(fwd)), ("frozen", frozen), ("shared", shared))
-    return {k: _with_scale(comp, v) for k, v in bodies}
+    return {"check": check} | {k: _with_scale(comp, v) for k, v in bodies}
 
 
 # The comment after each contract constant (lora_lite.Variant), by its value.

@@ -531,6 +531,14 @@ def _semantic_problems(data: dict, lines: dict, where: str, stem: str | None) ->
         elif comp.select not in selects:
             msg = f"{name} needs select {' or '.join(selects)}, not {comp.select!r} (rule optional-hyper)"
             bad(("hyperparameters", name), msg)
+    for part in comp.all_parts():  # a part's bounds are the most its code takes (loop counts, sizes)
+        for name, (lo, hi) in part.meta.get("bounds", {}).items():
+            h = hypers.get(name)
+            if h is None or h["type"] == "bool" or not (h["min"] < lo or h["max"] > hi):
+                continue
+            k = "min" if h["min"] < lo else "max"
+            msg = f"{h[k]!r} is outside [{lo}, {hi}], what {part.name!r} takes (rule bounds)"
+            bad(("hyperparameters", name, k), msg)
     for name in hypers:
         if name not in used:
             bad(("hyperparameters", name), f"the composition has no use for {name!r} (rule unused-hyper)")

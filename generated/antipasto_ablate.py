@@ -94,6 +94,16 @@ def shapes(cfg: Config, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
     }
 
 
+def check(cfg: Config, d_in: int, d_out: int) -> None:
+    """Raise ValueError (one line) when a layer whose weight is (d_out, d_in) cannot take `cfg`.
+
+    init() calls it at attach; load calls it before reading a target's tensors, so a checkpoint
+    whose shapes fit but whose hyperparameters do not fit the layer is refused, not run.
+    """
+    if cfg.k > cfg.r:
+        raise ValueError(f"ablate needs k <= r directions, got k={cfg.k}, r={cfg.r} (lower k)")
+
+
 # i: d_in, o: d_out, r: rank, ...: leading (batch, token) dims
 def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]:
     """Initial adapter tensors (fp32) for one target. W: (o, i) base weight, fp32, dequantized.
@@ -104,8 +114,7 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
     count. Otherwise it is None.
     """
     d_out, d_in = W.shape
-    if cfg.k > cfg.r:
-        raise ValueError(f"ablate needs k <= r directions, got k={cfg.k}, r={cfg.r} (lower k)")
+    check(cfg, d_in, d_out)
     t = {}
     t["lora_c"] = torch.empty(cfg.r, cfg.k)  # (r, k)
     nn.init.kaiming_uniform_(t["lora_c"], a=math.sqrt(5))  # as nn.Linear (PEFT's lora_A init)

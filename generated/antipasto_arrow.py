@@ -95,6 +95,16 @@ def shapes(cfg: Config, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
     }
 
 
+def check(cfg: Config, d_in: int, d_out: int) -> None:
+    """Raise ValueError (one line) when a layer whose weight is (d_out, d_in) cannot take `cfg`.
+
+    init() calls it at attach; load calls it before reading a target's tensors, so a checkpoint
+    whose shapes fit but whose hyperparameters do not fit the layer is refused, not run.
+    """
+    if not 1 <= cfg.block < cfg.r:
+        raise ValueError(f"arrow needs 1 <= block < r, got block={cfg.block}, r={cfg.r} (lower block)")
+
+
 # i: d_in, o: d_out, r: rank, ...: leading (batch, token) dims
 def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]:
     """Initial adapter tensors (fp32) for one target. W: (o, i) base weight, fp32, dequantized.
@@ -105,8 +115,7 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
     count. Otherwise it is None.
     """
     d_out, d_in = W.shape
-    if not 1 <= cfg.block < cfg.r:
-        raise ValueError(f"arrow needs 1 <= block < r, got block={cfg.block}, r={cfg.r} (lower block)")
+    check(cfg, d_in, d_out)
     t = {}
     t["lora_M"] = torch.zeros(cfg.block, cfg.block)  # (block, block)
     t["lora_g"] = torch.zeros(cfg.r - cfg.block)  # (r - block,)

@@ -97,6 +97,21 @@ def shapes(cfg: Config, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
     }
 
 
+def check(cfg: Config, d_in: int, d_out: int) -> None:
+    """Raise ValueError (one line) when a layer whose weight is (d_out, d_in) cannot take `cfg`.
+
+    init() calls it at attach; load calls it before reading a target's tensors, so a checkpoint
+    whose shapes fit but whose hyperparameters do not fit the layer is refused, not run.
+    """
+    b, f = cfg.boft_block_size, cfg.boft_n_butterfly_factor
+    if d_in % (b * 2 ** (f - 1)):
+        raise ValueError(
+            f"BOFT needs boft_block_size * 2^(boft_n_butterfly_factor - 1) = {b} * {2 ** (f - 1)} dividing d_in={d_in}"
+        )
+    if f > 1 and b % 2:
+        raise ValueError(f"BOFT with boft_n_butterfly_factor={f} > 1 needs an even boft_block_size, got {b}")
+
+
 # i: d_in, o: d_out, r: rank, ...: leading (batch, token) dims
 def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]:
     """Initial adapter tensors (fp32) for one target. W: (o, i) base weight, fp32, dequantized.
@@ -107,15 +122,10 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
     count. Otherwise it is None.
     """
     d_out, d_in = W.shape
-    b, f = cfg.boft_block_size, cfg.boft_n_butterfly_factor
-    if d_in % (b * 2 ** (f - 1)):
-        raise ValueError(
-            f"BOFT needs boft_block_size * 2^(boft_n_butterfly_factor - 1) = {b} * {2 ** (f - 1)} dividing d_in={d_in}"
-        )
-    if f > 1 and b % 2:
-        raise ValueError(f"BOFT with boft_n_butterfly_factor={f} > 1 needs an even boft_block_size, got {b}")
+    check(cfg, d_in, d_out)
     t = {}
     t["lora_boft_s"] = torch.ones(d_out, 1)  # (o, 1)
+    b, f = cfg.boft_block_size, cfg.boft_n_butterfly_factor
     t["lora_boft_R"] = torch.zeros(f, d_in // b, b, b)  # (f, n, b, b): M = 0, so every R_kj = I and R = I
     return t
 

@@ -78,6 +78,15 @@ def shapes(cfg: Config, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
     }
 
 
+def check(cfg: Config, d_in: int, d_out: int) -> None:
+    """Raise ValueError (one line) when a layer whose weight is (d_out, d_in) cannot take `cfg`.
+
+    init() calls it at attach; load calls it before reading a target's tensors, so a checkpoint
+    whose shapes fit but whose hyperparameters do not fit the layer is refused, not run.
+    """
+    return None  # every layer takes it
+
+
 # i: d_in, o: d_out, r: rank, ...: leading (batch, token) dims
 def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]:
     """Initial adapter tensors (fp32) for one target. W: (o, i) base weight, fp32, dequantized.

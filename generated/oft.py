@@ -81,6 +81,16 @@ def shapes(cfg: Config, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
     }
 
 
+def check(cfg: Config, d_in: int, d_out: int) -> None:
+    """Raise ValueError (one line) when a layer whose weight is (d_out, d_in) cannot take `cfg`.
+
+    init() calls it at attach; load calls it before reading a target's tensors, so a checkpoint
+    whose shapes fit but whose hyperparameters do not fit the layer is refused, not run.
+    """
+    if d_in % cfg.oft_block_size:
+        raise ValueError(f"OFT needs oft_block_size dividing d_in={d_in}, got oft_block_size={cfg.oft_block_size}")
+
+
 # i: d_in, o: d_out, r: rank, ...: leading (batch, token) dims
 def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]:
     """Initial adapter tensors (fp32) for one target. W: (o, i) base weight, fp32, dequantized.
@@ -91,8 +101,7 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
     count. Otherwise it is None.
     """
     d_out, d_in = W.shape
-    if d_in % cfg.oft_block_size:
-        raise ValueError(f"OFT needs oft_block_size dividing d_in={d_in}, got oft_block_size={cfg.oft_block_size}")
+    check(cfg, d_in, d_out)
     t = {}
     b = cfg.oft_block_size
     t["lora_oft_R"] = torch.zeros(d_in // b, b * (b - 1) // 2)  # (n, b (b - 1) / 2): Q = 0, R = I

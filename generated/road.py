@@ -77,6 +77,18 @@ def shapes(cfg: Config, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
     }
 
 
+def check(cfg: Config, d_in: int, d_out: int) -> None:
+    """Raise ValueError (one line) when a layer whose weight is (d_out, d_in) cannot take `cfg`.
+
+    init() calls it at attach; load calls it before reading a target's tensors, so a checkpoint
+    whose shapes fit but whose hyperparameters do not fit the layer is refused, not run.
+    """
+    if d_out % cfg.group_size or cfg.group_size % 2:
+        raise ValueError(f"RoAd needs an even group_size dividing d_out={d_out}, got group_size={cfg.group_size}")
+    if cfg.road_variant not in (1, 2, 4):
+        raise ValueError(f"RoAd's road_variant is 1, 2 or 4, got {cfg.road_variant}")
+
+
 # i: d_in, o: d_out, r: rank, ...: leading (batch, token) dims
 def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]:
     """Initial adapter tensors (fp32) for one target. W: (o, i) base weight, fp32, dequantized.
@@ -87,10 +99,7 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
     count. Otherwise it is None.
     """
     d_out, d_in = W.shape
-    if d_out % cfg.group_size or cfg.group_size % 2:
-        raise ValueError(f"RoAd needs an even group_size dividing d_out={d_out}, got group_size={cfg.group_size}")
-    if cfg.road_variant not in (1, 2, 4):
-        raise ValueError(f"RoAd's road_variant is 1, 2 or 4, got {cfg.road_variant}")
+    check(cfg, d_in, d_out)
     t = {}
     t["lora_theta"] = torch.zeros(d_out * cfg.road_variant // 2)  # (d_out * road_variant // 2,)
     t["lora_alpha"] = torch.ones(d_out * cfg.road_variant // 2)  # (d_out * road_variant // 2,)

@@ -512,7 +512,8 @@ def load(model: nn.Module, path: str | os.PathLike, *, residual: str | None = No
     metadata; the metadata against checkpoint_schema.SCHEMA; every tensor in the adapter dtype
     and belonging to a target; the spec text compiles (SpecError -> `$.spec`); config and
     per-target hyperparameters are exactly the spec's keys within its bounds, ranks at most
-    min(d_in, d_out); every target exists, is linear-like and has the saved shape; a quantized
+    min(d_in, d_out), fitting the layer as attach requires (the variant's check: BOFT's factors
+    dividing d_in, ...); every target exists, is linear-like and has the saved shape; a quantized
     target is supported (no crop); no target already has an attribute named like an adapter
     tensor, a lora-lite hook or meta weights; crop targets do not share a weight; each target
     has exactly the spec's tensors with the spec's shapes, finite; no target already cropped by
@@ -593,6 +594,10 @@ def _plan_target(ck: _File, gen, cfg, name: str, tmeta: dict, modules: dict) -> 
         cfg_t = gen.Config(**{**cfg.to_dict(), **hyper, "residual": cfg.residual})
     except (ValueError, TypeError) as e:
         raise _err(path, _jpath(where + ("hyperparameters",)), str(e)) from None
+    try:  # what init checks at attach (BOFT's factors dividing d_in, ...): shapes alone can fit a misfit
+        gen.check(cfg_t, d_in, d_out)
+    except ValueError as e:
+        raise _err(path, _jpath(where + ("hyperparameters",)), f"{gen.NAME} does not fit {name}: {e}") from None
     want = {k: v for k, v in gen.shapes(cfg_t, d_in, d_out).items() if k not in gen.SHARED}
     for k, shape_k in want.items():
         key = f"{name}.{k}"

@@ -543,7 +543,8 @@ def load_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "defaul
     not reproduce: pissa_niter_*, olora, corda, loftq, modules_to_save, bias other than "none",
     trainable_token_indices, any other option that is switched on, pickle weights
     (adapter_model.bin), a missing, extra or misshapen tensor, a target that is not a linear
-    layer, or anything else malformed in the directory; AttachError (before anything changes) when
+    layer, PEFT's copy of an embedding target's base weight (save_embedding_layers) that is not
+    the model's own, or anything else malformed in the directory; AttachError (before anything changes) when
     an adapter `name` is already attached or for whatever runtime.preflight refuses.
     `model` may be wrapped (torch.compile, DDP, accelerate, FSDP2); the wrapper is returned.
     fan_in_fan_out: true is read for transformers Conv1D targets and refused for any other.
@@ -635,6 +636,8 @@ def _read_peft(model: nn.Module, peft_dir, name: str) -> tuple:
                     raise CheckpointError(f"{wpath}: {key} is not finite floating point; refusing to load")
                 tensors[ours] = t.float().reshape(want[ours])
                 keys.discard(key)
+            if is_embedding(m):
+                _same_base_embedding(f, keys, f"{PREFIX}{n}.base_layer.weight", m, wpath)
             W = base_weight(m)
             if spec == "pissa":  # W_res from this model's W, as PEFT's init_lora_weights='pissa'
                 init = gen.init(W, cfg_t)
@@ -671,6 +674,22 @@ def _read_shared(f, wpath: Path, gen, per_target: dict, keys: set) -> dict:
 # PEFT's names for the LoRA pair on an nn.Embedding (peft/tuners/lora/layer.py, class Embedding):
 # the same shapes as ours, lora_embedding_A (r, num_embeddings) and lora_embedding_B (embedding_dim, r).
 EMBEDDING_KEYS = {"lora_A.weight": "lora_embedding_A", "lora_B.weight": "lora_embedding_B"}
+
+
+def _same_base_embedding(f, keys: set, key: str, m: nn.Module, wpath: Path) -> None:
+    """Accept (drop from `keys`) the copy of an embedding target's base weight that PEFT's
+    save_pretrained writes when targets include an embedding (save_embedding_layers "auto"), if
+    it equals the model's weight bit for bit: lora-lite never writes base weights, so a copy that
+    differs (another vocabulary, a fine-tuned table) is refused naming the tensor and shapes."""
+    if key not in keys:
+        return
+    t = f.get_tensor(key)
+    if tuple(t.shape) != tuple(m.weight.shape) or not torch.equal(t.to(m.weight.dtype), m.weight.detach().cpu()):
+        raise CheckpointError(
+            f"{wpath}: {key} {tuple(t.shape)}, PEFT's saved copy of the base embedding, differs from this model's "
+            f"weight {tuple(m.weight.shape)}; lora-lite does not write base weights: load that table into the model"
+        )
+    keys.discard(key)
 
 
 def _embedding_key(k: str) -> str:

@@ -188,13 +188,14 @@ def stored_in_out(m: nn.Module) -> bool:
 
 def embedding_lookup(m: nn.Module, x: Tensor, A: Tensor) -> Tensor:
     """x A^T for an nn.Embedding target: the columns of A (r, num_embeddings) at token ids x
-    (...,), as F.embedding with the layer's padding_idx, scale_grad_by_freq and sparse (no
-    gradient reaches A's padding column), times the layer's `embed_scale` when it has one
-    (Gemma-style scaled embeddings). Returns (..., r) in A's dtype. Source: PEFT
-    peft/tuners/lora/layer.py, Embedding._embed and forward. max_norm is refused at attach (F.embedding would
-    renormalise A's columns in place)."""
+    (...,), as F.embedding with the layer's padding_idx and scale_grad_by_freq (no gradient
+    reaches A's padding column), times the layer's `embed_scale` when it has one (Gemma-style
+    scaled embeddings). Returns (..., r) in A's dtype. Source: PEFT peft/tuners/lora/layer.py,
+    Embedding._embed and forward. max_norm is refused at attach (F.embedding would renormalise
+    A's columns in place). A's gradient is dense even when the layer is sparse=True: a sparse
+    gradient of A^T cannot be transposed back to A (PEFT's backward fails there)."""
     rows = nn.functional.embedding(
-        x, A.T, padding_idx=m.padding_idx, scale_grad_by_freq=m.scale_grad_by_freq, sparse=m.sparse
+        x, A.T, padding_idx=m.padding_idx, scale_grad_by_freq=m.scale_grad_by_freq
     )  # (..., r)
     scale = getattr(m, "embed_scale", None)
     return rows if scale is None else rows * torch.as_tensor(scale).to(rows)
@@ -555,7 +556,8 @@ def preflight(
             )
         dims = layer_dims(m)
         if not all(isinstance(d, int) and d > 0 for d in dims):
-            raise AttachError(f"{gen.NAME}: {tname}: (in_features, out_features) = {dims}, expected positive integers")
+            what = "(num_embeddings, embedding_dim)" if is_embedding(m) else "(in_features, out_features)"
+            raise AttachError(f"{gen.NAME}: {tname}: {what} = {dims}, expected positive integers")
         if m.weight.is_meta:
             raise AttachError(f"{gen.NAME}: {tname}: weight is on the meta device (not loaded); load the weights first")
         elsewhere = lambda key: key in tensors and key not in own_tensors  # noqa: E731

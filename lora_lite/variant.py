@@ -36,6 +36,8 @@ class Variant(Protocol):
 
     def shapes(self, cfg, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]: ...
 
+    def check(self, cfg, d_in: int, d_out: int) -> None: ...  # ValueError: the layer cannot take cfg
+
     def init(self, W: Tensor, cfg, stats: dict | None = None) -> dict[str, Tensor]: ...
 
     def forward(self, m: nn.Module, x: Tensor, *rest) -> Tensor: ...
@@ -45,4 +47,4 @@ class Variant(Protocol):
     def shared(self, cfg, d_in: int, d_out: int) -> dict[str, Tensor]: ...
 
 
-MEMBERS = tuple(n for n in (*Variant.__annotations__, "shapes", "init", "forward", "frozen_weight", "shared"))
+MEMBERS = tuple(n for n in (*Variant.__annotations__, "shapes", "check", "init", "forward", "frozen_weight", "shared"))

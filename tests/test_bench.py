@@ -208,3 +208,10 @@ def test_gpu_bench_script_smoke(tmp_path):
     assert [line.split()[:2] for line in table] == [["lora", "lora-lite"], ["lora", "peft"]]
     assert all(float(line.split()[2]) >= 0 for line in table)
     assert json.loads((tmp_path / "results.json").read_text())[0]["settings"]["steps"] == 2
+
+
+@pytest.mark.parametrize("niter, init", [(0, "pissa"), (4, "pissa_niter_4")])
+def test_pissa_twin_follows_the_specs_svd_niter(niter, init):
+    pytest.importorskip("peft")
+    pcfg = TWINS["pissa"].make(ll.from_spec("pissa", r=4, svd_niter=niter), ["q_proj"])
+    assert pcfg.init_lora_weights == init and pcfg.r == 4

@@ -191,3 +191,51 @@ def test_layer_the_butterfly_does_not_fit_is_refused_naming_it(d_in, b, factors,
     text = str(e.value)
     assert "\n" not in text and "proj" in text and message in text, text
     assert_unchanged(model, snap)
+
+
+def _rewritten(tmp_path, spec: str, kw: dict, hyper: dict, tensor_shapes: dict) -> str:
+    """A valid checkpoint of `spec` (digest and all) whose hyperparameters say `hyper` and whose
+    tensors ending in a `tensor_shapes` key have that shape: a crafted file the shapes fit."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from lora_lite.checkpoint import digest
+
+    model = make_model()
+    ll.attach(model, ll.from_spec(spec, **kw))
+    path = ll.save(model, tmp_path / "a.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["lora_lite"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for values in [meta["config"], *(t["hyperparameters"] for t in meta["targets"].values())]:
+        values.update(hyper)
+    for k in tensors:
+        shape = tensor_shapes.get(k.rsplit(".", 1)[-1])
+        tensors[k] = tensors[k] if shape is None else torch.zeros(shape)
+    meta["sha256"] = digest(meta, tensors)
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"lora_lite": json.dumps(meta)})
+    return str(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize(
+    "spec, kw, hyper, tensor_shapes, message",
+    [  # q_proj and v_proj have d_in = 32; their d_out are 32 and 16
+        ("boft", {}, {"boft_n_butterfly_factor": 5}, {"lora_boft_R": (5, 8, 4, 4)}, "= 4 * 16 dividing d_in=32"),
+        ("boft", {}, {"boft_block_size": 3}, {"lora_boft_R": (1, 10, 3, 3)}, "= 3 * 1 dividing d_in=32"),
+        ("oft", {}, {"oft_block_size": 5}, {"lora_oft_R": (6, 10)}, "oft_block_size dividing d_in=32"),
+        ("road", {"group_size": 8}, {"group_size": 12}, {}, "even group_size dividing d_out=32"),
+    ],
+)
+def test_checkpoint_whose_shapes_fit_but_hyperparameters_do_not_fit_the_layer_is_refused_at_load(
+    tmp_path, spec, kw, hyper, tensor_shapes, message
+):
+    path = _rewritten(tmp_path, spec, kw, hyper, tensor_shapes)
+    model = make_model()
+    snap = snapshot(model)
+    with pytest.raises(ll.CheckpointError) as e:
+        ll.load(model, path)
+    text = str(e.value)
+    where = "$.targets.model.layers.0.self_attn.q_proj.hyperparameters"
+    assert "\n" not in text and where in text and message in text, text
+    assert_unchanged(model, snap)

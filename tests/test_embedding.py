@@ -186,3 +186,58 @@ def test_load_peft_refuses_an_embedding_for_a_spec_without_embeddings(tmp_path):
     with pytest.raises(ll.CheckpointError, match=rf"target {EMB} is an nn.Embedding, which lora-lite's pissa does not"):
         ll.load_peft(model, tmp_path / "p")
     assert_unchanged(model, snap)
+
+
+def test_sparse_embedding_trains_with_a_dense_adapter_gradient_equal_to_the_dense_layers():
+    grads = {}
+    for sparse in (False, True):
+        model = llama()
+        model.model.embed_tokens.sparse = sparse
+        ll.attach(model, ll.from_spec("lora", r=2, target_names=["embed_tokens"]))
+        perturb(model)
+        batch = {"input_ids": token_batch(seed=3)["input_ids"]}
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        params = ll.trainable_parameters(model)
+        assert all(p.grad is not None and p.grad.layout == torch.strided for p in params)
+        grads[sparse] = [p.grad.clone() for p in params]
+        torch.optim.AdamW(params).step()  # AdamW takes no sparse gradient
+    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True]))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_load_peft_reads_peft_default_save_of_an_embedding_adapter_with_its_base_table_copy(tie, tmp_path):
+    """PEFT's save_pretrained adds the target embedding's base weight when target_modules name an
+    embedding (save_embedding_layers="auto"); equal to the model's, it is accepted and unused."""
+    peft = pytest.importorskip("peft")
+    pcfg = peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)
+    pm = peft.get_peft_model(hf_llama(tie=tie), pcfg).eval()
+    pm.save_pretrained(str(tmp_path / "p"))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "p" / "adapter_model.safetensors"), framework="pt") as f:
+        assert f"base_model.model.{EMB}.base_layer.weight" in set(f.keys())
+    model = hf_llama(tie=tie)
+    ll.load_peft(model, tmp_path / "p")
+    assert (out(model) - out(pm)).abs().max() / out(pm).abs().max() < 1e-6
+
+
+def test_load_peft_refuses_a_base_table_copy_that_differs_from_the_models_embedding(tmp_path):
+    peft = pytest.importorskip("peft")
+    pcfg = peft.LoraConfig(r=2, target_modules=["embed_tokens"], init_lora_weights=False)
+    peft.get_peft_model(hf_llama(seed=0), pcfg).save_pretrained(str(tmp_path / "p"))
+    model = hf_llama(seed=1)  # another embedding table of the same shape
+    snap = snapshot(model)
+    with pytest.raises(ll.CheckpointError) as e:
+        ll.load_peft(model, tmp_path / "p")
+    text = str(e.value)
+    assert "\n" not in text and f"{EMB}.base_layer.weight (64, 32), PEFT's saved copy" in text, text
+    assert_unchanged(model, snap)
+
+
+def test_an_empty_embedding_is_refused_naming_its_sizes():
+    block = torch.nn.Module()
+    block.codes = torch.nn.Embedding(0, 4)
+    snap = snapshot(block)
+    with pytest.raises(ll.AttachError, match=r"^lora: codes: \(num_embeddings, embedding_dim\) = \(0, 4\), expected"):
+        ll.attach(block, ll.from_spec("lora", r=2, target_names=["codes"]))
+    assert_unchanged(block, snap)

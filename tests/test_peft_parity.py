@@ -34,7 +34,9 @@ QV = ["q_proj", "v_proj"]
 KNOWN_DIVERGENCES: dict[str, str] = {
     "lora": "an nn.Embedding with max_norm is refused (PEFT passes max_norm to F.embedding on A^T, which "
     "renormalises A's columns in place); ll.merge unties an embedding tied to lm_head (lm_head keeps W, "
-    "tie_word_embeddings False) where PEFT's merge_and_unload writes the shared weight; the same for rslora and dora",
+    "tie_word_embeddings False) where PEFT's merge_and_unload writes the shared weight; the same for rslora and dora. "
+    "On a sparse=True embedding A's gradient is dense (PEFT's sparse gradient of A^T cannot be transposed back "
+    "to A: its backward fails)",
     "hra": "an odd r is refused (PEFT warns and starts from a random, non-identity transform); "
     "the reflections are applied to x in compact WY form, not as a dense product (same math); "
     "no Gram-Schmidt option (PEFT's apply_GS)",

@@ -759,18 +759,19 @@ def test_set_coeff_keeps_to_the_specs_bounds_and_changes_nothing_on_refusal(monk
 
 
 def test_a_spec_whose_tensors_dwarf_the_layer_is_refused_before_allocating(tmp_path, monkeypatch):
-    """A user spec may declare any shape within 2**31 per dimension; attach refuses a tensor far
-    larger than the layer's weight before calling init, so no spec can exhaust memory."""
+    """A user spec may declare any shape within 2**31 per dimension (and an r up to 65536 that is
+    not clamped); attach refuses a tensor far larger than the layer's weight before calling init,
+    so no spec can exhaust memory."""
     monkeypatch.setenv("LORA_LITE_CACHE", str(tmp_path / "cache"))
     spec = ll.registry.shipped_specs_dir() / "lora.yaml"
     text = (
         spec.read_text(encoding="utf-8")
         .replace("name: lora", "name: bomb")
-        .replace("max: 65536, rank: true", "max: 1048576")
+        .replace("max: 65536, rank: true", "max: 65536")
     )
     path = tmp_path / "bomb.yaml"
     path.write_text(text, encoding="utf-8")
-    cfg = ll.from_spec(path, r=1_000_000)
+    cfg = ll.from_spec(path, r=65536)
     model = make_model()
     snap = snapshot(model)
     refused(ll.AttachError, "more than 16x the layer's", ll.attach, model, cfg)

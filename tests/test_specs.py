@@ -214,3 +214,25 @@ def test_a_renamed_rank_reports_the_missing_name_not_a_shape_differing_from_itse
     assert "rule missing-hyper" in str(e.value) and "rule unused-hyper" in str(e.value)
     assert "rule shape" not in str(e.value)
     assert all(line.startswith(str(tmp_path / "lora2.yaml")) for line in e.value.problems)
+
+
+@pytest.mark.parametrize(
+    "spec, name, key, value, part",
+    [
+        ("pissa", "svd_niter", "max", 2**40, "'svd' takes"),  # a loop count: svd_lowrank would run for days
+        ("oft", "num_cayley_neumann_terms", "max", 10**9, "'orthogonal' takes"),
+        ("boft", "boft_n_butterfly_factor", "max", 100, "'butterfly' takes"),
+        ("lokr", "decompose_factor", "min", -(2**40), "'kronecker' takes"),
+    ],
+)
+def test_hyperparameter_bounds_wider_than_its_part_takes_are_refused(tmp_path, spec, name, key, value, part):
+    import yaml
+
+    data = yaml.safe_load((ROOT / "specs" / f"{spec}.yaml").read_text())
+    data["hyperparameters"][name][key] = value
+    (tmp_path / f"{spec}.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(SpecError) as e:
+        load_spec(tmp_path / f"{spec}.yaml")
+    text = str(e.value)
+    assert "\n" not in text and f"$.hyperparameters.{name}.{key}: {value} is outside" in text, text
+    assert f"{part} (rule bounds)" in text, text

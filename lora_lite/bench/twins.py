@@ -65,6 +65,13 @@ def lora(cfg, targets: list[str], **kw):
     return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, target_modules=targets, lora_dropout=0.0, **kw)
 
 
+def pissa(cfg, targets: list[str], **kw):
+    """PEFT LoRA with PiSSA's init (arXiv:2404.02948): the exact SVD, or PEFT's randomized
+    "pissa_niter_[k]" when the spec's svd_niter is k > 0."""
+    niter = getattr(cfg, "svd_niter", 0)
+    return lora(cfg, targets, init_lora_weights=f"pissa_niter_{niter}" if niter else "pissa", **kw)
+
+
 def eva(cfg, targets: list[str], **kw):
     """PEFT LoRA with EVA init (arXiv:2410.07170), uniform rank."""
     from peft import EvaConfig
@@ -172,7 +179,7 @@ def boft(cfg, targets: list[str]):
 
 TWINS: dict[str, Twin] = {
     "lora": Twin(lora),
-    "pissa": Twin(lambda c, t: lora(c, t, init_lora_weights="pissa")),
+    "pissa": Twin(pissa),
     "dora": Twin(lambda c, t: lora(c, t, use_dora=True)),
     "delora": Twin(delora),
     "ia3": Twin(lambda c, t: ia3(c, t, feedforward=False)),
@@ -181,7 +188,7 @@ TWINS: dict[str, Twin] = {
     "eva": Twin(eva, init="eva"),
     "olora": Twin(lambda c, t: lora(c, t, init_lora_weights="olora")),
     "rslora": Twin(lambda c, t: lora(c, t, use_rslora=True)),
-    "pissa_dora": Twin(lambda c, t: lora(c, t, init_lora_weights="pissa", use_dora=True)),
+    "pissa_dora": Twin(lambda c, t: pissa(c, t, use_dora=True)),
     "eva_dora": Twin(lambda c, t: eva(c, t, use_dora=True), init="eva"),
     "corda_lora": Twin(corda, init="corda"),
     "corda_dora": Twin(lambda c, t: corda(c, t, use_dora=True), init="corda"),
