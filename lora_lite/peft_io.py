@@ -263,13 +263,15 @@ def _spec_of(gen):
 
 
 def _route(gen) -> tuple:
-    """ROUTES' entry for this variant: by its name, or, for a spec ROUTES does not name, by its
+    """ROUTES' entry for this variant: by its name for a shipped module, or, for a spec ROUTES
+    does not name or a user's spec (even one named as a shipped spec, whose math may differ), by its
     parts when they are a PEFT LoRA (no residual, a lowrank core with only lora_A, lora_B and
     optionally lora_magnitude_vector, modifiers among scale (alpha / r, alpha / sqrt(r): use_rslora,
     or alpha), frozen, dropout and magnitude: use_dora). AttachError with the reason otherwise."""
-    if gen.NAME in ROUTES:
+    user = getattr(gen, "SPEC_TEXT", None) is not None  # compiled from a user's text, whatever its name
+    if gen.NAME in ROUTES and not user:
         return ROUTES[gen.NAME]
-    why = NO_ROUTE.get(gen.NAME)
+    why = None if user else NO_ROUTE.get(gen.NAME)
     if why is None:
         try:
             spec = _spec_of(gen)

@@ -19,7 +19,17 @@ import torch
 from safetensors import safe_open
 
 import lora_lite as ll
-from conftest import SPECS, assert_unchanged, calibration, llama, perturb, small_cfg, snapshot, token_batch
+from conftest import (
+    SPECS,
+    CpuBlockDiag,
+    assert_unchanged,
+    calibration,
+    llama,
+    perturb,
+    small_cfg,
+    snapshot,
+    token_batch,
+)
 from lora_lite.peft_io import ROUTES
 
 peft = pytest.importorskip("peft")
@@ -134,6 +144,41 @@ def test_a_custom_spec_composed_as_a_peft_lora_exports_by_its_parts(tmp_path):
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 16)  # alpha / sqrt(4) = 16 / 4
     assert rel(out(peft_load(base, tmp_path / "out")), out(model)) <= TOL
+
+
+def test_a_users_spec_named_as_a_shipped_one_exports_by_its_own_parts(tmp_path):
+    """A user's lora.yaml with rsLoRA's scale is not the shipped lora: its export carries alpha / sqrt(r)."""
+    spec = tmp_path / "lora.yaml"
+    spec.write_text(RSLORA_FA.replace("name: rslora_fa", "name: lora"))
+    base = llama()
+    model = copy.deepcopy(base)
+    ll.attach(model, ll.from_spec(str(spec), r=4, alpha=8.0))
+    perturb(model, scale=0.3)
+    ll.export_peft(model, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["lora_alpha"] == 16
+    assert rel(out(peft_load(base, tmp_path / "out")), out(model)) <= TOL
+
+
+@pytest.mark.parametrize("direction", ["export", "load_peft"])
+def test_boft_with_two_butterfly_factors_round_trips_with_peft(direction, tmp_path, monkeypatch):
+    """PEFT builds factors >= 2 only with its CUDA extension; its one kernel (block_diag) on the CPU."""
+    from peft import BOFTConfig
+    from peft.tuners.boft import layer as boft_layer
+
+    monkeypatch.setattr(boft_layer, "get_fbd_cuda", lambda: True)
+    monkeypatch.setattr(boft_layer, "FastBlockDiag", CpuBlockDiag)
+    if direction == "export":
+        base, model = trained("boft", boft_n_butterfly_factor=2)
+        ll.export_peft(model, tmp_path)
+        theirs = peft_load(base, tmp_path)
+    else:
+        pcfg = BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=QV)
+        base, theirs, path = peft_made(pcfg, tmp_path)
+        model = ll.load_peft(copy.deepcopy(base), path)
+    assert theirs.base_model.model.get_submodule("model.layers.0.self_attn.q_proj").boft_R["default"].shape[0] == 2
+    assert ll.state(model).cfg.boft_n_butterfly_factor == 2
+    assert rel(out(model), out(base)) > 1e-2
+    assert rel(out(theirs), out(model)) <= TOL
 
 
 def test_a_custom_spec_peft_cannot_compute_is_refused_with_its_reason(tmp_path):
