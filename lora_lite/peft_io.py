@@ -7,7 +7,13 @@ loads with `peft.PeftModel.from_pretrained(base, dir)` or a server (vLLM, SGLang
 Export routes, by spec (ROUTES):
     direct      lora, eva, lora_fa (LoRA; LoRA-FA's frozen A is an ordinary lora_A), rslora (LoRA,
                 alpha / sqrt(r) folded into lora_alpha), dora (LoRA + use_dora), ia3, ia3_ff
-                (IA3), hra (HRA), delora (DELORA)
+                (IA3), hra (HRA), delora (DELORA), vera (VERA), loha (LOHA), lokr (LOKR: w2 as
+                w2_a, w2_b where r < max(k, n) / 2, else the full w2_a w2_b, as PEFT builds it),
+                oft (OFT), boft (BOFT; PEFT loads factors >= 2 only with its CUDA extension),
+                road (ROAD)
+    composed    a spec not shipped whose parts are a PEFT LoRA (lowrank core, lora_A/lora_B,
+                scale alpha / r, alpha / sqrt(r) or alpha, frozen, dropout, magnitude: use_dora)
+    refused     hra_dora (PEFT's HRA has no DoRA magnitude) and any other composition
     converted   pissa, milora, olora: trained on W_res = W - s B0 A0, so on the original W the
                 change is s (B A - B0 A0) = s [B, -B0] [A; A0]: rank and lora_alpha doubled,
                 init_lora_weights true (as PEFT's path_initial_model_for_weight_conversion);
@@ -26,6 +32,7 @@ reads only `r` and `lora_alpha` (vLLM) computes what PEFT computes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -169,6 +176,40 @@ def _vera(t, v):
     return {"vera_lambda_b": m.lora_vera_lambda_b.detach() * v, "vera_lambda_d": m.lora_vera_lambda_d.detach()}, None
 
 
+def _loha(t, v):
+    """LoHa: PEFT's hada_w{1,2}_{a,b} as trained; v folds into w2_b (the update is linear in it)."""
+    m = t.holder
+    out = {f"hada_w{k}_{side}": getattr(m, f"lora_hada_w{k}_{side}").detach() for k in (1, 2) for side in "ab"}
+    out["hada_w2_b"] = out["hada_w2_b"] * v
+    return out, None
+
+
+def _lokr(t, v):
+    """LoKr: w1 (l, m) with v folded in, and w2 in the layout PEFT builds for this layer's r: the
+    factors w2_a (k, r), w2_b (r, n) where r < max(k, n) / 2, else the full w2 = w2_a w2_b (k, n)
+    (PEFT's LoKrLayer.update_layer, decompose_both false): the same kron(w1, w2) either way."""
+    m = t.holder
+    w2_a, w2_b = m.lora_lokr_w2_a.detach(), m.lora_lokr_w2_b.detach()  # (k, r), (r, n)
+    out = {"lokr_w1": m.lora_lokr_w1.detach() * v}
+    if w2_a.shape[1] < max(w2_a.shape[0], w2_b.shape[1]) / 2:
+        return out | {"lokr_w2_a": w2_a, "lokr_w2_b": w2_b}, None
+    return out | {"lokr_w2": w2_a.float() @ w2_b.float()}, None  # (k, n)
+
+
+def _oft(t, v):
+    return {"oft_R.weight": t.holder.lora_oft_R.detach()}, None  # (d_in / b, b (b - 1) / 2)
+
+
+def _boft(t, v):
+    m = t.holder
+    return {"boft_R": m.lora_boft_R.detach(), "boft_s": m.lora_boft_s.detach()}, None  # (f, d_in / b, b, b), (o, 1)
+
+
+def _road(t, v):
+    m = t.holder
+    return {"road_theta": m.lora_theta.detach(), "road_alpha": m.lora_alpha.detach()}, None  # (o v / 2,) each
+
+
 # spec -> (route, PEFT type, tensors, whether ll.scale != 1 is representable)
 ROUTES = {
     "lora": ("direct", "LORA", _lowrank, True),
@@ -195,14 +236,84 @@ ROUTES = {
     "antipasto_arrow": ("as-LoRA", "LORA", _arrow, True),
     "corda_arrow": ("as-LoRA", "LORA", _arrow, True),
     "antipasto_ablate": ("as-LoRA", "LORA", _ablate, True),
+    "loha": ("direct", "LOHA", _loha, True),
+    "lokr": ("direct", "LOKR", _lokr, True),
+    "oft": ("direct", "OFT", _oft, False),
+    "boft": ("direct", "BOFT", _boft, False),
+    "road": ("direct", "ROAD", _road, False),
 }
 
+# Shipped specs without a route, and why (refused, pointing to ll.merge).
+NO_ROUTE = {
+    "hra_dora": "PEFT's HRA has no DoRA magnitude (use_dora is LoRA's only), so no PEFT type computes its forward"
+}
+LORA_PARAMS = {"lora_A", "lora_B", "lora_magnitude_vector"}
+LORA_SCALES = {"alpha_over_r": lambda c: c.alpha / c.r, "alpha_over_sqrt_r": lambda c: c.alpha / math.sqrt(c.r)}
+LORA_SCALES["constant"] = lambda c: c.alpha
 
-# Specs PEFT has a type for, whose export route is not written yet (refused, pointing to ll.merge).
-NOT_YET = {"road": "ROAD", "loha": "LOHA", "lokr": "LOKR", "oft": "OFT", "boft": "BOFT"}
+
+def _spec_of(gen):
+    """The parsed Spec of a variant module (a user's from its verified text, a shipped one from its file)."""
+    from .codegen.spec import load_spec, parse_spec, shipped_specs_dir
+
+    text = getattr(gen, "SPEC_TEXT", None)
+    if text is not None:
+        return parse_spec(text, where=f"<spec {gen.NAME}>", stem=gen.NAME)
+    return load_spec(shipped_specs_dir() / f"{gen.NAME}.yaml")
 
 
-def _fan_in_fan_out(st) -> bool:
+def _route(gen) -> tuple:
+    """ROUTES' entry for this variant: by its name for a shipped module, or, for a spec ROUTES
+    does not name or a user's spec (even one named as a shipped spec, whose math may differ), by its
+    parts when they are a PEFT LoRA (no residual, a lowrank core with only lora_A, lora_B and
+    optionally lora_magnitude_vector, modifiers among scale (alpha / r, alpha / sqrt(r): use_rslora,
+    or alpha), frozen, dropout and magnitude: use_dora). AttachError with the reason otherwise."""
+    user = getattr(gen, "SPEC_TEXT", None) is not None  # compiled from a user's text, whatever its name
+    if gen.NAME in ROUTES and not user:
+        return ROUTES[gen.NAME]
+    why = None if user else NO_ROUTE.get(gen.NAME)
+    if why is None:
+        try:
+            spec = _spec_of(gen)
+        except (SpecError, OSError):
+            spec = None
+        why = _not_lora(spec, gen.BOUNDS)
+    if why is None:
+        rule = next((x.get("rule") for x in spec.modifiers if x["kind"] == "scale"), "alpha_over_r")
+        magnitude = any(x["kind"] == "magnitude" for x in spec.modifiers)
+
+        def fn(t, v):
+            out, _ = _lowrank(t, v)
+            return out, LORA_SCALES[rule](t.cfg)
+
+        return ("composed", "LORA", fn, not magnitude)
+    raise AttachError(
+        f"export_peft: {gen.NAME} has no PEFT route ({why}); use ll.merge(model) and save_pretrained for a plain model"
+    )
+
+
+def _not_lora(spec, bounds: dict) -> str | None:
+    """Why a spec's composition is not a PEFT LoRA (None when it is one)."""
+    if spec is None:
+        return "its spec text is not available to read its parts"
+    if spec.core != "lowrank":
+        return f"a spec not shipped exports only as a PEFT LoRA composition, and its core {spec.core!r} is not lowrank"
+    if spec.residual != "none" or spec.hook != "output":
+        return f"residual {spec.residual!r} with a {spec.hook} hook is not a PEFT LoRA forward"
+    names = {p.name for p in spec.params}
+    if not {"lora_A", "lora_B"} <= names or names - LORA_PARAMS:
+        return f"its tensors {sorted(names)} are not PEFT LoRA's lora_A, lora_B (lora_magnitude_vector)"
+    for x in spec.modifiers:
+        if x["kind"] not in ("scale", "frozen", "dropout", "magnitude"):
+            return f"its {x['kind']} modifier has no PEFT LoRA option"
+        if x["kind"] == "scale" and x.get("rule") not in LORA_SCALES:
+            return f"its scale rule {x.get('rule')!r} has no PEFT LoRA option"
+    if not {"r", "alpha"} <= set(bounds):
+        return "it has no r and alpha for PEFT's r and lora_alpha"
+    return None
+
+
+def _fan_in_fan_out(st, peft_type: str) -> bool:
     """PEFT's fan_in_fan_out for the adapter's targets: True when they are transformers Conv1D
     (weight stored (d_in, d_out); lora_A/lora_B keep their (r, i)/(o, r) shapes). AttachError
     when Conv1D and linear targets are mixed (PEFT has one flag per adapter) or for a PEFT type
@@ -210,7 +321,6 @@ def _fan_in_fan_out(st) -> bool:
     conv = [n for n, t in st.targets.items() if is_conv1d(t.module)]
     if not conv:
         return False
-    peft_type = ROUTES[st.variant.NAME][1]
     if peft_type not in ("LORA", "IA3", "VERA"):
         raise AttachError(
             f"export_peft: {st.variant.NAME}: {conv[0]} is a transformers Conv1D, which PEFT's {peft_type} "
@@ -255,7 +365,7 @@ def _lora_layout(st, per: dict) -> tuple[dict, dict]:
         "alpha_pattern": alpha_pattern,
         "use_rslora": False,
         "use_dora": any("lora_magnitude_vector" in ts for ts in tensors.values()),
-        "fan_in_fan_out": _fan_in_fan_out(st),
+        "fan_in_fan_out": _fan_in_fan_out(st, "LORA"),
         "bias": "none",
         "lora_bias": False,
         "lora_dropout": 0.0,
@@ -276,7 +386,9 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, name: str | None =
     `base_model.model.<module>.lora_A.weight` (r, i), `lora_B.weight` (o, r), DoRA's (and
     PiSSA-DoRA's, AntiPaSTO-DoRA's)
     `lora_magnitude_vector` (o,), IA3's `ia3_l` (o, 1) or (1, i), HRA's `hra_u` (i, r), DeLoRA's
-    `delora_A/B/lambda/w_norm`), each written atomically (temp file + rename). The export is of
+    `delora_A/B/lambda/w_norm`, LoHa's `hada_w{1,2}_{a,b}`, LoKr's `lokr_w1` and `lokr_w2_a/b` or
+    `lokr_w2`, OFT's `oft_R.weight`, BOFT's `boft_R/boft_s`, RoAd's `road_theta/road_alpha`),
+    each written atomically (temp file + rename). The export is of
     the adapter as it acts now (coeff, ll.scale): `peft.PeftModel.from_pretrained(base, out_dir)`
     on the original base model gives this model's logits (measured within 1e-6 of max|y| in
     fp32, tests/test_deploy.py). The routes per spec are in this module's docstring.
@@ -284,8 +396,8 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, name: str | None =
     `model` may be wrapped (torch.compile, DDP, accelerate, FSDP2).
     Raises AttachError, writing nothing, when nothing is attached, `name` is not an attached
     adapter, an adapter is switched off (ll.disabled), a spec has no route (use ll.merge), a
-    DoRA-type or HRA adapter has ll.scale != 1 (not representable), or HRA ranks differ per layer (PEFT's
-    HRA has no rank_pattern).
+    DoRA-type, HRA, OFT, BOFT or RoAd adapter has ll.scale != 1 (not representable), or HRA ranks
+    differ per layer (PEFT's HRA has no rank_pattern).
     Source: PEFT's save_pretrained layout (peft/utils/save_and_load.py) and, for PiSSA,
     LoraModel._convert_state_dict_for_initial_model (peft/tuners/lora/model.py).
     """
@@ -313,17 +425,8 @@ def _payload(model: nn.Module, st) -> tuple[dict, dict, str]:
     """(safetensors tensors, provenance, adapter_config.json text) of one adapter; AttachError
     when it has no PEFT form (see export_peft)."""
     spec = st.variant.NAME
-    if spec not in ROUTES:
-        why = (
-            f"its export to PEFT's {NOT_YET[spec]} is not written yet"
-            if spec in NOT_YET
-            else "no PEFT type computes its forward"
-        )
-        raise AttachError(
-            f"export_peft: {spec} has no PEFT route ({why}); use ll.merge(model) and save_pretrained for a plain model"
-        )
-    route, peft_type, fn, scalable = ROUTES[spec]
-    _fan_in_fan_out(st)  # Conv1D targets: one layout for all, and a PEFT type that takes them
+    route, peft_type, fn, scalable = _route(st.variant)
+    _fan_in_fan_out(st, peft_type)  # Conv1D targets: one layout for all, and a PEFT type that takes them
     per = {}
     for n, t in st.targets.items():
         if not t.enabled:
@@ -349,7 +452,10 @@ def _payload(model: nn.Module, st) -> tuple[dict, dict, str]:
     else:
         tensors = {n: p[0] for n, p in per.items()}
         if peft_type == "IA3":
-            cfg = {"feedforward_modules": names if spec == "ia3_ff" else [], "fan_in_fan_out": _fan_in_fan_out(st)}
+            cfg = {
+                "feedforward_modules": names if spec == "ia3_ff" else [],
+                "fan_in_fan_out": _fan_in_fan_out(st, "IA3"),
+            }
             cfg |= {"init_ia3_weights": True, "modules_to_save": None}
         elif peft_type == "HRA":
             ranks = {n: ts["hra_u"].shape[1] for n, ts in tensors.items()}
@@ -365,8 +471,30 @@ def _payload(model: nn.Module, st) -> tuple[dict, dict, str]:
         elif peft_type == "VERA":  # one r for all layers; A and B saved once (save_projection)
             cfg = {"r": st.cfg.r, "d_initial": _number(st.cfg.d_initial), "save_projection": True}
             cfg |= {"projection_prng_key": st.cfg.projection_prng_key, "vera_dropout": 0.0, "init_weights": True}
-            cfg |= {"fan_in_fan_out": _fan_in_fan_out(st), "bias": "none", "modules_to_save": None}
+            cfg |= {"fan_in_fan_out": _fan_in_fan_out(st, "VERA"), "bias": "none", "modules_to_save": None}
             cfg |= {"layers_to_transform": None, "layers_pattern": None}
+        elif peft_type in ("LOHA", "LOKR"):  # per-layer r and alpha (clamped ranks) as patterns
+            cfg = _rank_layout(st)
+            cfg |= {"rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False, "init_weights": True}
+            if peft_type == "LOKR":
+                cfg |= {
+                    "decompose_both": False,
+                    "decompose_factor": st.cfg.decompose_factor,
+                    "rank_dropout_scale": False,
+                }
+        elif peft_type == "OFT":
+            cfg = {"r": 0, "oft_block_size": st.cfg.oft_block_size, "use_cayley_neumann": st.cfg.use_cayley_neumann}
+            cfg |= {"num_cayley_neumann_terms": st.cfg.num_cayley_neumann_terms, "coft": False, "eps": 6e-05}
+            cfg |= {"block_share": False, "module_dropout": 0.0, "fan_in_fan_out": False, "init_weights": True}
+            cfg |= {"bias": "none", "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None}
+        elif peft_type == "BOFT":  # factors >= 2 load in PEFT only where its CUDA extension builds
+            cfg = {"boft_block_size": st.cfg.boft_block_size, "boft_block_num": 0, "boft_dropout": 0.0}
+            cfg |= {"boft_n_butterfly_factor": st.cfg.boft_n_butterfly_factor, "fan_in_fan_out": False}
+            cfg |= {"init_weights": True, "bias": "none", "modules_to_save": None}
+            cfg |= {"layers_to_transform": None, "layers_pattern": None}
+        elif peft_type == "ROAD":
+            cfg = {"variant": f"road_{st.cfg.road_variant}", "group_size": st.cfg.group_size, "init_weights": True}
+            cfg |= {"modules_to_save": None}
         else:  # DELORA
             ranks = {n: ts["delora_A"].shape[0] for n, ts in tensors.items()}
             r = max(ranks.values())
@@ -398,6 +526,17 @@ def _payload(model: nn.Module, st) -> tuple[dict, dict, str]:
     return flat, provenance, json.dumps(dict(sorted({**common, **cfg}.items())), indent=2) + "\n"
 
 
+def _rank_layout(st) -> dict:
+    """LoHa/LoKr: r and alpha of the largest-rank target, rank_pattern/alpha_pattern for the rest."""
+    ranks = {n: t.cfg.r for n, t in st.targets.items()}
+    r = max(ranks.values())
+    alpha = next(t.cfg.alpha for n, t in st.targets.items() if ranks[n] == r)
+    rank_pattern = {_pattern_key(n): k for n, k in ranks.items() if k != r}
+    alpha_pattern = {_pattern_key(n): _number(t.cfg.alpha) for n, t in st.targets.items() if t.cfg.alpha != alpha}
+    cfg = {"r": r, "alpha": _number(alpha), "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
+    return cfg | {"bias": "none", "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None}
+
+
 def _atomic(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -416,11 +555,14 @@ HANDLED = {
     "peft_type", "r", "lora_alpha", "target_modules", "exclude_modules", "layers_to_transform",
     "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "init_lora_weights",
     "feedforward_modules", "apply_GS", "delora_lambda", "lambda_pattern", "eva_config", "fan_in_fan_out",
-    "d_initial", "projection_prng_key", "save_projection",
+    "d_initial", "projection_prng_key", "save_projection", "alpha", "decompose_factor", "oft_block_size",
+    "use_cayley_neumann", "num_cayley_neumann_terms", "boft_block_size", "boft_n_butterfly_factor",
+    "group_size", "variant",
 }  # fmt: skip
 HARMLESS = {
     "auto_mapping", "base_model_name_or_path", "revision", "inference_mode", "task_type", "peft_version",
     "lora_dropout", "module_dropout", "megatron_core", "qalora_group_size", "init_weights", "init_ia3_weights",
+    "rank_dropout", "boft_dropout", "eps",  # dropout: training only; eps: read only with coft (refused)
 }  # fmt: skip
 AS_LORA_INITS = (True, False, "gaussian", "eva", "orthogonal")  # init only: the saved tensors replace it
 
@@ -430,7 +572,14 @@ def _refuse(path, key, value, why: str):
 
 
 def _check_config(path: Path, c: dict) -> str:
-    """The lora-lite spec for this PEFT config; CheckpointError naming the first unsupported key."""
+    """The lora-lite spec for this PEFT config; CheckpointError naming the first unsupported key
+    (or the peft_type, first, when lora-lite has no import route for it)."""
+    kind = c.get("peft_type")
+    if kind not in IMPORTS:
+        raise CheckpointError(
+            f"{path}: load_peft: PEFT type {str(kind)[:40]} has no import route yet; "
+            f"lora-lite loads {', '.join(IMPORTS)} adapters (merge it in PEFT and save the plain model instead)"
+        )
     for key, value in c.items():
         if key in HANDLED or key in HARMLESS:
             continue
@@ -441,7 +590,6 @@ def _check_config(path: Path, c: dict) -> str:
         if key in ("bias", "modules_to_save") or value in (None, False, {}, [], ""):
             continue  # an option left off
         _refuse(path, key, value, "lora-lite does not implement this option")
-    kind = c.get("peft_type")
     if kind == "LORA":
         init = c.get("init_lora_weights", True)
         if c.get("use_dora") and init not in AS_LORA_INITS:
@@ -469,7 +617,22 @@ def _check_config(path: Path, c: dict) -> str:
         if c.get("save_projection") is False:
             _refuse(path, "save_projection", False, "lora-lite loads VeRA with its A and B saved in the file")
         return "vera"
-    _refuse(path, "peft_type", kind, "lora-lite loads LORA, IA3, HRA, DELORA and VERA adapters")
+    if kind == "OFT":
+        if not c.get("oft_block_size"):
+            _refuse(path, "oft_block_size", c.get("oft_block_size"), "lora-lite's OFT is set by its block size (not r)")
+        return "oft"
+    if kind == "BOFT":
+        if not c.get("boft_block_size"):
+            _refuse(path, "boft_block_size", c.get("boft_block_size"), "lora-lite's BOFT is set by its block size")
+        return "boft"
+    if kind == "ROAD":
+        if c.get("variant", "road_1") not in ("road_1", "road_2", "road_4"):
+            _refuse(path, "variant", c.get("variant"), "lora-lite's RoAd has road_1, road_2 and road_4")
+        return "road"
+    return {"LOHA": "loha", "LOKR": "lokr"}[kind]
+
+
+IMPORTS = ("LORA", "IA3", "HRA", "DELORA", "VERA", "LOHA", "LOKR", "OFT", "BOFT", "ROAD")  # PEFT types load_peft reads
 
 
 def _pattern_get(pattern: dict, name: str, default):
@@ -528,7 +691,8 @@ def _resolve(peft_dir, name: str) -> Path:
 
 
 def load_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "default") -> nn.Module:
-    """Attach a PEFT adapter directory (LoRA, rsLoRA, DoRA, PiSSA, IA3, HRA, DeLoRA, VeRA) as the matching
+    """Attach a PEFT adapter directory (LoRA, rsLoRA, DoRA, PiSSA, IA3, HRA, DeLoRA, VeRA, LoHa, LoKr,
+    OFT, BOFT, RoAd) as the matching
     lora-lite spec; returns `model`. Logits equal PEFT's on the same base (tests/test_deploy.py).
 
     peft_dir: a local directory (PEFT's layout: `default` in it, adapter `name` in peft_dir/name),
@@ -548,6 +712,13 @@ def load_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "defaul
     an adapter `name` is already attached or for whatever runtime.preflight refuses.
     `model` may be wrapped (torch.compile, DDP, accelerate, FSDP2); the wrapper is returned.
     fan_in_fan_out: true is read for transformers Conv1D targets and refused for any other.
+    A target's own weight saved beside it (`<module>.base_layer.weight`: PEFT's default
+    save_embedding_layers writes embed_tokens') is checked against this model's and refused,
+    naming it, when its shape or values differ (another base: a resized vocabulary).
+    A peft_type without an import route is refused naming the type.
+    LoKr: a full lokr_w2 (PEFT's layout where r >= max(k, n) / 2) is read by its SVD as w2_a w2_b
+    at rank max(r, min(k, n)) for that layer (alpha scaled alike: the same s and update). OFT and
+    BOFT by their block size (r / boft_block_num refused); decompose_both, coft, block_share refused.
     VeRA: base_model.vera_A / vera_B (save_projection true; false is refused) shaped for r and the
     largest target, as PEFT's VeraModel._find_dim.
     Source: PEFT's LoraModel/IA3Model/HRAModel/DeloraModel/VeraModel _create_and_replace and
@@ -623,7 +794,13 @@ def _read_peft(model: nn.Module, peft_dir, name: str) -> tuple:
             check_quantized(gen, cfg_t, n, m, fix="load the base in float")
             want = {k: v for k, v in gen.shapes(cfg_t, *layer_dims(m)).items() if k not in gen.SHARED}
             tensors = {}
+            full_w2 = f"{PREFIX}{n}.lokr_w2"
+            if spec == "lokr" and full_w2 in keys:  # PEFT's full w2 (r >= max(k, n) / 2)
+                cfg_t, want, tensors = _lokr_full_w2(f, wpath, full_w2, gen, cfg_t, m, want)
+                keys.discard(full_w2)
             for ours, suffix in _names(spec).items():
+                if ours in tensors:
+                    continue
                 suffix = tuple(_embedding_key(s) for s in suffix) if is_embedding(m) else suffix
                 key = next((f"{PREFIX}{n}.{s}" for s in suffix if f"{PREFIX}{n}.{s}" in keys), None)
                 if key is None:
@@ -636,17 +813,37 @@ def _read_peft(model: nn.Module, peft_dir, name: str) -> tuple:
                     raise CheckpointError(f"{wpath}: {key} is not finite floating point; refusing to load")
                 tensors[ours] = t.float().reshape(want[ours])
                 keys.discard(key)
-            if is_embedding(m):
-                _same_base_embedding(f, keys, f"{PREFIX}{n}.base_layer.weight", m, wpath)
             W = base_weight(m)
             if spec == "pissa":  # W_res from this model's W, as PEFT's init_lora_weights='pissa'
                 init = gen.init(W, cfg_t)
                 tensors["lora_A0"], tensors["lora_B0"] = init["lora_A0"], init["lora_B0"]
             per_target[n] = (m, cfg_t, tensors, target_info(m, W))
         shared = _read_shared(f, wpath, gen, per_target, keys)
+        _check_saved_bases(f, wpath, modules, per_target, keys)
         if keys:
             raise CheckpointError(f"{wpath}: tensor {sorted(keys)[0]} belongs to no target of adapter_config.json")
     return per_target[found[0]][1], per_target, shared
+
+
+def _lokr_full_w2(f, wpath: Path, key: str, gen, cfg_t, m, want: dict) -> tuple:
+    """PEFT's full LoKr w2 (k, n) as our w2_a (k, r') w2_b (r', n) by its SVD, exactly: r' = the
+    larger of the config's r and min(k, n) (alpha scaled by r' / r, so s = alpha / r stays).
+    Returns (cfg_t, want, {w2_a, w2_b})."""
+    k, n = want["lora_lokr_w2_a"][0], want["lora_lokr_w2_b"][1]
+    w2 = f.get_tensor(key)
+    if tuple(w2.shape) != (k, n):
+        raise CheckpointError(f"{wpath}: {key} has shape {tuple(w2.shape)}, expected {(k, n)}")
+    if not w2.is_floating_point() or not bool(torch.isfinite(w2).all()):
+        raise CheckpointError(f"{wpath}: {key} is not finite floating point; refusing to load")
+    r = max(cfg_t.r, min(k, n))
+    if r != cfg_t.r:
+        cfg_t = dataclasses.replace(cfg_t, r=r, alpha=cfg_t.alpha * r / cfg_t.r)
+    want = {x: v for x, v in gen.shapes(cfg_t, *layer_dims(m)).items() if x not in gen.SHARED}
+    U, S, Vh = torch.linalg.svd(w2.double(), full_matrices=False)  # (k, q), (q,), (q, n); q = min(k, n)
+    q = S.shape[0]
+    w2_a, w2_b = torch.zeros(k, r, dtype=torch.float64), torch.zeros(r, n, dtype=torch.float64)
+    w2_a[:, :q], w2_b[:q] = U * S, Vh
+    return cfg_t, want, {"lora_lokr_w2_a": w2_a.float(), "lora_lokr_w2_b": w2_b.float()}
 
 
 def _read_shared(f, wpath: Path, gen, per_target: dict, keys: set) -> dict:
@@ -671,25 +868,44 @@ def _read_shared(f, wpath: Path, gen, per_target: dict, keys: set) -> dict:
     return out
 
 
+BASE_SUFFIX = ".base_layer.weight"
+
+
+def _check_saved_bases(f, wpath: Path, modules: dict, per_target: dict, keys: set) -> None:
+    """A target's own weight saved beside its adapter (PEFT's save_embedding_layers, 'auto' for
+    an adapted embed_tokens): `<module>.base_layer.weight`, taken out of `keys` when it equals
+    this model's weight (exactly after a cast to its dtype, or within the rounding of the coarser
+    dtype); CheckpointError naming the tensor when the shapes (a resized vocabulary) or values
+    differ: the adapter belongs to another base, which load_peft does not install."""
+    for key in sorted(keys):
+        n = key[len(PREFIX) : -len(BASE_SUFFIX)] if key.startswith(PREFIX) and key.endswith(BASE_SUFFIX) else None
+        if n not in per_target:
+            continue
+        m = modules[n]
+        W = m.weight if m.weight.is_floating_point() and not is_quantized(m) else base_weight(m)
+        t = f.get_tensor(key)
+        if tuple(t.shape) != tuple(W.shape):
+            raise CheckpointError(
+                f"{wpath}: {key} has shape {tuple(t.shape)}, this model's {n}.weight {tuple(W.shape)} "
+                "(a resized vocabulary?); load the adapter onto the base it was saved with"
+            )
+        W = W.detach()
+        if torch.equal(t.to(W.dtype), W):
+            keys.discard(key)
+            continue
+        eps = max(torch.finfo(t.dtype).eps, torch.finfo(W.dtype).eps) if t.is_floating_point() else 0.0
+        diff = float((t.float() - W.float()).abs().max()) if t.is_floating_point() else math.inf
+        if not diff <= eps * float(W.float().abs().max()):
+            raise CheckpointError(
+                f"{wpath}: {key} differs from this model's {n}.weight (max|diff| {diff:.3g}); "
+                "load the adapter onto the base it was saved with"
+            )
+        keys.discard(key)
+
+
 # PEFT's names for the LoRA pair on an nn.Embedding (peft/tuners/lora/layer.py, class Embedding):
 # the same shapes as ours, lora_embedding_A (r, num_embeddings) and lora_embedding_B (embedding_dim, r).
 EMBEDDING_KEYS = {"lora_A.weight": "lora_embedding_A", "lora_B.weight": "lora_embedding_B"}
-
-
-def _same_base_embedding(f, keys: set, key: str, m: nn.Module, wpath: Path) -> None:
-    """Accept (drop from `keys`) the copy of an embedding target's base weight that PEFT's
-    save_pretrained writes when targets include an embedding (save_embedding_layers "auto"), if
-    it equals the model's weight bit for bit: lora-lite never writes base weights, so a copy that
-    differs (another vocabulary, a fine-tuned table) is refused naming the tensor and shapes."""
-    if key not in keys:
-        return
-    t = f.get_tensor(key)
-    if tuple(t.shape) != tuple(m.weight.shape) or not torch.equal(t.to(m.weight.dtype), m.weight.detach().cpu()):
-        raise CheckpointError(
-            f"{wpath}: {key} {tuple(t.shape)}, PEFT's saved copy of the base embedding, differs from this model's "
-            f"weight {tuple(m.weight.shape)}; lora-lite does not write base weights: load that table into the model"
-        )
-    keys.discard(key)
 
 
 def _embedding_key(k: str) -> str:
@@ -713,6 +929,11 @@ def _names(spec: str) -> dict[str, tuple[str, ...]]:
         "ia3_ff": {"lora_ia3": ("ia3_l",)},
         "hra": {"lora_hra_u": ("hra_u",)},
         "vera": {"lora_vera_lambda_d": ("vera_lambda_d",), "lora_vera_lambda_b": ("vera_lambda_b",)},
+        "loha": {f"lora_hada_w{k}_{side}": (f"hada_w{k}_{side}",) for k in (1, 2) for side in "ab"},
+        "lokr": {f"lora_lokr_{k}": (f"lokr_{k}",) for k in ("w1", "w2_a", "w2_b")},
+        "oft": {"lora_oft_R": ("oft_R.weight",)},
+        "boft": {"lora_boft_R": ("boft_R",), "lora_boft_s": ("boft_s",)},
+        "road": {"lora_theta": ("road_theta",), "lora_alpha": ("road_alpha",)},
         "delora": {
             "lora_A": ("delora_A",),
             "lora_B": ("delora_B",),
@@ -733,6 +954,24 @@ def _hyper(c: dict, spec: str, name: str) -> dict:
         return {"r": int(c.get("r", 256)), "d_initial": float(c.get("d_initial", 0.1))} | {
             "projection_prng_key": int(c.get("projection_prng_key", 0))
         }
+    if spec in ("loha", "lokr"):
+        alpha = float(_pattern_get(c.get("alpha_pattern"), name, c.get("alpha", 8)))
+        return {"r": r, "alpha": alpha} | (
+            {"decompose_factor": int(c.get("decompose_factor", -1))} if spec == "lokr" else {}
+        )
+    if spec == "oft":
+        out = {
+            "oft_block_size": int(c["oft_block_size"]),
+            "use_cayley_neumann": bool(c.get("use_cayley_neumann", True)),
+        }
+        return out | {"num_cayley_neumann_terms": int(c.get("num_cayley_neumann_terms", 5))}
+    if spec == "boft":
+        return {
+            "boft_block_size": int(c["boft_block_size"]),
+            "boft_n_butterfly_factor": int(c.get("boft_n_butterfly_factor", 1)),
+        }
+    if spec == "road":
+        return {"group_size": int(c.get("group_size", 64)), "road_variant": int(str(c.get("variant", "road_1"))[5:])}
     if spec == "delora":
         return {"r": r, "lambda0": float(_pattern_get(c.get("lambda_pattern"), name, c.get("delora_lambda", 15)))}
     alpha = float(_pattern_get(c.get("alpha_pattern"), name, c.get("lora_alpha", 8)))

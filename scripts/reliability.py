@@ -132,6 +132,17 @@ FUNCTIONS = {
     "test_load_peft_refuses_an_unsupported_key_naming_it": ("deploy", "PEFT directories with unsupported keys", 1),
     "test_fan_in_fan_out_on_a_linear_target_is_refused": ("deploy", "PEFT directories with unsupported keys", 1),
     "test_load_peft_refuses_pickle_weights": ("deploy", "PEFT directories with pickle or misshapen weights", 1),
+    "test_load_peft_refuses_a_saved_base_weight_that_is_not_this_models": (
+        "deploy",
+        "PEFT directories with pickle or misshapen weights",
+        1,
+    ),
+    "test_load_peft_names_a_peft_type_it_has_no_route_for": ("deploy", "PEFT directories with unsupported keys", 1),
+    "test_a_custom_spec_peft_cannot_compute_is_refused_with_its_reason": (
+        "deploy",
+        "export of a spec with no PEFT route",
+        1,
+    ),
     "test_load_peft_refuses_a_misshapen_tensor": ("deploy", "PEFT directories with pickle or misshapen weights", 1),
     "test_merge_refuses_inside_disabled_leaving_the_model_adapted": ("deploy", "merge of a state it cannot fold", 1),
     "test_merge_refuses_a_quantized_target_naming_it": ("deploy", "merge of a state it cannot fold", 1),

@@ -242,3 +242,11 @@ def smollm2_shaped_layer():
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).eval()
+
+
+class CpuBlockDiag:
+    """PEFT's BOFT FastBlockDiag (a CUDA kernel) on the CPU: (f, n, b, b) -> (f, n b, n b), block by block."""
+
+    @staticmethod
+    def apply(R: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.block_diag(*r) for r in R])

@@ -10,18 +10,31 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
 import lora_lite as ll
-from conftest import SPECS, assert_unchanged, calibration, llama, perturb, small_cfg, snapshot, token_batch
+from conftest import (
+    SPECS,
+    CpuBlockDiag,
+    assert_unchanged,
+    calibration,
+    llama,
+    perturb,
+    small_cfg,
+    snapshot,
+    token_batch,
+)
 from lora_lite.peft_io import ROUTES
 
 peft = pytest.importorskip("peft")
 
+ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5  # max|ours - theirs| / max|ours|, fp32
 CROP = [n for n in SPECS if ll.variant_module(n).RESIDUAL == "crop"]
 QV = ["q_proj", "v_proj"]
@@ -82,11 +95,107 @@ def test_export_loads_in_peft_with_the_same_logits(name, tmp_path):
     assert ".default." not in " ".join(keys)
 
 
+@pytest.mark.parametrize("r", [2, 4])
+def test_lokr_exports_w2_in_the_layout_peft_builds_for_its_r(r, tmp_path):
+    """r < max(k, n) / 2: w2_a, w2_b; otherwise PEFT holds a full w2, written as w2_a w2_b."""
+    base, model = trained("lokr", r=r)
+    ll.export_peft(model, tmp_path)
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), framework="pt") as f:
+        q = {k.rsplit(".", 1)[1]: tuple(f.get_tensor(k).shape) for k in f.keys() if ".0.self_attn.q_proj." in k}
+    assert q == (
+        {"lokr_w1": (4, 4), "lokr_w2_a": (8, 2), "lokr_w2_b": (2, 8)}
+        if r == 2
+        else {"lokr_w1": (4, 4), "lokr_w2": (8, 8)}
+    )
+    assert rel(out(peft_load(base, tmp_path)), out(model)) <= TOL
+
+
+RSLORA_FA = """name: rslora_fa
+title: rsLoRA-FA
+summary: rsLoRA's scale with LoRA-FA's frozen A.
+references: []
+reference_impl: PEFT peft/tuners/lora/layer.py (use_rslora=True)
+identity: B = 0.
+hyperparameters:
+  r: {type: int, default: 8, min: 1, max: 65536, rank: true, doc: rank}
+  alpha: {type: float, default: 16.0, min: -1.0e+6, max: 1.0e+6, doc: "s = alpha / sqrt(r)"}
+target: {names: ['\\.q_proj$', '\\.v_proj$']}
+basis: {source: none}
+core: {kind: lowrank}
+modifiers: [{kind: scale, rule: alpha_over_sqrt_r}, {kind: frozen, tensors: [lora_A]}]
+residual: none
+hook: output
+params:
+  lora_A: {shape: [r, d_in], init: kaiming_uniform, trainable: false, doc: frozen}
+  lora_B: {shape: [d_out, r], init: zeros, doc: trained}
+train: {lr: 1.0e-4}
+quantized_base: true
+"""
+
+
+def test_a_custom_spec_composed_as_a_peft_lora_exports_by_its_parts(tmp_path):
+    spec = tmp_path / "rslora_fa.yaml"
+    spec.write_text(RSLORA_FA)
+    base = llama()
+    model = copy.deepcopy(base)
+    ll.attach(model, ll.from_spec(str(spec), r=4, alpha=8.0))
+    perturb(model, scale=0.3)
+    ll.export_peft(model, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 16)  # alpha / sqrt(4) = 16 / 4
+    assert rel(out(peft_load(base, tmp_path / "out")), out(model)) <= TOL
+
+
+def test_a_users_spec_named_as_a_shipped_one_exports_by_its_own_parts(tmp_path):
+    """A user's lora.yaml with rsLoRA's scale is not the shipped lora: its export carries alpha / sqrt(r)."""
+    spec = tmp_path / "lora.yaml"
+    spec.write_text(RSLORA_FA.replace("name: rslora_fa", "name: lora"))
+    base = llama()
+    model = copy.deepcopy(base)
+    ll.attach(model, ll.from_spec(str(spec), r=4, alpha=8.0))
+    perturb(model, scale=0.3)
+    ll.export_peft(model, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["lora_alpha"] == 16
+    assert rel(out(peft_load(base, tmp_path / "out")), out(model)) <= TOL
+
+
+@pytest.mark.parametrize("direction", ["export", "load_peft"])
+def test_boft_with_two_butterfly_factors_round_trips_with_peft(direction, tmp_path, monkeypatch):
+    """PEFT builds factors >= 2 only with its CUDA extension; its one kernel (block_diag) on the CPU."""
+    from peft import BOFTConfig
+    from peft.tuners.boft import layer as boft_layer
+
+    monkeypatch.setattr(boft_layer, "get_fbd_cuda", lambda: True)
+    monkeypatch.setattr(boft_layer, "FastBlockDiag", CpuBlockDiag)
+    if direction == "export":
+        base, model = trained("boft", boft_n_butterfly_factor=2)
+        ll.export_peft(model, tmp_path)
+        theirs = peft_load(base, tmp_path)
+    else:
+        pcfg = BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=QV)
+        base, theirs, path = peft_made(pcfg, tmp_path)
+        model = ll.load_peft(copy.deepcopy(base), path)
+    assert theirs.base_model.model.get_submodule("model.layers.0.self_attn.q_proj").boft_R["default"].shape[0] == 2
+    assert ll.state(model).cfg.boft_n_butterfly_factor == 2
+    assert rel(out(model), out(base)) > 1e-2
+    assert rel(out(theirs), out(model)) <= TOL
+
+
+def test_a_custom_spec_peft_cannot_compute_is_refused_with_its_reason(tmp_path):
+    spec = tmp_path / "my_hra_dora.yaml"  # HRA's reflections with DoRA's magnitude: no PEFT type has both
+    spec.write_text((ROOT / "specs" / "hra_dora.yaml").read_text().replace("name: hra_dora", "name: my_hra_dora"))
+    _, model = trained(str(spec))
+    snap = snapshot(model)
+    with pytest.raises(ll.AttachError, match=r"my_hra_dora has no PEFT route \(.*core 'householder' is not lowrank"):
+        ll.export_peft(model, tmp_path / "out")
+    assert_unchanged(model, snap)
+
+
 @pytest.mark.parametrize("name", [n for n in SPECS if n not in ROUTES])
 def test_a_spec_without_a_route_is_refused_pointing_to_merge(name, tmp_path):
     _, model = trained(name)
     snap = snapshot(model)
-    with pytest.raises(ll.AttachError, match=r"has no PEFT route .*use ll.merge\(model\)"):
+    with pytest.raises(ll.AttachError, match=r"has no PEFT route \(PEFT's HRA has no DoRA.*use ll.merge\(model\)"):
         ll.export_peft(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert_unchanged(model, snap)
@@ -118,7 +227,7 @@ def test_clamped_ranks_export_with_one_scaling_for_every_layer(name, tmp_path):
     assert rel(got, out(model)) <= TOL
 
 
-@pytest.mark.parametrize("name", ["lora", "pissa", "antipasto_arrow", "ia3", "delora", "vera"])
+@pytest.mark.parametrize("name", ["lora", "pissa", "antipasto_arrow", "ia3", "delora", "vera", "loha", "lokr"])
 def test_export_carries_the_current_scale(name, tmp_path):
     base, model = trained(name)
     ll.scale(model, 0.4)
@@ -126,7 +235,7 @@ def test_export_carries_the_current_scale(name, tmp_path):
     assert rel(out(peft_load(base, tmp_path)), out(model)) <= TOL
 
 
-@pytest.mark.parametrize("name", ["dora", "hra"])
+@pytest.mark.parametrize("name", ["dora", "hra", "oft", "boft", "road"])
 def test_export_refuses_a_scale_peft_cannot_represent(name, tmp_path):
     _, model = trained(name)
     ll.scale(model, 0.5)
@@ -166,7 +275,18 @@ def peft_made(pcfg, tmp_path, seed: int = 3):
 
 
 def peft_adapters():
-    from peft import DeloraConfig, HRAConfig, IA3Config, LoraConfig, VeraConfig
+    from peft import (
+        BOFTConfig,
+        DeloraConfig,
+        HRAConfig,
+        IA3Config,
+        LoHaConfig,
+        LoKrConfig,
+        LoraConfig,
+        OFTConfig,
+        RoadConfig,
+        VeraConfig,
+    )
 
     lora = dict(r=4, lora_alpha=8, lora_dropout=0.0)
     return {
@@ -190,6 +310,15 @@ def peft_adapters():
         "hra": ("hra", HRAConfig(r=4, target_modules=QV)),
         "delora": ("delora", DeloraConfig(r=4, delora_lambda=15, target_modules=QV, rank_pattern={"v_proj": 2})),
         "vera": ("vera", VeraConfig(r=4, target_modules=QV, projection_prng_key=7)),
+        # LoHa at r 2 (the factored product) and r 4 (the dense update); LoKr at r 2 (w2 = w2_a w2_b)
+        # and r 4 (>= max(k, n) / 2 on the tiny q and v: PEFT saves a full w2, read by its SVD)
+        "loha": ("loha", LoHaConfig(r=2, alpha=8, target_modules=QV)),
+        "loha_dense": ("loha", LoHaConfig(r=4, alpha=8, rank_pattern={"v_proj": 3}, target_modules=QV)),
+        "lokr": ("lokr", LoKrConfig(r=2, alpha=8, target_modules=QV)),
+        "lokr_full_w2": ("lokr", LoKrConfig(r=4, alpha=6, target_modules=QV)),
+        "oft": ("oft", OFTConfig(oft_block_size=4, target_modules=QV)),
+        "boft": ("boft", BOFTConfig(boft_block_size=4, target_modules=QV)),
+        "road": ("road", RoadConfig(group_size=8, variant="road_4", target_modules=QV)),
     }
 
 
@@ -245,6 +374,17 @@ def test_load_peft_refuses_an_unsupported_key_naming_it(key, tmp_path):
     assert_unchanged(base, snap)
 
 
+def test_load_peft_names_a_peft_type_it_has_no_route_for(tmp_path):
+    from peft import FourierFTConfig
+
+    base, _, path = peft_made(FourierFTConfig(n_frequency=16, target_modules=QV), tmp_path)
+    snap = snapshot(base)
+    with pytest.raises(ll.CheckpointError, match="load_peft: PEFT type FOURIERFT has no import route yet") as e:
+        ll.load_peft(base, path)
+    assert "\n" not in str(e.value)
+    assert_unchanged(base, snap)
+
+
 def test_load_peft_refuses_pickle_weights(tmp_path):
     from peft import LoraConfig
 
@@ -265,6 +405,42 @@ def test_load_peft_refuses_a_misshapen_tensor(tmp_path):
     snap = snapshot(base)
     with pytest.raises(ll.CheckpointError, match=r"lora_A.weight has shape \(4, 32\), expected \(3, 32\)"):
         ll.load_peft(base, path)
+    assert_unchanged(base, snap)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_load_peft_reads_an_embedding_adapter_saved_with_its_base_weight(use_dora, tmp_path):
+    """PEFT's default save_embedding_layers='auto' also writes embed_tokens.base_layer.weight:
+    accepted when it is this model's weight."""
+    from peft import LoraConfig
+
+    pcfg = LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], use_dora=use_dora)
+    base, theirs, path = peft_made(pcfg, tmp_path)
+    with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
+        assert "base_model.model.model.embed_tokens.base_layer.weight" in f.keys()
+    ours = ll.load_peft(copy.deepcopy(base), path)
+    assert ll.state(ours).variant.NAME == ("dora" if use_dora else "lora")
+    assert "model.embed_tokens" in ll.state(ours).targets
+    assert rel(out(ours), out(theirs)) <= TOL
+
+
+@pytest.mark.parametrize("change", ["values", "shape"])
+def test_load_peft_refuses_a_saved_base_weight_that_is_not_this_models(change, tmp_path):
+    from peft import LoraConfig
+    from safetensors.torch import load_file, save_file
+
+    base, _, path = peft_made(LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]), tmp_path)
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    wpath = path / "adapter_model.safetensors"
+    tensors = load_file(str(wpath))
+    W = tensors[key]
+    tensors[key] = W + 0.01 if change == "values" else torch.cat([W, W[:2]])  # (66, 32): a resized vocabulary
+    save_file(tensors, str(wpath))
+    snap = snapshot(base)
+    why = r"differs from this model's model.embed_tokens.weight" if change == "values" else r"shape \(66, 32\)"
+    with pytest.raises(ll.CheckpointError, match=re.escape(key) + ".*" + why) as e:
+        ll.load_peft(base, path)
+    assert "\n" not in str(e.value)
     assert_unchanged(base, snap)
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import lora_lite as ll
-from conftest import SPECS, ScaledEmbedding, llama, smollm2_shaped_layer, token_batch
+from conftest import SPECS, CpuBlockDiag, ScaledEmbedding, llama, smollm2_shaped_layer, token_batch
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -231,14 +231,6 @@ def test_same_logits_and_gradients_as_peft(name):
             assert rel_err(m.weight, layer.base_layer.weight) < RTOL, target
     # same non-zero trainable values: move PEFT's off init, copy them into ours
     copied_tensors_match_peft(name, ours, theirs, layers, mapping, batch, base_logits)
-
-
-class CpuBlockDiag:
-    """PEFT's FastBlockDiag (a CUDA kernel) on the CPU: (f, n, b, b) -> (f, n b, n b), block by block."""
-
-    @staticmethod
-    def apply(R: torch.Tensor) -> torch.Tensor:
-        return torch.stack([torch.block_diag(*r) for r in R])
 
 
 @pytest.mark.parametrize("factors", [2, 3])
