@@ -199,6 +199,7 @@ READS = "the layer's own reads: W through its forward (float or 4/8-bit), an nn.
 RUNTIME_COMMENTS = {  # runtime helper -> what the comment over its import says
     **dict.fromkeys(("base_forward", "base_row_sqnorm", "embedding_lookup", "is_embedding"), READS),
     "hadamard_product": "(w1_a w1_b) * (w2_a w2_b) with a backward that recomputes both products",
+    "kronecker_apply": "x (w1 (x) w2_a w2_b)^T with a backward that recomputes the per-token products",
 }
 
 

@@ -211,7 +211,14 @@ IMPORTS = {
     "torch": None,
     ("torch", "from"): {"Tensor", "nn"},
     "lora_lite.config": {"AdapterConfig"},
-    "lora_lite.runtime": {"base_forward", "base_row_sqnorm", "embedding_lookup", "hadamard_product", "is_embedding"},
+    "lora_lite.runtime": {
+        "base_forward",
+        "base_row_sqnorm",
+        "embedding_lookup",
+        "hadamard_product",
+        "is_embedding",
+        "kronecker_apply",
+    },
     "lora_lite.codegen.shapes": set(SHAPE_FUNCTIONS),  # pure integer sizes (factor_m, factor_n)
 }
 # First-level attributes of the imported modules that function bodies and annotations may use.

@@ -43,6 +43,9 @@ from torch import Tensor, nn
 from lora_lite.codegen.shapes import factor_m, factor_n  # sizes the shape expressions call
 from lora_lite.config import AdapterConfig
 
+# x (w1 (x) w2_a w2_b)^T with a backward that recomputes the per-token products
+from lora_lite.runtime import kronecker_apply
+
 NAME = "lokr"  # the spec's name
 TITLE = "LoKr"  # its title
 HOOK = "output"  # forward hook: forward() returns the layer's new output
@@ -135,10 +138,8 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
 def forward(m: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> Tensor:
     """New output of target `m`. x: (..., i) input in the adapter dtype; y: (..., o) base output."""
     s = cfg.alpha / cfg.r
-    w1, w2_a, w2_b = m.lora_lokr_w1, m.lora_lokr_w2_a, m.lora_lokr_w2_b  # (l, m), (k, r), (r, n)
-    X = x.unflatten(-1, (w1.shape[1], w2_b.shape[1]))  # (..., m, n): x[c n + d] = X[c, d]
-    h = (X @ w2_b.T) @ w2_a.T  # (..., m, r) -> (..., m, k): X w2^T
-    delta = ((s * w1) @ h).flatten(-2)  # (..., l, k) -> (..., o): s w1 X w2^T, row-major
+    # vec(s w1 X w2^T), X = x as (m, n); backward forms the per-token products again rather than keep them
+    delta = kronecker_apply(x, m.lora_lokr_w1, m.lora_lokr_w2_a, m.lora_lokr_w2_b, s)  # (..., o)
     return y + delta.to(y.dtype)  # (..., o)
 
 

@@ -414,6 +414,61 @@ def hadamard_product(w1_a: Tensor, w1_b: Tensor, w2_a: Tensor, w2_b: Tensor, s: 
     return _HadamardProduct.apply(w1_a, w1_b, w2_a, w2_b, s)
 
 
+class _KroneckerApply(torch.autograd.Function):
+    """vec(s w1 X w2^T) of x that saves x and the three factors and recomputes the rest in backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, w2_a: Tensor, w2_b: Tensor, s: float) -> Tensor:
+        ctx.save_for_backward(x, w1, w2_a, w2_b)
+        ctx.s = s
+        X = x.unflatten(-1, (w1.shape[1], w2_b.shape[1]))  # (..., m, n): x[c n + d] = X[c, d]
+        h = (X @ w2_b.T) @ w2_a.T  # (..., m, r) -> (..., m, k): X w2^T
+        return ((s * w1) @ h).flatten(-2)  # (..., l, k) -> (..., o): s w1 X w2^T, row-major
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, w1, w2_a, w2_b = ctx.saved_tensors
+        s, need = ctx.s, ctx.needs_input_grad
+        dt = grad.dtype  # one dtype for every product (under autocast the forward ran in a lower one)
+        for t in (x, w1, w2_a, w2_b):
+            dt = torch.promote_types(dt, t.dtype)
+        G = grad.to(dt).reshape(-1, w1.shape[0], w2_a.shape[0])  # (..., o) -> (T, l, k)
+        X = x.to(dt).reshape(-1, w1.shape[1], w2_b.shape[1])  # (..., i) -> (T, m, n)
+        w1, w2_a, w2_b = w1.to(dt), w2_a.to(dt), w2_b.to(dt)
+        dx = dw1 = dw2_a = dw2_b = None
+        if need[1] or need[2]:
+            P = X @ w2_b.T  # (T, m, r)
+            if need[1]:  # d/dw1 = s sum_T G h^T, h = P w2_a^T
+                dw1 = s * torch.tensordot(G, P @ w2_a.T, dims=([0, 2], [0, 2]))  # (T, m, k) -> (l, m)
+        if need[0] or need[2] or need[3]:
+            dh = (s * w1).T @ G  # (T, m, k)
+            if need[2]:  # d/dw2_a = sum_T dh^T P
+                dw2_a = torch.tensordot(dh, P, dims=([0, 1], [0, 1]))  # (k, r)
+            dP = dh @ w2_a  # (T, m, r)
+            if need[3]:  # d/dw2_b = sum_T dP^T X
+                dw2_b = torch.tensordot(dP, X, dims=([0, 1], [0, 1]))  # (r, n)
+            if need[0]:
+                dx = (dP @ w2_b).reshape(x.shape)  # (T, m, n) -> (..., i)
+        return dx, dw1, dw2_a, dw2_b, None
+
+
+def kronecker_apply(x: Tensor, w1: Tensor, w2_a: Tensor, w2_b: Tensor, s: float = 1.0) -> Tensor:
+    """x (s w1 (x) (w2_a w2_b))^T without the Kronecker matrix, the LoKr update: (..., i) -> (..., o).
+
+    w1 (l, m), w2_a (k, r), w2_b (r, n), x (..., i) with i = m n; the result is (..., o), o = l k:
+    vec(s w1 X w2^T) with X = x read row-major as (..., m, n) and w2 = w2_a w2_b, three small
+    products per token. Autograd keeps only x and the three factors for backward and forms the
+    per-token products (X w2_b^T (..., m, r), X w2^T (..., m, k)) again there, instead of keeping
+    them for the whole step. Differentiable in x and every factor (not in s, a number), any of
+    which may be frozen; backward is built from plain torch ops in the widest dtype among its
+    inputs, so it traces under torch.compile and can be differentiated again. A last dim of x
+    other than m n raises torch's unflatten RuntimeError; factors that do not chain (w2_a's r
+    against w2_b's) raise torch's matmul error. Source: LoKr, Yeh et al. (arXiv 2309.14859);
+    dW = s w1 (x) w2 as PEFT peft/tuners/lokr/layer.py (which forms the (o, i) matrix).
+    """
+    return _KroneckerApply.apply(x, w1, w2_a, w2_b, s)
+
+
 SQNORM_ATTR = "_lora_lite_row_sqnorm"  # module attribute: (weight key, ||W_i||^2), bitsandbytes only
 
 
