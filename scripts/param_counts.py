@@ -66,6 +66,10 @@ def peft_configs() -> dict:
         "corda_dora": peft.LoraConfig(r=32, target_modules=qv, use_dora=True),
         # EVA (rho=1) has LoRA's shapes: count without running its calibration
         "eva_dora": peft.LoraConfig(r=32, target_modules=qv, use_dora=True),
+        # OLoRA and PiSSA inits keep LoRA's shapes: count without the QR / SVD
+        "olora": peft.LoraConfig(r=32, target_modules=qv),
+        "rslora": peft.LoraConfig(r=32, target_modules=qv, use_rslora=True),
+        "pissa_dora": peft.LoraConfig(r=32, target_modules=qv, use_dora=True),
     }
 
 
