@@ -203,6 +203,12 @@ RUNTIME_COMMENTS = {  # runtime helper -> what the comment over its import says
 }
 
 
+def _statistics(init: str) -> tuple[str, ...]:
+    """The (i, i) calibration statistics an init() body reads (`stats["second_moment"]`), sorted;
+    "mean", "tokens" and "sequences" always come with them (lora_lite.calibration)."""
+    return tuple(sorted(set(re.findall(r'stats\["(\w+)"\]', init)) - {"mean", "tokens", "sequences"}))
+
+
 def context(spec, display: str) -> dict:
     """Everything the module template needs, as finished strings and lists."""
     comp = spec.composition()
@@ -228,6 +234,7 @@ def context(spec, display: str) -> dict:
                 ("RESIDUAL", spec.residual, ""),
                 ("RESIDUALS", FROZEN_RESIDUALS if comp.frozen else ("none",), "the values cfg.residual may take"),
                 ("CALIBRATION", comp.calibration, ""),
+                ("STATISTICS", _statistics(bodies["init"]), "what init() reads from stats: calibration gathers these"),
                 ("TARGET_NAMES", spec.target_names, "default targets: re.search on module names"),
                 ("LR", spec.lr, "recommended AdamW learning rate"),
                 ("QUANTIZED_BASE", spec.quantized_base, ""),

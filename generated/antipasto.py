@@ -47,6 +47,7 @@ CAST_INPUT = True  # the hook casts x to cfg.dtype for forward() (an input hook 
 RESIDUAL = "crop"  # default: while attached the base weight holds W_res = W - frozen_weight()
 RESIDUALS = ("crop", "subtract")  # the values cfg.residual may take
 CALIBRATION = "optional"  # calibration data refines the basis when given
+STATISTICS = ("second_moment",)  # what init() reads from stats: calibration gathers these
 TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.005  # recommended AdamW learning rate
 QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)

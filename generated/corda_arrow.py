@@ -46,6 +46,7 @@ CAST_INPUT = True  # the hook casts x to cfg.dtype for forward() (an input hook 
 RESIDUAL = "crop"  # default: while attached the base weight holds W_res = W - frozen_weight()
 RESIDUALS = ("crop", "subtract")  # the values cfg.residual may take
 CALIBRATION = "required"  # attach raises without calibration data
+STATISTICS = ("second_moment",)  # what init() reads from stats: calibration gathers these
 TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.005  # recommended AdamW learning rate
 QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)
@@ -120,7 +121,7 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
     t = {}
     t["lora_M"] = torch.zeros(cfg.block, cfg.block)  # (block, block)
     t["lora_g"] = torch.zeros(cfg.r - cfg.block)  # (r - block,)
-    # basis: covariance-oriented SVD. C = E[x x^T] over this layer's calibration tokens (padding excluded)
+    # basis: covariance-oriented SVD on C, a second moment of this layer's calibration inputs (padding excluded)
     if stats is None:
         raise ValueError("CorDA needs calibration data: pass ll.attach(model, cfg, calibration_data=batches)")
     if stats["tokens"] < d_in:

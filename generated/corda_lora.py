@@ -8,7 +8,8 @@ Reference implementation: PEFT peft/tuners/lora/corda.py and LoraLayer.corda_ini
 
 Formula (from the composition):
 
-    C = E[x x^T] + d mean(diag C) I              (d = cov_eps doubled until |C C^-1 - I| < 0.05, as PEFT)
+    C = mean_s X_s^T X_s / max(X_s)^2            (X_s: one sequence's tokens, scaled by its largest input, as PEFT)
+    C = C + d mean(diag C) I                     (d = cov_eps doubled until |C C^-1 - I| < 0.05, as PEFT)
     U S Vh = SVD(W C),  P = Vh_r C^-1            (fp32, top-r: PEFT's ipm; W = U_r diag(S_r) P + W_res)
     s = alpha / r
     A = sqrt(S / s) P,   B = U sqrt(S / s)     (so s B A = U diag(S) P)
@@ -48,6 +49,7 @@ CAST_INPUT = True  # the hook casts x to cfg.dtype for forward() (an input hook 
 RESIDUAL = "crop"  # default: while attached the base weight holds W_res = W - frozen_weight()
 RESIDUALS = ("crop", "subtract")  # the values cfg.residual may take
 CALIBRATION = "required"  # attach raises without calibration data
+STATISTICS = ("sequence_second_moment",)  # what init() reads from stats: calibration gathers these
 TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.0001  # recommended AdamW learning rate
 QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)
@@ -113,14 +115,15 @@ def init(W: Tensor, cfg: Config, stats: dict | None = None) -> dict[str, Tensor]
     d_out, d_in = W.shape
     s = cfg.alpha / cfg.r
     t = {}
-    # basis: covariance-oriented SVD. C = E[x x^T] over this layer's calibration tokens (padding excluded)
+    # basis: covariance-oriented SVD on C, a second moment of this layer's calibration inputs (padding excluded)
     if stats is None:
         raise ValueError("CorDA needs calibration data: pass ll.attach(model, cfg, calibration_data=batches)")
     if stats["tokens"] < d_in:
         raise ValueError(f"CorDA needs at least d_in={d_in} calibration tokens, got {stats['tokens']}")
     # PEFT's form (CorDA's paper): SVD of W C, damped by cov_eps * mean(diag C), doubled until the
-    # inverse is accurate (PEFT's check); C's scale cancels in U diag(S) Vh C^-1
-    C, eye = stats["second_moment"], torch.eye(d_in)  # (i, i)
+    # inverse is accurate (PEFT's check); C's scale cancels in U diag(S) Vh C^-1. C is PEFT's
+    # statistic: the mean over sequences of X_s^T X_s, each sequence divided by its largest input
+    C, eye = stats["sequence_second_moment"], torch.eye(d_in)  # (i, i)
     if not C.diagonal().mean() > 0:
         raise ValueError("CorDA needs non-zero calibration inputs (the covariance is zero)")
     damp = cfg.cov_eps

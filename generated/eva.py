@@ -40,6 +40,7 @@ CAST_INPUT = True  # the hook casts x to cfg.dtype for forward() (an input hook 
 RESIDUAL = "none"  # the base weight is never modified
 RESIDUALS = ("none",)  # the values cfg.residual may take
 CALIBRATION = "required"  # attach raises without calibration data
+STATISTICS = ("second_moment",)  # what init() reads from stats: calibration gathers these
 TARGET_NAMES = ("\\.q_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.0001  # recommended AdamW learning rate
 QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)

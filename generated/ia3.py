@@ -36,6 +36,7 @@ CAST_INPUT = False  # forward() works in the layer's dtype: the hook casts nothi
 RESIDUAL = "none"  # the base weight is never modified
 RESIDUALS = ("none",)  # the values cfg.residual may take
 CALIBRATION = "none"  # calibration data is accepted and ignored
+STATISTICS = ()  # what init() reads from stats: calibration gathers these
 TARGET_NAMES = ("\\.k_proj$", "\\.v_proj$")  # default targets: re.search on module names
 LR = 0.003  # recommended AdamW learning rate
 QUANTIZED_BASE = True  # bitsandbytes 4/8-bit targets work (with residual subtract where W is cropped)

@@ -1,13 +1,17 @@
 """Input statistics of target layers, gathered on the intact model before anything changes.
 
-    collect_input_stats(model, targets, batches)
-        -> {name: {"second_moment": (i, i), "mean": (i,), "tokens": n}}
+    collect_input_stats(model, targets, batches, statistics=("second_moment",))
+        -> {name: {"second_moment": (i, i), "mean": (i,), "tokens": n, ...}}
 
 second_moment = mean over counted tokens of x x^T (fp32), the statistic the data-driven bases
-need: CorDA's covariance C, Wanda's per-direction rms (v^T C v); with `mean` it gives the
-centred covariance whose top eigenvectors are EVA's PCA directions. Counted tokens: those with
-attention_mask 1 and, when the batch has `labels` of the same shape, labels != -100 (the
-positions a loss ignores, as PEFT's EVA `use_label_mask`).
+need: upstream CorDA's covariance C, Wanda's per-direction rms (v^T C v); with `mean` it gives
+the centred covariance whose top eigenvectors are EVA's PCA directions.
+sequence_second_moment = mean over sequences s of X_s^T X_s / |max X_s|^2, X_s the (T_s, i)
+counted inputs of one sequence (one row of the batch) divided by its largest value: the
+covariance of PEFT's CorDA (peft/tuners/lora/corda.py, from CorDA's reference code), computed
+only when asked for, with "sequences", their count. Counted tokens: those with attention_mask 1
+and, when the batch has `labels` of the same shape, labels != -100 (the positions a loss
+ignores, as PEFT's EVA `use_label_mask`).
 
 Every refusal is an AttachError (from lora_lite.runtime; also a ValueError, as these errors
 were before), one line naming the batch or layer: calibration data that is not an iterable of
@@ -125,6 +129,8 @@ def _call(model: nn.Module, batch, device) -> Tensor | None:
     raise _error(f"batch of type {type(batch).__name__}")  # check_batch refuses it first
 
 
+# The (i, i) statistics collect_input_stats can gather; a variant's STATISTICS names those its init reads.
+STATISTICS = ("second_moment", "sequence_second_moment")
 IGNORE_INDEX = -100  # the label value losses skip (PyTorch cross_entropy's default ignore_index)
 
 
@@ -148,43 +154,69 @@ def _token_mask(batch, device) -> Tensor | None:
 
 
 def collect_input_stats(
-    model: nn.Module, targets: dict[str, nn.Module], batches: Iterable, progress: bool = True
+    model: nn.Module,
+    targets: dict[str, nn.Module],
+    batches: Iterable,
+    progress: bool = True,
+    statistics: tuple[str, ...] = ("second_moment",),
 ) -> dict[str, dict]:
-    """Second moment of each target's input over `batches` (padding excluded); model unchanged.
+    """Statistics of each target's input over `batches` (padding excluded); model unchanged.
 
-    Each batch is checked (check_batch) before it runs. Raises AttachError (see the module
-    docstring): an empty or non-iterable `batches`, a bad batch, the model raising on one,
-    non-finite activations or no counted tokens at a layer (naming it). Every submodule's own
-    train/eval mode is restored and the hooks it adds are removed, also when it raises.
+    Always "mean" (i,) and "tokens"; the (i, i) `statistics` asked for (a variant's STATISTICS):
+    "second_moment", "sequence_second_moment" (with "sequences"). Each batch is checked
+    (check_batch) before it runs. Raises AttachError (see the module docstring): an empty or
+    non-iterable `batches`, a bad batch, the model raising on one, non-finite activations, no
+    counted tokens at a layer, a sequence whose largest input is 0 (sequence_second_moment
+    divides by it), naming the layer. Every submodule's own train/eval mode is restored and the
+    hooks it adds are removed, also when it raises.
     """
+    unknown = sorted(set(statistics) - set(STATISTICS))
+    if unknown:
+        raise _error(f"unknown statistic {unknown[0]!r} (known: {', '.join(STATISTICS)})")
     if isinstance(batches, (Tensor, Mapping)):
         batches = [batches]
     if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
         raise _error(f"calibration_data is a {type(batches).__name__}: expected an iterable of batches")
     vocab = vocab_size(model)
-    sums = {name: None for name in targets}
-    firsts = {name: None for name in targets}  # sum of x, for the mean
+    sums = {name: 0.0 for name in targets}
+    seq_sums = {name: 0.0 for name in targets}  # sum over sequences of X_s^T X_s / max(X_s)^2
+    firsts = {name: 0.0 for name in targets}  # sum of x, for the mean
     counts = {name: 0 for name in targets}
+    seq_counts = {name: 0 for name in targets}
     current_mask: list[Tensor | None] = [None]
 
     def make_hook(name):
         def hook(m, args):
-            x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1]).float()  # (n, i)
+            x = args[0].detach().float()  # (..., T, i)
+            if x.dim() < 3:  # (n, i) or (i,): one sequence
+                x = x.reshape(1, -1, x.shape[-1])  # (1, n, i)
+            rows = x.reshape(-1, x.shape[-2], x.shape[-1])  # (S, T, i): one row per sequence
+            keep = torch.ones(rows.shape[:2], dtype=torch.bool, device=x.device)  # (S, T)
             mask = current_mask[0]
             if mask is not None:
-                if mask.numel() != x.shape[0]:
+                if mask.numel() != keep.numel():
                     raise _error(
-                        f"{name} saw {x.shape[0]} tokens but the batch mask has {mask.numel()}; "
+                        f"{name} saw {keep.numel()} tokens but the batch mask has {mask.numel()}; "
                         "pass batches whose attention_mask matches the layer's tokens"
                     )
-                x = x[mask.reshape(-1).bool()]
+                keep = mask.reshape(keep.shape).bool()
+            x = rows[keep]  # (n, i) the counted tokens
             if not torch.isfinite(x).all():
                 raise _error(f"non-finite activations at the input of {name}")
-            s = x.T @ x  # (i, i)
-            sums[name] = s if sums[name] is None else sums[name] + s
-            f = x.sum(0)  # (i,)
-            firsts[name] = f if firsts[name] is None else firsts[name] + f
+            if "second_moment" in statistics:
+                sums[name] = sums[name] + x.T @ x  # (i, i)
+            if "sequence_second_moment" in statistics:
+                for row, k in zip(rows, keep):  # PEFT's CorDA: each sequence scaled by its signed max
+                    xs = row[k]  # (T_s, i)
+                    if xs.shape[0] == 0:
+                        continue
+                    top = xs.max().abs()
+                    if top == 0:
+                        raise _error(f"{name}: a sequence whose largest input is 0 (its covariance is scaled by it)")
+                    xs = xs / top
+                    seq_sums[name] = seq_sums[name] + xs.T @ xs  # (i, i)
+                    seq_counts[name] += 1
+            firsts[name] = firsts[name] + x.sum(0)  # (i,)
             counts[name] += x.shape[0]
 
         return hook
@@ -226,9 +258,10 @@ def collect_input_stats(
     for name in targets:
         if counts[name] == 0:
             raise _error(f"{name} saw no (non-padding) tokens")
-        out[name] = {
-            "second_moment": sums[name] / counts[name],
-            "mean": firsts[name] / counts[name],
-            "tokens": counts[name],
-        }
+        out[name] = {"mean": firsts[name] / counts[name], "tokens": counts[name]}
+        if "second_moment" in statistics:
+            out[name]["second_moment"] = sums[name] / counts[name]
+        if "sequence_second_moment" in statistics:
+            out[name]["sequence_second_moment"] = seq_sums[name] / seq_counts[name]
+            out[name]["sequences"] = seq_counts[name]
     return out

@@ -919,7 +919,7 @@ def attach(
         raise AttachError(f"{gen.NAME} needs calibration_data: pass ll.attach(model, cfg, calibration_data=batches)")
     if gen.CALIBRATION != "none" and calibration_data is not None:
         with all_off(model):  # statistics of the base model, not of the other adapters
-            stats = collect_input_stats(model, targets, calibration_data, progress=progress)
+            stats = collect_input_stats(model, targets, calibration_data, progress=progress, statistics=gen.STATISTICS)
     built = {n: _build(gen, n, m, cfgs[n], stats[n] if stats else None) for n, m in targets.items()}
     per_target = {n: (targets[n], cfgs[n], b["tensors"], b["info"]) for n, b in built.items()}
     install(model, cfg, per_target, op="attach", name=name, shared=build_shared(gen, cfg, targets))

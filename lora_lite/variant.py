@@ -21,6 +21,7 @@ class Variant(Protocol):
     RESIDUAL: str  # default of cfg.residual: "none", "crop" or "subtract"
     RESIDUALS: tuple  # the values cfg.residual may take
     CALIBRATION: str  # "none", "optional" or "required"
+    STATISTICS: tuple  # the (i, i) statistics init() reads from stats (lora_lite.calibration.STATISTICS)
     TARGET_NAMES: tuple  # default targets, re.search on module names
     LR: float  # recommended AdamW learning rate
     QUANTIZED_BASE: bool  # bitsandbytes 4/8-bit targets allowed

@@ -62,10 +62,9 @@ KNOWN_DIVERGENCES: dict[str, str] = {
     "formed as y - b + (x R - x) W^T, where PEFT multiplies x by the dense (d_in, d_in) product (same "
     "math); factors >= 2 run without PEFT's CUDA extension (compared with PEFT's block-diagonal kernel "
     "done by torch.block_diag); no boft_dropout",
-    "corda_lora": "C is the mean of x x^T over non-padding calibration tokens; PEFT's statistic runs "
-    "batches of one sequence scaled by their signed max, without a padding mask (the same up to a scale, "
-    "which cancels, on one unpadded sequence: the parity test); A and B carry C's scale, s B A does not; "
-    "canonical SVD signs; at least d_in calibration tokens are required",
+    "corda_lora": "C is PEFT's statistic (each sequence scaled by its signed max) over the non-padding "
+    "tokens of each batch row, where PEFT takes batches of one sequence without a padding mask; A and B "
+    "carry C's scale, s B A does not; canonical SVD signs; at least d_in calibration tokens are required",
     "corda_dora": "as corda_lora, and dora (the norm of W_res + s B A expanded)",
     "eva_dora": "as eva (the exact pooled PCA; compared on one batch with PEFT's SVD made exact) and "
     "dora (the norm of W + s B A expanded)",
@@ -373,17 +372,23 @@ def test_eva_dora_same_init_logits_and_gradients_as_peft_eva_with_dora(monkeypat
 
 @pytest.mark.parametrize("name", ["corda_lora", "corda_dora"])
 def test_corda_same_residual_logits_and_gradients_as_peft_corda_ipm(name):
-    """PEFT's CorDA on one unpadded sequence (its statistic: batches of one, each scaled by its
-    signed max) has a covariance proportional to ours, and the scale cancels: the same W_res and
-    s B A; then PEFT's tensors moved off init and copied into ours give the same logits and gradients."""
+    """PEFT's CorDA statistic (batches of one sequence, each scaled by its signed max) on a padded
+    batch of three sequences of different lengths, fed to PEFT row by row without the padding:
+    the same W_res and s B A; then PEFT's tensors moved off init and copied into ours give the
+    same logits and gradients."""
     from peft import LoraConfig
     from peft.tuners.lora.config import CordaConfig
     from peft.tuners.lora.corda import preprocess_corda
 
+    from lora_lite.bench.twins import one_sequence_each
+
     base = llama()
-    ids = torch.randint(0, 64, (1, 64), generator=torch.Generator().manual_seed(0))  # >= d_in tokens
+    ids = torch.randint(0, 64, (3, 40), generator=torch.Generator().manual_seed(0))  # >= d_in tokens
+    mask = torch.ones_like(ids)
+    mask[1, 25:], mask[2, 12:] = 0, 0  # right padding: 40, 25 and 12 tokens
+    calib = [{"input_ids": ids, "attention_mask": mask}]
     ours = copy.deepcopy(base)
-    ll.attach(ours, ll.from_spec(name, r=4, alpha=8.0), calibration_data=[{"input_ids": ids}], progress=False)
+    ll.attach(ours, ll.from_spec(name, r=4, alpha=8.0), calibration_data=calib, progress=False)
     pcfg = LoraConfig(
         r=4,
         lora_alpha=8,
@@ -395,7 +400,7 @@ def test_corda_same_residual_logits_and_gradients_as_peft_corda_ipm(name):
     theirs = copy.deepcopy(base)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        preprocess_corda(theirs, pcfg, run_model=lambda: theirs(input_ids=ids))
+        preprocess_corda(theirs, pcfg, run_model=lambda: [theirs(**b) for b in one_sequence_each(calib)])
         theirs = peft.get_peft_model(theirs, pcfg).eval()
     mapping = {"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight"}
     if name == "corda_dora":

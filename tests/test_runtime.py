@@ -250,6 +250,29 @@ def test_calibration_data_errors_leave_model_unchanged():
         collect_input_stats(model, targets, [short], progress=False)
 
 
+def test_sequence_second_moment_scales_each_padded_row_by_its_max_as_peft_corda():
+    """PEFT's CorDA statistic: mean over sequences of X_s^T X_s / max(X_s)^2, each row's padding left out."""
+    from lora_lite.calibration import collect_input_stats
+
+    model = make_model()
+    name = "model.layers.0.self_attn.q_proj"
+    layer = model.model.layers[0].self_attn.q_proj
+    batches = calibration(n=2)  # row 0 of each batch has 3 padded positions
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().float()))
+    stats = collect_input_stats(model, {name: layer}, batches, progress=False, statistics=("sequence_second_moment",))
+    handle.remove()
+    want, n = 0.0, 0
+    for x, b in zip(seen, batches):  # x: (B, T, i)
+        for row, keep in zip(x, b["attention_mask"].bool()):
+            xs = row[keep] / row[keep].max().abs()  # (T_s, i)
+            want, n = want + xs.T @ xs, n + 1
+    torch.testing.assert_close(stats[name]["sequence_second_moment"], want / n)
+    assert stats[name]["sequences"] == n == 8 and "second_moment" not in stats[name]
+    with pytest.raises(ll.AttachError, match="unknown statistic 'third_moment'"):
+        collect_input_stats(model, {name: layer}, batches, progress=False, statistics=("third_moment",))
+
+
 def test_upstream_quickstart_runs_unchanged(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     MyTransformer = make_model  # noqa: N806 (the Quickstart's name)
