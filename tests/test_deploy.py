@@ -505,6 +505,56 @@ def test_merge_refuses_inside_disabled_leaving_the_model_adapted():
     assert ll.state(model) is not None and torch.equal(out(model), want)
 
 
+def test_merge_unties_a_linear_weight_shared_by_two_targets_so_each_keeps_its_adapter():
+    """k_proj and v_proj share one weight Parameter: each gets its own merged weight (writing
+    both updates into the shared one would give both layers the wrong map)."""
+    from lora_lite.tiny import tiny_lm
+
+    model = tiny_lm(seed=0).eval()
+    attn = model.model.layers[0].self_attn
+    attn.k_proj.weight = attn.v_proj.weight
+    ll.attach(model, ll.from_spec("lora", r=4, target_names=["k_proj", "v_proj"]))
+    perturb(model, scale=0.3)
+    batch = token_batch(seed=7)
+    with torch.no_grad():
+        want = model(**batch)
+        ll.merge(model)
+        assert rel(model(**batch), want) <= TOL
+    assert attn.k_proj.weight is not attn.v_proj.weight
+
+
+def test_merge_of_a_target_whose_weight_a_non_target_shares_leaves_the_other_layer_as_it_was():
+    from lora_lite.tiny import tiny_lm
+
+    model = tiny_lm(seed=0).eval()
+    attn = model.model.layers[0].self_attn
+    attn.k_proj.weight = attn.v_proj.weight
+    base = attn.v_proj.weight.detach().clone()
+    ll.attach(model, ll.from_spec("lora", r=4, target_names=[r"0\.self_attn\.k_proj"]))
+    perturb(model, scale=0.3)
+    batch = token_batch(seed=7)
+    with torch.no_grad():
+        want = model(**batch)
+        ll.merge(model)
+        assert rel(model(**batch), want) <= TOL
+    assert torch.equal(attn.v_proj.weight, base) and not torch.equal(attn.k_proj.weight, base)
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "oft", "vera"])
+def test_merge_refuses_an_adapter_with_nan_tensors_leaving_the_model_unchanged(name):
+    """PEFT's merge_and_unload(safe_merge=True) refuses NaN merged weights; merge writes the base
+    weights and detaches, so a NaN there could not be undone."""
+    _, model = trained(name)
+    trainable = sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        trainable[0][1].view(-1)[0] = float("nan")
+    snap = snapshot(model)
+    with pytest.raises(ll.AttachError, match=r"merge: model\.layers\.\d\.\S+: the merged weight would hold NaN") as e:
+        ll.merge(model)
+    assert "\n" not in str(e.value)
+    assert_unchanged(model, snap)
+
+
 def test_merge_refuses_a_quantized_target_naming_it():
     pytest.importorskip("bitsandbytes")
     from lora_lite.testing import quantize
