@@ -102,7 +102,14 @@ def _matrix(args) -> int:
 def _example(args) -> int:
     from lora_lite.example import run
 
-    run(args.variant, steps=args.steps, out=args.out)
+    if args.steps < 0:
+        print(f"lora-lite example: error: --steps: must be at least 0, got {args.steps}", file=sys.stderr)
+        return 2
+    try:
+        run(args.variant, steps=args.steps, out=args.out)
+    except ValueError as e:  # SpecError (a bad --variant), CheckpointError (an unwritable --out), AttachError
+        print(f"lora-lite example: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     return 0
 
 

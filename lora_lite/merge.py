@@ -100,11 +100,14 @@ def merge(model: nn.Module) -> nn.Module:
     An nn.Embedding target (lora, rslora, dora) merges too; one whose weight is tied to lm_head (or
     any other module) gets its own merged weight and the other keeps the base weight, so the
     logits stay the adapted model's, and `config.tie_word_embeddings` is set False (PEFT instead
-    writes the shared weight, changing lm_head as well, with a warning).
+    writes the shared weight, changing lm_head as well, with a warning). A linear target whose
+    weight Parameter another module shares (another target, or a layer left alone) is untied the
+    same way: each target gets its own merged weight.
     `model` may be wrapped (torch.compile, DDP, accelerate, FSDP2); Conv1D layers and a model
     moved with model.to(dtype) after attach merge too.
     Raises AttachError, leaving the model unchanged, when nothing is attached, when an adapter
-    is inactive (ll.disabled, ll.set_active; named), or when a target is a quantized layer:
+    is inactive (ll.disabled, ll.set_active; named), when a finite weight would become NaN or
+    inf (a broken adapter; PEFT's safe_merge), or when a target is a quantized layer:
     load the base in float (or dequantize it, e.g. transformers' `model.dequantize()`), attach or
     ll.load the adapter there, then merge.
     Source: PEFT's `merge_and_unload` (peft/tuners/tuners_utils.py), here computed from the
@@ -129,7 +132,16 @@ def merge(model: nn.Module) -> nn.Module:
                 )
             layers[tname] = t.module
     new = {tname: merged_weight(m, tname) for tname, m in layers.items()}  # nothing changed yet
-    tied = {tname: tied_to(model, m) for tname, m in layers.items() if is_embedding(m)}
+    for tname, (W, b) in new.items():  # PEFT's safe_merge: a broken adapter never reaches the weights
+        base = [layers[tname].weight] + ([layers[tname].bias] if b is not None else [])
+        if not all(bool(torch.isfinite(x).all()) for x in (W, b) if x is not None) and all(
+            bool(torch.isfinite(full(x)).all()) for x in base
+        ):
+            raise AttachError(
+                f"merge: {tname}: the merged weight would hold NaN or inf (the adapter's tensors or its output "
+                "are not finite); nothing merged, the model is unchanged"
+            )
+    tied = {tname: tied_to(model, m) for tname, m in layers.items()}  # shared weights: each target gets its own
     detach(model)
     with torch.no_grad():
         for tname, (W, b) in new.items():
@@ -138,7 +150,7 @@ def merge(model: nn.Module) -> nn.Module:
             if tied.get(tname):  # untie: the other modules keep the base weight
                 m.weight = nn.Parameter(W, requires_grad=m.weight.requires_grad)
                 config = getattr(model, "config", None)
-                if getattr(config, "tie_word_embeddings", False):
+                if is_embedding(m) and getattr(config, "tie_word_embeddings", False):
                     config.tie_word_embeddings = False
             else:
                 m.weight.copy_(W)

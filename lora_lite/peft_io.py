@@ -397,7 +397,8 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, name: str | None =
     Raises AttachError, writing nothing, when nothing is attached, `name` is not an attached
     adapter, an adapter is switched off (ll.disabled), a spec has no route (use ll.merge), a
     DoRA-type, HRA, OFT, BOFT or RoAd adapter has ll.scale != 1 (not representable), or HRA ranks
-    differ per layer (PEFT's HRA has no rank_pattern).
+    differ per layer (PEFT's HRA has no rank_pattern); CheckpointError, writing nothing, when a
+    tensor to export holds NaN or inf (as ll.save) or the folder cannot be written.
     Source: PEFT's save_pretrained layout (peft/utils/save_and_load.py) and, for PiSSA,
     LoraModel._convert_state_dict_for_initial_model (peft/tuners/lora/model.py).
     """
@@ -520,6 +521,9 @@ def _payload(model: nn.Module, st) -> tuple[dict, dict, str]:
     holder = next(iter(st.targets.values())).holder
     for k in st.variant.SHARED:  # VeRA's A, B: one tensor each, under PEFT's base_model.vera_A / vera_B
         flat["base_model." + k.removeprefix("lora_")] = getattr(holder, k).detach().to("cpu", st.cfg.dtype).contiguous()
+    bad = [k for k, v in flat.items() if not bool(torch.isfinite(v).all())]  # as ll.save: never written
+    if bad:
+        raise CheckpointError(f"export_peft: tensor {bad[0]!r} holds NaN/inf values; not exported ({st.name!r})")
     provenance = {"spec": spec, "route": route, "scale": [t.scale for t in st.targets.values()][0]}
     if "coeff" in st.variant.RUNTIME_KNOBS:
         provenance["coeff"] = st.cfg.coeff
@@ -565,6 +569,34 @@ HARMLESS = {
     "rank_dropout", "boft_dropout", "eps",  # dropout: training only; eps: read only with coft (refused)
 }  # fmt: skip
 AS_LORA_INITS = (True, False, "gaussian", "eva", "orthogonal")  # init only: the saved tensors replace it
+# JSON types of the numeric and flag keys read below (PEFT writes exactly these; coercing another,
+# int(4.5) or bool("no"), would load an adapter that computes something else)
+INTS = ("r", "oft_block_size", "boft_block_size", "boft_n_butterfly_factor", "group_size", "decompose_factor",
+        "num_cayley_neumann_terms", "projection_prng_key")  # fmt: skip
+NUMBERS = ("lora_alpha", "alpha", "d_initial", "delora_lambda")
+FLAGS = ("use_rslora", "use_dora", "use_cayley_neumann", "fan_in_fan_out", "save_projection", "apply_GS")
+PATTERNS = {"rank_pattern": "an integer", "alpha_pattern": "a number", "lambda_pattern": "a number"}
+
+
+def _is(value, kind: str) -> bool:
+    """True when a JSON value is of `kind`: "an integer", "a number" (bool is neither) or "true or false"."""
+    if kind == "true or false":
+        return isinstance(value, bool)
+    types = int if kind == "an integer" else (int, float)
+    return isinstance(value, types) and not isinstance(value, bool)
+
+
+def _check_types(path: Path, c: dict) -> None:
+    """CheckpointError naming the first key of INTS, NUMBERS, FLAGS or PATTERNS holding another JSON type."""
+    kinds = {**dict.fromkeys(INTS, "an integer"), **dict.fromkeys(NUMBERS, "a number")}
+    kinds |= dict.fromkeys(FLAGS, "true or false")
+    for key, kind in kinds.items():
+        if key in c and not _is(c[key], kind):
+            raise CheckpointError(f"{path}: {key}={c[key]!r}: expected {kind}")
+    for key, kind in PATTERNS.items():
+        value = c.get(key)
+        if value is not None and not (isinstance(value, dict) and all(_is(v, kind) for v in value.values())):
+            raise CheckpointError(f"{path}: {key}={value!r}: expected an object of module patterns to {kind}")
 
 
 def _refuse(path, key, value, why: str):
@@ -590,6 +622,7 @@ def _check_config(path: Path, c: dict) -> str:
         if key in ("bias", "modules_to_save") or value in (None, False, {}, [], ""):
             continue  # an option left off
         _refuse(path, key, value, "lora-lite does not implement this option")
+    _check_types(path, c)
     if kind == "LORA":
         init = c.get("init_lora_weights", True)
         if c.get("use_dora") and init not in AS_LORA_INITS:
@@ -708,7 +741,9 @@ def load_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "defaul
     trainable_token_indices, any other option that is switched on, pickle weights
     (adapter_model.bin), a missing, extra or misshapen tensor, a target that is not a linear
     layer, PEFT's copy of an embedding target's base weight (save_embedding_layers) that is not
-    the model's own, or anything else malformed in the directory; AttachError (before anything changes) when
+    the model's own, a value of another JSON type than PEFT writes (r 4.5, "8", true as an
+    integer: never coerced), hyperparameters a layer cannot take (the spec's check, as at attach),
+    or anything else malformed in the directory; AttachError (before anything changes) when
     an adapter `name` is already attached or for whatever runtime.preflight refuses.
     `model` may be wrapped (torch.compile, DDP, accelerate, FSDP2); the wrapper is returned.
     fan_in_fan_out: true is read for transformers Conv1D targets and refused for any other.
@@ -791,6 +826,10 @@ def _read_peft(model: nn.Module, peft_dir, name: str) -> tuple:
         for n in found:
             m = modules[n]
             cfg_t = gen.Config(**base, **_hyper(c, spec, n))
+            try:  # what init checks at attach (RoAd's group_size dividing d_out, ...): the tensors can fit a misfit
+                gen.check(cfg_t, *layer_dims(m))
+            except ValueError as e:
+                raise CheckpointError(f"{cpath}: {gen.NAME} does not fit {n}: {e}") from None
             check_quantized(gen, cfg_t, n, m, fix="load the base in float")
             want = {k: v for k, v in gen.shapes(cfg_t, *layer_dims(m)).items() if k not in gen.SHARED}
             tensors = {}

@@ -215,3 +215,46 @@ def test_pissa_twin_follows_the_specs_svd_niter(niter, init):
     pytest.importorskip("peft")
     pcfg = TWINS["pissa"].make(ll.from_spec("pissa", r=4, svd_niter=niter), ["q_proj"])
     assert pcfg.init_lora_weights == init and pcfg.r == 4
+
+
+@pytest.mark.parametrize(
+    "flag, value, says",
+    [
+        ("--steps", "0", "--steps: must be at least 1, got 0"),
+        ("--steps", "-1", "--steps: must be at least 1, got -1"),
+        ("--batch-size", "0", "--batch-size: must be at least 1, got 0"),
+        ("--seq-len", "1", "--seq-len: must be at least 2, got 1"),
+        ("--eval-samples", "-3", "--eval-samples: must be at least 1, got -3"),
+        ("--gen-samples", "-1", "--gen-samples: must be at least 0, got -1"),
+        ("--max-new-tokens", "0", "--max-new-tokens: must be at least 1, got 0"),
+        ("--calib-batches", "-1", "--calib-batches: must be at least 0, got -1"),
+        ("--lr", "-1", "--lr: must be a finite number >= 0, got -1"),
+        ("--lr", "nan", "--lr: must be a finite number >= 0, got nan"),
+        ("--lr-floor", "inf", "--lr-floor: must be a finite number >= 0, got inf"),
+        ("--device", "foo", "--device: unknown device 'foo'; use auto, cpu, cuda, cuda:1 ..."),
+    ],
+)
+def test_bench_refuses_out_of_range_settings_in_one_line_before_loading(tmp_path, capsys, flag, value, says):
+    out = tmp_path / "o"
+    assert main(["--model", "tiny", "--data", "builtin", "--variants", "lora", flag, value, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"lora-lite bench: error: {says}\n"
+    assert not out.exists()  # refused before anything was written
+
+
+def test_bench_unreadable_model_report_or_out_folder_is_a_one_line_error(tmp_path, capsys):
+    assert main(["--model", str(tmp_path / "no-such-model"), "--variants", "lora", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lora-lite bench: error: --model ") and err.count("\n") == 1
+    assert main(["--report", str(tmp_path / "missing.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lora-lite bench: error: --report ") and "missing.json" in err and err.count("\n") == 1
+    (tmp_path / "bad.json").write_text("{not json")
+    assert main(["--report", str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lora-lite bench: error: --report ") and err.count("\n") == 1
+    (tmp_path / "file").write_text("")
+    args = ["--model", "tiny", "--data", "builtin", "--variants", "lora", "--out", str(tmp_path / "file" / "o")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lora-lite bench: error: --out ") and err.count("\n") == 1

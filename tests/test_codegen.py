@@ -88,6 +88,22 @@ def test_gen_refuses_to_overwrite_a_hand_written_file(tmp_path, capsys):
     assert (out / "lora.py").read_text() == "my own code\n" and not (out / "pissa.py").exists()
 
 
+def test_example_runs_and_refuses_bad_arguments_in_one_line(tmp_path, capsys):
+    assert main(["example", "--variant", "lokr", "--steps", "2", "--out", str(tmp_path / "ok")]) == 0
+    assert (tmp_path / "ok" / "lokr.safetensors").is_file()
+    capsys.readouterr()
+    (tmp_path / "file").write_text("")
+    cases = [
+        (["--variant", "nope", "--steps", "0"], "unknown spec 'nope'"),
+        (["--steps", "-1"], "--steps: must be at least 0, got -1"),
+        (["--steps", "0", "--out", str(tmp_path / "file" / "o")], f"{tmp_path / 'file' / 'o'}"),
+    ]
+    for args, says in cases:
+        assert main(["example", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"lora-lite example: error: {says}") and err.count("\n") == 1, err
+
+
 def test_gen_refuses_bad_spec_and_writes_nothing(tmp_path, capsys):
     specs = tmp_path / "specs"
     specs.mkdir()

@@ -374,6 +374,46 @@ def test_load_peft_refuses_an_unsupported_key_naming_it(key, tmp_path):
     assert_unchanged(base, snap)
 
 
+MISTYPED = [
+    ("lora", "r", 4.5),
+    ("lora", "r", "4"),
+    ("lora", "lora_alpha", "8"),
+    ("lora", "use_rslora", "yes"),
+    ("lora", "rank_pattern", {"v_proj": 2.5}),
+    ("lora", "alpha_pattern", {"v_proj": True}),
+    ("lokr", "r", True),
+    ("oft", "use_cayley_neumann", "no"),
+    ("road", "group_size", "8"),
+]
+
+
+@pytest.mark.parametrize("spec, key, value", MISTYPED, ids=[f"{s}-{k}-{v!r}" for s, k, v in MISTYPED])
+def test_load_peft_refuses_a_config_value_of_the_wrong_json_type_naming_the_key(spec, key, value, tmp_path):
+    """PEFT would not build these (r 4.5 layers, "yes" as a flag); coercing them (int(4.5), bool("no"),
+    True as r 1) loaded an adapter that computes something else."""
+    base, _, path = peft_made(peft_adapters()[spec][1], tmp_path)
+    cpath = path / "adapter_config.json"
+    cpath.write_text(json.dumps({**json.loads(cpath.read_text()), key: value}))
+    snap = snapshot(base)
+    with pytest.raises(ll.CheckpointError, match=f"adapter_config.json: {key}=") as e:
+        ll.load_peft(base, path)
+    assert "\n" not in str(e.value)
+    assert_unchanged(base, snap)
+
+
+def test_load_peft_refuses_hyperparameters_that_do_not_fit_a_layer_naming_it(tmp_path):
+    """RoAd's group_size 6 does not divide d_out 32: the tensors ((d_out,) vectors) fit, the forward would not."""
+    base, _, path = peft_made(peft_adapters()["road"][1], tmp_path)
+    cpath = path / "adapter_config.json"
+    cpath.write_text(json.dumps({**json.loads(cpath.read_text()), "group_size": 6}))
+    snap = snapshot(base)
+    with pytest.raises(
+        ll.CheckpointError, match=r"road does not fit model\.layers\.0\.self_attn\.q_proj: .*group_size"
+    ):
+        ll.load_peft(base, path)
+    assert_unchanged(base, snap)
+
+
 def test_load_peft_names_a_peft_type_it_has_no_route_for(tmp_path):
     from peft import FourierFTConfig
 
@@ -503,6 +543,68 @@ def test_merge_refuses_inside_disabled_leaving_the_model_adapted():
     with ll.disabled(model), pytest.raises(ll.AttachError, match="adapter 'default' is inactive"):
         ll.merge(model)
     assert ll.state(model) is not None and torch.equal(out(model), want)
+
+
+def test_merge_unties_a_linear_weight_shared_by_two_targets_so_each_keeps_its_adapter():
+    """k_proj and v_proj share one weight Parameter: each gets its own merged weight (writing
+    both updates into the shared one would give both layers the wrong map)."""
+    from lora_lite.tiny import tiny_lm
+
+    model = tiny_lm(seed=0).eval()
+    attn = model.model.layers[0].self_attn
+    attn.k_proj.weight = attn.v_proj.weight
+    ll.attach(model, ll.from_spec("lora", r=4, target_names=["k_proj", "v_proj"]))
+    perturb(model, scale=0.3)
+    batch = token_batch(seed=7)
+    with torch.no_grad():
+        want = model(**batch)
+        ll.merge(model)
+        assert rel(model(**batch), want) <= TOL
+    assert attn.k_proj.weight is not attn.v_proj.weight
+
+
+def test_merge_of_a_target_whose_weight_a_non_target_shares_leaves_the_other_layer_as_it_was():
+    from lora_lite.tiny import tiny_lm
+
+    model = tiny_lm(seed=0).eval()
+    attn = model.model.layers[0].self_attn
+    attn.k_proj.weight = attn.v_proj.weight
+    base = attn.v_proj.weight.detach().clone()
+    ll.attach(model, ll.from_spec("lora", r=4, target_names=[r"0\.self_attn\.k_proj"]))
+    perturb(model, scale=0.3)
+    batch = token_batch(seed=7)
+    with torch.no_grad():
+        want = model(**batch)
+        ll.merge(model)
+        assert rel(model(**batch), want) <= TOL
+    assert torch.equal(attn.v_proj.weight, base) and not torch.equal(attn.k_proj.weight, base)
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "oft", "vera"])
+def test_merge_refuses_an_adapter_with_nan_tensors_leaving_the_model_unchanged(name):
+    """PEFT's merge_and_unload(safe_merge=True) refuses NaN merged weights; merge writes the base
+    weights and detaches, so a NaN there could not be undone."""
+    _, model = trained(name)
+    trainable = sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        trainable[0][1].view(-1)[0] = float("nan")
+    snap = snapshot(model)
+    with pytest.raises(ll.AttachError, match=r"merge: model\.layers\.\d\.\S+: the merged weight would hold NaN") as e:
+        ll.merge(model)
+    assert "\n" not in str(e.value)
+    assert_unchanged(model, snap)
+
+
+def test_export_peft_refuses_nan_adapter_tensors_writing_nothing(tmp_path):
+    _, model = trained("lora")
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.lora_B[0, 0] = float("inf")
+    snap = snapshot(model)
+    with pytest.raises(ll.CheckpointError, match=r"v_proj\.lora_B\.weight' holds NaN/inf values; not exported") as e:
+        ll.export_peft(model, tmp_path / "out")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+    assert_unchanged(model, snap)
 
 
 def test_merge_refuses_a_quantized_target_naming_it():

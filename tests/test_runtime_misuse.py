@@ -502,7 +502,7 @@ RUNTIME_CASES = {
             m, peft_dir(p, config=b'{"peft_type": "LORA", "r": "x", "target_modules": ["q_proj"]}')
         ),
         ll.CheckpointError,
-        "not a readable PEFT adapter (ValueError: invalid literal for int()",
+        "adapter_config.json: r='x': expected an integer",
     ),
     "load_peft: weights that are not safetensors": (
         mixed_model,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -58,11 +59,38 @@ def variant_names(text: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+# Smallest value of each count flag (--seq-len 1 would keep no answer token to score)
+MINIMUM = dict(steps=1, batch_size=1, seq_len=2, eval_samples=1, gen_samples=0, max_new_tokens=1, calib_batches=0)
+
+
+def check_settings(values: dict) -> None:
+    """Raises ValueError naming the flag of a count below its MINIMUM or a negative or non-finite lr."""
+    for k, low in MINIMUM.items():
+        if values[k] < low:
+            raise ValueError(f"--{k.replace('_', '-')}: must be at least {low}, got {values[k]}")
+    for k in ("lr", "lr_floor"):
+        if values[k] is not None and not (math.isfinite(values[k]) and values[k] >= 0):
+            raise ValueError(f"--{k.replace('_', '-')}: must be a finite number >= 0, got {values[k]:g}")
+
+
+def check_device(device: str) -> None:
+    """Raises ValueError for a device string torch does not parse or a CUDA device that is not there."""
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device: unknown device {device!r}; use auto, cpu, cuda, cuda:1 ...") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {device!r} asked for, but no CUDA device is available")
+
+
 def config_from(a: argparse.Namespace) -> BenchConfig:
-    """BenchConfig of parsed flags (preset values where a flag is not given)."""
+    """BenchConfig of parsed flags (preset values where a flag is not given). Raises ValueError,
+    naming the flag, for an out-of-range value (check_settings, check_device) or an unknown spec."""
     preset = QUICK if a.quick else DEFAULTS
     pick = {k: getattr(a, k) if getattr(a, k, None) is not None else v for k, v in preset.items()}
+    check_settings(dict(pick, lr=a.lr, calib_batches=a.calib_batches))
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    check_device(device)
     ll.config.as_dtype(a.dtype, "--dtype")  # one-line error for a bad dtype
     autocast = a.autocast == "on" or (a.autocast == "auto" and device.startswith("cuda"))
     keep = ("model", "data", "data_dir", "lr", "calib_batches", "dtype", "seed", "out", "peft", "quick", "verbose")
@@ -90,7 +118,10 @@ def prepare(cfg: BenchConfig) -> Bench:
     log = lambda s: tqdm.write(s)
     data = load_data(cfg.data, cfg.data_dir, cfg.seed)
     torch.manual_seed(cfg.seed)
-    model, tok, desc = load_model(cfg.model, cfg.device, ll.config.as_dtype(cfg.dtype, "--dtype"))
+    try:
+        model, tok, desc = load_model(cfg.model, cfg.device, ll.config.as_dtype(cfg.dtype, "--dtype"))
+    except OSError as e:  # no such folder, file or hub id (offline): transformers' message, first line
+        raise ValueError(f"--model {cfg.model}: cannot load it: {first_line(e)}") from None
     b = Bench(model=model, env=Env(tok, cfg.device, cfg), data=data, log=log, model_desc=desc)
     log(f"model: {desc}; data: {data.source}; device {cfg.device}")
     # The base model is the same before every run (each run checks its bits), so its NLL is measured once.
@@ -146,20 +177,38 @@ def summary(r: dict) -> str:
     )
 
 
+def report(path: str) -> str:
+    """The settings line and markdown table of a results.json. Raises ValueError naming the file."""
+    try:
+        records = json.loads(Path(path).read_text())
+        return settings_line(records[0]) + "\n\n" + markdown_table(records)
+    except OSError as e:
+        raise ValueError(f"--report {path}: cannot read it: {e.strerror or e}") from None
+    except (ValueError, LookupError, TypeError, AttributeError) as e:  # not JSON, or not the bench's records
+        raise ValueError(f"--report {path}: not a lora-lite bench results.json ({type(e).__name__}: {e})") from None
+
+
+def make_out(out: str) -> None:
+    """Creates the results folder (before the model loads). Raises ValueError naming it."""
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create the folder: {e.strerror or e}") from None
+
+
 def main(argv=None) -> int:
     """Entry point of `lora-lite bench`; exit 0, 1 (a run failed) or 2 (bad input)."""
     a = parser().parse_args(argv)
-    if a.report:
-        records = json.loads(Path(a.report).read_text())
-        print(settings_line(records[0]) + "\n\n" + markdown_table(records), end="")
-        return 0
     try:
+        if a.report:
+            print(report(a.report), end="")
+            return 0
         cfg = config_from(a)
+        make_out(cfg.out)
         b = prepare(cfg)
     except ValueError as e:
         print(f"lora-lite bench: error: {first_line(e)}", file=sys.stderr)
         return 2
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
     failed = run_all(b, cfg)
     b.log(f"wrote {Path(cfg.out) / 'results.json'}, results.md, loss.png")
     if failed:
