@@ -248,6 +248,39 @@ NO_ROUTE = {
     "hra_dora": "PEFT's HRA has no DoRA magnitude (use_dora is LoRA's only), so no PEFT type computes its forward"
 }
 LORA_PARAMS = {"lora_A", "lora_B", "lora_magnitude_vector"}
+
+# adapter_config.json keys export_peft writes, per PEFT type: each a field of that type's config
+# dataclass (peft/tuners/<type>/config.py and PeftConfig's own), so PeftModel.from_pretrained
+# reads every key and warns about none (PEFT takes a key its class lacks for one written by a
+# newer PEFT, and tells the user to upgrade). A fixed list: export needs no PEFT installed.
+# tests/test_deploy.py checks it against the installed PEFT's fields.
+_COMMON_KEYS = ("peft_type", "task_type", "target_modules", "inference_mode", "base_model_name_or_path", "revision")
+_LAYERS_KEYS = ("modules_to_save", "layers_to_transform", "layers_pattern")
+PEFT_KEYS = {
+    "LORA": ("exclude_modules", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora",
+             "fan_in_fan_out", "bias", "lora_bias", "lora_dropout", "init_lora_weights", *_LAYERS_KEYS),
+    "IA3": ("exclude_modules", "feedforward_modules", "fan_in_fan_out", "init_ia3_weights", "modules_to_save"),
+    "HRA": ("exclude_modules", "r", "apply_GS", "init_weights", "bias", *_LAYERS_KEYS),
+    "DELORA": ("exclude_modules", "r", "delora_lambda", "rank_pattern", "lambda_pattern", "module_dropout",
+               "init_weights", "bias", *_LAYERS_KEYS),
+    "VERA": ("r", "d_initial", "save_projection", "projection_prng_key", "vera_dropout", "init_weights",
+             "fan_in_fan_out", "bias", *_LAYERS_KEYS),  # no exclude_modules
+    "LOHA": ("exclude_modules", "r", "alpha", "rank_pattern", "alpha_pattern", "rank_dropout", "module_dropout",
+             "use_effective_conv2d", "init_weights", *_LAYERS_KEYS),  # no bias
+    "LOKR": ("exclude_modules", "r", "alpha", "rank_pattern", "alpha_pattern", "rank_dropout", "module_dropout",
+             "use_effective_conv2d", "init_weights", "decompose_both", "decompose_factor", "rank_dropout_scale",
+             *_LAYERS_KEYS),  # no bias
+    "OFT": ("exclude_modules", "r", "oft_block_size", "use_cayley_neumann", "num_cayley_neumann_terms", "coft",
+            "eps", "block_share", "module_dropout", "fan_in_fan_out", "init_weights", "bias", "peft_version",
+            *_LAYERS_KEYS),
+    "BOFT": ("exclude_modules", "boft_block_size", "boft_block_num", "boft_dropout", "boft_n_butterfly_factor",
+             "fan_in_fan_out", "init_weights", "bias", *_LAYERS_KEYS),
+    "ROAD": ("variant", "group_size", "init_weights", "modules_to_save"),  # no exclude_modules, bias, layers
+}  # fmt: skip
+PEFT_KEYS = {k: frozenset(_COMMON_KEYS + v) for k, v in PEFT_KEYS.items()}
+# PEFT 0.18 changed OFT's Cayley-Neumann series (lora-lite computes the new one); an OFT config
+# without peft_version >= 0.18 makes PEFT warn that the adapter needs retraining.
+OFT_CAYLEY_NEUMANN_VERSION = "0.18.0"
 LORA_SCALES = {"alpha_over_r": lambda c: c.alpha / c.r, "alpha_over_sqrt_r": lambda c: c.alpha / math.sqrt(c.r)}
 LORA_SCALES["constant"] = lambda c: c.alpha
 
@@ -388,7 +421,9 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, name: str | None =
     `lora_magnitude_vector` (o,), IA3's `ia3_l` (o, 1) or (1, i), HRA's `hra_u` (i, r), DeLoRA's
     `delora_A/B/lambda/w_norm`, LoHa's `hada_w{1,2}_{a,b}`, LoKr's `lokr_w1` and `lokr_w2_a/b` or
     `lokr_w2`, OFT's `oft_R.weight`, BOFT's `boft_R/boft_s`, RoAd's `road_theta/road_alpha`),
-    each written atomically (temp file + rename). The export is of
+    each written atomically (temp file + rename). The config holds only keys the PEFT type's
+    config class defines (PEFT_KEYS), so PEFT loads it without an "upgrade PEFT" warning; an OFT
+    with Cayley-Neumann carries peft_version 0.18.0 (the series lora-lite computes). The export is of
     the adapter as it acts now (coeff, ll.scale): `peft.PeftModel.from_pretrained(base, out_dir)`
     on the original base model gives this model's logits (measured within 1e-6 of max|y| in
     fp32, tests/test_deploy.py). The routes per spec are in this module's docstring.
@@ -443,7 +478,7 @@ def _payload(model: nn.Module, st) -> tuple[dict, dict, str]:
         "peft_type": peft_type,
         "task_type": None,
         "target_modules": names,
-        "exclude_modules": None,
+        "exclude_modules": None,  # written where the type defines it (PEFT_KEYS)
         "inference_mode": True,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         "revision": None,
@@ -488,6 +523,8 @@ def _payload(model: nn.Module, st) -> tuple[dict, dict, str]:
             cfg |= {"num_cayley_neumann_terms": st.cfg.num_cayley_neumann_terms, "coft": False, "eps": 6e-05}
             cfg |= {"block_share": False, "module_dropout": 0.0, "fan_in_fan_out": False, "init_weights": True}
             cfg |= {"bias": "none", "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None}
+            if st.cfg.use_cayley_neumann:  # the series of PEFT >= 0.18, which PEFT checks by this key
+                cfg["peft_version"] = OFT_CAYLEY_NEUMANN_VERSION
         elif peft_type == "BOFT":  # factors >= 2 load in PEFT only where its CUDA extension builds
             cfg = {"boft_block_size": st.cfg.boft_block_size, "boft_block_num": 0, "boft_dropout": 0.0}
             cfg |= {"boft_n_butterfly_factor": st.cfg.boft_n_butterfly_factor, "fan_in_fan_out": False}
@@ -527,7 +564,11 @@ def _payload(model: nn.Module, st) -> tuple[dict, dict, str]:
     provenance = {"spec": spec, "route": route, "scale": [t.scale for t in st.targets.values()][0]}
     if "coeff" in st.variant.RUNTIME_KNOBS:
         provenance["coeff"] = st.cfg.coeff
-    return flat, provenance, json.dumps(dict(sorted({**common, **cfg}.items())), indent=2) + "\n"
+    config = {k: v for k, v in sorted({**common, **cfg}.items()) if k in PEFT_KEYS[peft_type]}
+    lost = [k for k, v in {**common, **cfg}.items() if k not in config and v is not None]  # only unset ones drop
+    if lost:
+        raise AttachError(f"export_peft: PEFT's {peft_type} config has no {lost[0]!r} for {spec} ({st.name!r})")
+    return flat, provenance, json.dumps(config, indent=2) + "\n"
 
 
 def _rank_layout(st) -> dict:
@@ -538,7 +579,7 @@ def _rank_layout(st) -> dict:
     rank_pattern = {_pattern_key(n): k for n, k in ranks.items() if k != r}
     alpha_pattern = {_pattern_key(n): _number(t.cfg.alpha) for n, t in st.targets.items() if t.cfg.alpha != alpha}
     cfg = {"r": r, "alpha": _number(alpha), "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
-    return cfg | {"bias": "none", "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None}
+    return cfg | {"modules_to_save": None, "layers_to_transform": None, "layers_pattern": None}  # no bias key
 
 
 def _atomic(path: Path, write) -> None:

@@ -30,7 +30,7 @@ from conftest import (
     snapshot,
     token_batch,
 )
-from lora_lite.peft_io import ROUTES
+from lora_lite.peft_io import PEFT_KEYS, ROUTES
 
 peft = pytest.importorskip("peft")
 
@@ -93,6 +93,39 @@ def test_export_loads_in_peft_with_the_same_logits(name, tmp_path):
         f"base_model.model.{t}" for t in targets
     }
     assert ".default." not in " ".join(keys)
+
+
+# what PEFT says when a config holds a key its class lacks (peft/config.py), or an OFT config older
+# than its Cayley-Neumann series: advice to upgrade or retrain, wrong for a lora-lite export
+STALE_ADVICE = re.compile(r"Unexpected keyword|higher version|upgrade PEFT|retrain", re.I)
+
+
+def peft_fields(peft_type: str) -> set:
+    from dataclasses import fields
+
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    return {f.name for f in fields(PEFT_TYPE_TO_CONFIG_MAPPING[peft_type])}
+
+
+@pytest.mark.parametrize("peft_type", sorted(PEFT_KEYS))
+def test_every_config_key_export_may_write_is_a_field_of_peft_config_class(peft_type):
+    assert PEFT_KEYS[peft_type] <= peft_fields(peft_type), sorted(PEFT_KEYS[peft_type] - peft_fields(peft_type))
+
+
+@pytest.mark.parametrize("name", ROUTED)
+def test_export_writes_only_keys_peft_defines_and_loads_without_upgrade_warnings(name, tmp_path):
+    """LoKr's bias, VeRA's and RoAd's exclude_modules made PEFT warn 'Unexpected keyword arguments ...
+    upgrade PEFT'; an OFT export without peft_version, 'retrain your adapter weights'."""
+    base, model = trained(name)
+    ll.export_peft(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert set(config) <= peft_fields(config["peft_type"]), sorted(set(config) - peft_fields(config["peft_type"]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    assert not [str(w.message) for w in caught if STALE_ADVICE.search(str(w.message))]
+    assert rel(out(theirs), out(model)) <= TOL
 
 
 @pytest.mark.parametrize("r", [2, 4])
