@@ -710,11 +710,16 @@ IMPORTS = ("LORA", "IA3", "HRA", "DELORA", "VERA", "LOHA", "LOKR", "OFT", "BOFT"
 
 
 def _pattern_get(pattern: dict, name: str, default):
-    """PEFT's get_pattern_key: the first key k with re.match(r'(.*\\.)?(k)$', name)."""
+    """PEFT's get_pattern_key: the value of the first key k with re.match(r'(.*\\.)?(k)$', name)."""
+    return next(iter(_pattern_item(pattern, name).values()), default)
+
+
+def _pattern_item(pattern: dict, name: str) -> dict:
+    """{k: v} of the first pattern key k that PEFT matches to `name` ({} when none does)."""
     for k, v in (pattern or {}).items():
         if re.match(rf"(.*\.)?({k})$", name):
-            return v
-    return default
+            return {k: v}
+    return {}
 
 
 def _matches(c: dict, name: str) -> bool:
@@ -783,7 +788,8 @@ def load_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "defaul
     (adapter_model.bin), a missing, extra or misshapen tensor, a target that is not a linear
     layer, PEFT's copy of an embedding target's base weight (save_embedding_layers) that is not
     the model's own, a value of another JSON type than PEFT writes (r 4.5, "8", true as an
-    integer: never coerced), hyperparameters a layer cannot take (the spec's check, as at attach),
+    integer: never coerced), a value outside the spec's range (r -1, rank_pattern {'v_proj': 0}:
+    the message names the file and key), hyperparameters a layer cannot take (the spec's check, as at attach),
     or anything else malformed in the directory; AttachError (before anything changes) when
     an adapter `name` is already attached or for whatever runtime.preflight refuses.
     `model` may be wrapped (torch.compile, DDP, accelerate, FSDP2); the wrapper is returned.
@@ -866,7 +872,7 @@ def _read_peft(model: nn.Module, peft_dir, name: str) -> tuple:
         keys = set(f.keys())
         for n in found:
             m = modules[n]
-            cfg_t = gen.Config(**base, **_hyper(c, spec, n))
+            cfg_t = _config(gen, cpath, c, spec, n, base)
             try:  # what init checks at attach (RoAd's group_size dividing d_out, ...): the tensors can fit a misfit
                 gen.check(cfg_t, *layer_dims(m))
             except ValueError as e:
@@ -903,6 +909,27 @@ def _read_peft(model: nn.Module, peft_dir, name: str) -> tuple:
         if keys:
             raise CheckpointError(f"{wpath}: tensor {sorted(keys)[0]} belongs to no target of adapter_config.json")
     return per_target[found[0]][1], per_target, shared
+
+
+def _config(gen, cpath: Path, c: dict, spec: str, name: str, base: dict):
+    """gen.Config for target `name` from PEFT's config; a value out of the spec's range is a
+    CheckpointError naming the file and the key it came from (r=-1, rank_pattern['v_proj']=0)."""
+    hyper = _hyper(c, spec, name)
+    try:
+        return gen.Config(**base, **hyper)
+    except SpecError as e:
+        field = next((f for f in hyper if str(e).startswith(f"{gen.NAME}.{f}")), None)
+        where = "" if field is None else "{}={!r}: ".format(*_source(c, spec, name, field))
+        raise CheckpointError(f"{cpath}: {where}{e}") from None
+
+
+def _source(c: dict, spec: str, name: str, field: str) -> tuple[str, object]:
+    """(key path in adapter_config.json, its value) that _hyper read our `field` of target `name` from."""
+    key = {"alpha": "alpha" if spec in ("loha", "lokr") else "lora_alpha", "lambda0": "delora_lambda"}.get(field)
+    key = {"road_variant": "variant"}.get(field, key or field)
+    pattern = {"r": "rank_pattern", "alpha": "alpha_pattern", "lambda0": "lambda_pattern"}.get(field)
+    item = _pattern_item(c.get(pattern), name) if pattern and spec != "vera" else {}  # VeRA: one r
+    return next(((f"{pattern}[{k!r}]", v) for k, v in item.items()), (key, c.get(key)))
 
 
 def _lokr_full_w2(f, wpath: Path, key: str, gen, cfg_t, m, want: dict) -> tuple:

@@ -434,6 +434,32 @@ def test_load_peft_refuses_a_config_value_of_the_wrong_json_type_naming_the_key(
     assert_unchanged(base, snap)
 
 
+OUT_OF_RANGE = [
+    ("lora", {"r": -1}, r"r=-1: lora\.r=-1 is below its minimum 1"),
+    ("lora", {"lora_alpha": 1e7}, r"lora_alpha=10000000\.0: lora\.alpha=10000000\.0 is above its maximum"),
+    ("lora", {"rank_pattern": {"v_proj": 0}}, r"rank_pattern\['v_proj'\]=0: lora\.r=0 is below its minimum 1"),
+    ("lokr", {"alpha": -1e7}, r"alpha=-10000000\.0: lokr\.alpha=-10000000\.0 is below its minimum"),
+    ("delora", {"delora_lambda": 1e7}, r"delora_lambda=10000000\.0: delora\.lambda0=10000000\.0 is above"),
+    ("road", {"group_size": 1}, r"group_size=1: road\.group_size=1 is below its minimum 2"),
+]
+
+
+@pytest.mark.parametrize(
+    "spec, change, message", OUT_OF_RANGE, ids=[f"{s}-{next(iter(c))}" for s, c, _ in OUT_OF_RANGE]
+)
+def test_load_peft_refuses_a_value_out_of_range_naming_the_config_file_and_key(spec, change, message, tmp_path):
+    """A range error was lora-lite's SpecError 'lora.r=-1 is below its minimum 1', with no file or key."""
+    base, _, path = peft_made(peft_adapters()[spec][1], tmp_path)
+    cpath = path / "adapter_config.json"
+    cpath.write_text(json.dumps({**json.loads(cpath.read_text()), **change}))
+    snap = snapshot(base)
+    with pytest.raises(ll.CheckpointError) as e:
+        ll.load_peft(base, path)
+    assert re.fullmatch(re.escape(str(cpath)) + ": " + message + ".*", str(e.value)), str(e.value)
+    assert "\n" not in str(e.value)
+    assert_unchanged(base, snap)
+
+
 def test_load_peft_refuses_hyperparameters_that_do_not_fit_a_layer_naming_it(tmp_path):
     """RoAd's group_size 6 does not divide d_out 32: the tensors ((d_out,) vectors) fit, the forward would not."""
     base, _, path = peft_made(peft_adapters()["road"][1], tmp_path)
