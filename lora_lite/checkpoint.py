@@ -177,6 +177,27 @@ def digest(meta: dict, tensors: dict[str, torch.Tensor]) -> str:
 # ---------------------------------------------------------------- reading
 
 
+def _not_a_file(path: Path, mode: int) -> str:
+    """Why `path` (not a regular file) is no checkpoint; a directory points to what reads it."""
+    if not stat.S_ISDIR(mode):
+        return "not a regular file"
+    if (path / "adapter_config.json").is_file():
+        return (
+            "a directory holding adapter_config.json (a PEFT adapter): attach it with ll.load_peft(model, dir); "
+            "ll.load takes the .safetensors file ll.save wrote"
+        )
+    return "a directory, not a regular file: ll.load takes the .safetensors file ll.save wrote"
+
+
+def as_path(value, op: str, arg: str = "path") -> Path:
+    """`value` as a Path; CheckpointError naming the function, the argument and the type received
+    when it is no str or os.PathLike (3, None: pathlib's TypeError named neither)."""
+    if not isinstance(value, (str, os.PathLike)):
+        got = f"{type(value).__name__} {_short(value)}".translate(_ESCAPES)
+        raise CheckpointError(f"{op}: {arg} must be a str or os.PathLike path, got {got}")
+    return Path(value)
+
+
 class _File:
     """An open safetensors file whose header is read and checked; tensor bytes are read on demand.
 
@@ -194,9 +215,10 @@ class _File:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
         except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
             raise _err(path, None, f"cannot read: {getattr(e, 'strerror', None) or e}") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a folder, FIFO, device: never read
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):  # a folder, FIFO, device: never read
             os.close(fd)
-            raise _err(path, None, "not a regular file")
+            raise _err(path, None, _not_a_file(path, mode))
         self.f = os.fdopen(fd, "rb")
         try:
             self._read_header()
@@ -441,7 +463,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
 
     Streams the tensor bytes once for the digest without keeping them. Raises CheckpointError.
     """
-    with _File(Path(path)) as ck:
+    with _File(as_path(path, "read_metadata")) as ck:
         return _check_metadata(ck)
 
 
@@ -528,7 +550,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, residual: str | None = No
     check_model(model, "load")
     wrapper, model = model, unwrap(model)
     check_name(name)
-    path = Path(path)
+    path = as_path(path, "load")
     with _File(path) as ck:
         meta = _check_metadata(ck)
         gen = _variant(path, meta)
@@ -684,7 +706,8 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
     is kept.
     Raises AttachError when nothing (or no adapter `name`) is attached, or when `name` is omitted
     and several are; CheckpointError naming the path for I/O errors (disk full, read-only
-    folder, a directory as destination).
+    folder, a directory as destination), or naming the argument and its type for a `path` that
+    is no str or os.PathLike.
     """
     if name is None:
         attached = list(states(model))
@@ -699,7 +722,7 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
     if st is None:
         what = "no lora-lite adapter is attached" if name == "default" else f"no adapter named {name!r} is attached"
         raise AttachError(f"save: {what} to this model (nothing to save)")
-    path = Path(path)
+    path = as_path(path, "save")
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise _err(path, None, f"ll.load refuses {path.suffix} files (pickle); name it .safetensors")
     tensors, targets, bad, held = {}, {}, [], None

@@ -45,6 +45,17 @@ def as_dtype(value: torch.dtype | str, what: str = "dtype") -> torch.dtype:
 
 
 RESIDUAL_MODES = ("none", "crop", "subtract")
+SHARED_KEYS = ("dtype", "target_names", "layers", "residual")  # AdapterConfig's fields, as errors list them
+
+
+def allowed_keys(gen: ModuleType) -> list[str]:
+    """Keyword arguments a variant's Config takes: its spec's hyperparameters, then SHARED_KEYS."""
+    return list(gen.BOUNDS) + list(SHARED_KEYS)
+
+
+def unknown_key(gen: ModuleType, key: str) -> SpecError:
+    """The one-line SpecError for a keyword the variant's Config does not take (listing those it does)."""
+    return config_error(f"{gen.NAME}: unknown override {key!r}; allowed: {', '.join(allowed_keys(gen))}")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -69,6 +80,16 @@ class AdapterConfig:
     layers: tuple[int, ...] | None = None
     dtype: torch.dtype = torch.float32
     residual: str | None = None
+
+    def __new__(cls, *args, **kwargs):
+        """SpecError for a keyword this Config has no field for (ll.LoRAConfig(rr=3)), the message
+        ll.from_spec gives, instead of the dataclass __init__'s TypeError. Unpickling and copying
+        call __new__ with no keywords, so they pass through."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for key in kwargs:
+            if key not in fields and hasattr(cls.variant(), "BOUNDS"):
+                raise unknown_key(cls.variant(), key)
+        return super().__new__(cls)
 
     def __post_init__(self):
         """Validate and normalise every field. SpecError (a ValueError), one line naming the

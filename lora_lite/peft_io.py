@@ -45,7 +45,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, as_path
 from .codegen import SpecError
 from .registry import variant_module
 from .runtime import (
@@ -433,7 +433,8 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, name: str | None =
     adapter, an adapter is switched off (ll.disabled), a spec has no route (use ll.merge), a
     DoRA-type, HRA, OFT, BOFT or RoAd adapter has ll.scale != 1 (not representable), or HRA ranks
     differ per layer (PEFT's HRA has no rank_pattern); CheckpointError, writing nothing, when a
-    tensor to export holds NaN or inf (as ll.save) or the folder cannot be written.
+    tensor to export holds NaN or inf (as ll.save) or the folder cannot be written, and when
+    `out_dir` is no str or os.PathLike (naming it and the type).
     Source: PEFT's save_pretrained layout (peft/utils/save_and_load.py) and, for PiSSA,
     LoraModel._convert_state_dict_for_initial_model (peft/tuners/lora/model.py).
     """
@@ -443,7 +444,7 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, name: str | None =
         raise AttachError("export_peft: no lora-lite adapter is attached to this model")
     if name is not None and name not in every:
         raise AttachError(f"export_peft: no adapter named {repr(name)[:60]} (attached: {list(every)})")
-    out = Path(out_dir)
+    out = as_path(out_dir, "export_peft", "out_dir")
     files = {n: _payload(model, st) for n, st in every.items() if name in (None, n)}  # all checked first
     for n, (flat, provenance, text) in files.items():
         d = out if n == "default" else out / n
@@ -790,7 +791,8 @@ def load_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "defaul
     the model's own, a value of another JSON type than PEFT writes (r 4.5, "8", true as an
     integer: never coerced), a value outside the spec's range (r -1, rank_pattern {'v_proj': 0}:
     the message names the file and key), hyperparameters a layer cannot take (the spec's check, as at attach),
-    or anything else malformed in the directory; AttachError (before anything changes) when
+    or anything else malformed in the directory, or a `peft_dir` that is no str or os.PathLike
+    (naming it and the type); AttachError (before anything changes) when
     an adapter `name` is already attached or for whatever runtime.preflight refuses.
     `model` may be wrapped (torch.compile, DDP, accelerate, FSDP2); the wrapper is returned.
     fan_in_fan_out: true is read for transformers Conv1D targets and refused for any other.
@@ -809,6 +811,7 @@ def load_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "defaul
     check_model(model, "load_peft")
     wrapper, model = model, unwrap(model)
     check_name(name)
+    as_path(peft_dir, "load_peft", "peft_dir")  # a local directory or a hub id: a str or os.PathLike
     try:  # the directory is untrusted input: whatever it breaks is one CheckpointError line
         cfg, per_target, shared = _read_peft(model, peft_dir, name)
     except (CheckpointError, AttachError, SpecError):

@@ -28,6 +28,7 @@ from lora_lite.codegen import load_spec, render
 from lora_lite.codegen.atomic import write_atomic
 from lora_lite.codegen.safety import regex_problem
 from lora_lite.codegen.spec import Spec, SpecError, parse_spec, shipped_specs_dir
+from lora_lite.config import allowed_keys, unknown_key
 
 
 def cache_dir() -> Path:
@@ -147,13 +148,14 @@ def from_spec(name_or_path: str | os.PathLike, **overrides):
     residual (`from_spec("antipasto", residual="subtract")`: W untouched, for 4/8-bit bases).
     Raises SpecError (a ValueError), one line, for a bad spec, an unknown override (listing the
     allowed ones) or a bad value: wrong type (a bool is not a number), NaN or infinite, or
-    outside the spec's min/max.
+    outside the spec's min/max. A typed config (ll.LoRAConfig(rr=3)) refuses an unknown keyword
+    with the same message (AdapterConfig.__new__).
     """
     module = variant_module(name_or_path)
-    allowed = list(module.BOUNDS) + ["dtype", "target_names", "layers", "residual"]
+    allowed = allowed_keys(module)
     for key in overrides:
         if key not in allowed:
-            raise SpecError([f"{module.NAME}: unknown override {key!r}; allowed: {', '.join(allowed)}"])
+            raise unknown_key(module, key)
     names = overrides.get("target_names")
     for rx in (names,) if isinstance(names, str) else names if isinstance(names, (list, tuple)) else ():
         if isinstance(rx, str) and (problem := regex_problem(rx)):

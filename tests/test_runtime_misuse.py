@@ -7,7 +7,9 @@ submodule's own train/eval flag, module attributes, adapter state)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import pickle
 
 import pytest
 import torch
@@ -54,6 +56,18 @@ CONFIG_CASES = {
     "dtype not a dtype": (lambda: ll.LoRAConfig(dtype=5), "lora.dtype: unknown dtype 5"),
     "dtype an integer dtype": (lambda: ll.LoRAConfig(dtype=torch.int8), "torch.int8 is not a floating-point dtype"),
     "the base class": (lambda: ll.AdapterConfig(), "AdapterConfig is the base class"),
+    "unknown keyword typed config": (
+        lambda: ll.LoRAConfig(rr=3),
+        "lora: unknown override 'rr'; allowed: r, alpha, dtype, target_names, layers, residual",
+    ),
+    "unknown keyword beside valid ones": (
+        lambda: ll.PiSSAConfig(r=4, foo=1),
+        "pissa: unknown override 'foo'; allowed: r, alpha, svd_niter, dtype",
+    ),
+    "unknown keyword in dataclasses.replace": (
+        lambda: dataclasses.replace(ll.IA3Config(), r=2),
+        "ia3: unknown override 'r'; allowed: dtype, target_names, layers, residual",
+    ),
 }
 
 
@@ -61,6 +75,23 @@ CONFIG_CASES = {
 def test_bad_config_values_are_one_line_spec_errors(case):
     fn, fragment = CONFIG_CASES[case]
     refused(ll.SpecError, fragment, fn)
+
+
+@pytest.mark.parametrize("name", ["lora", "pissa", "vera"])
+def test_a_typed_config_refuses_an_unknown_keyword_as_from_spec_does(name):
+    cls = ll.variant_module(name).Config
+    typed = refused(ll.SpecError, "unknown override 'rr'", cls, rr=3)
+    assert str(typed) == str(refused(ll.SpecError, "unknown override 'rr'", ll.from_spec, name, rr=3))
+
+
+def test_typed_configs_still_pickle_copy_replace_and_stay_frozen():
+    cfg = ll.LoRAConfig(r=4, alpha=2.0, target_names=["q_proj"], dtype=torch.bfloat16)
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        assert pickle.loads(pickle.dumps(cfg, protocol=protocol)) == cfg
+    assert copy.deepcopy(cfg) == cfg and copy.copy(cfg) == cfg
+    assert dataclasses.replace(cfg, r=2) == ll.LoRAConfig(r=2, alpha=2.0, target_names=["q_proj"], dtype="bf16")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.r = 2
 
 
 def test_config_bounds_come_from_the_generated_module(monkeypatch):
@@ -521,6 +552,57 @@ RUNTIME_CASES = {
         lambda m, p: ll.load_peft(m, peft_dir(p)),
         ll.AttachError,
         "load_peft: model already has a lora adapter attached; call ll.detach(model) first",
+    ),
+    # a path argument that is no path (pathlib's TypeError named neither function nor argument)
+    "save: a path that is an int": (
+        attached,
+        lambda m, _: ll.save(m, 3),
+        ll.CheckpointError,
+        "save: path must be a str or os.PathLike path, got int 3",
+    ),
+    "load: a path that is None": (
+        mixed_model,
+        lambda m, _: ll.load(m, None),
+        ll.CheckpointError,
+        "load: path must be a str or os.PathLike path, got NoneType None",
+    ),
+    "read_metadata: a path that is a list": (
+        None,
+        lambda m, _: ll.read_metadata(["a.safetensors"]),
+        ll.CheckpointError,
+        "read_metadata: path must be a str or os.PathLike path, got list ['a.safetensors']",
+    ),
+    "export_peft: an out_dir that is an int": (
+        attached,
+        lambda m, _: ll.export_peft(m, 3),
+        ll.CheckpointError,
+        "export_peft: out_dir must be a str or os.PathLike path, got int 3",
+    ),
+    "load_peft: a peft_dir that is None": (
+        mixed_model,
+        lambda m, _: ll.load_peft(m, None),
+        ll.CheckpointError,
+        "load_peft: peft_dir must be a str or os.PathLike path, got NoneType None",
+    ),
+    "load_peft: a peft_dir that is bytes": (
+        mixed_model,
+        lambda m, p: ll.load_peft(m, bytes(peft_dir(p))),
+        ll.CheckpointError,
+        "load_peft: peft_dir must be a str or os.PathLike path, got bytes b'/",
+    ),
+    # a directory given to ll.load
+    "load: a PEFT adapter directory": (
+        mixed_model,
+        lambda m, p: ll.load(m, peft_dir(p)),
+        ll.CheckpointError,
+        "peft: a directory holding adapter_config.json (a PEFT adapter): attach it with ll.load_peft(model, dir); "
+        "ll.load takes the .safetensors file ll.save wrote",
+    ),
+    "load: another directory": (
+        mixed_model,
+        lambda m, p: ll.load(m, p),
+        ll.CheckpointError,
+        "a directory, not a regular file: ll.load takes the .safetensors file ll.save wrote",
     ),
     "set_coeff a string": (lambda: attached("antipasto"), lambda m, _: ll.set_coeff(m, "1"), ll.SpecError, "got '1'"),
     "set_coeff a tensor": (
