@@ -10,29 +10,35 @@ lora-lite bench [--quick] ...                       train and evaluate variants 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 
 def _gen(args) -> int:
     from lora_lite.codegen import SpecError, check, generate
-    from lora_lite.codegen.compiler import GenerateError
+    from lora_lite.codegen.compiler import HEADER_CMD, GenerateError, commands
+    from lora_lite.codegen.spec import shipped_specs_dir
 
     specs, out = Path(args.specs), Path(args.out)
     if not specs.is_dir():
         print(f"lora-lite gen: no specs folder at {specs} (run from a checkout or pass --specs)", file=sys.stderr)
         return 2
+    # the shipped specs keep their checked-in headers (specs/<file>, just gen); a user's folder
+    # gets its spec files and this command line, as given here
+    shipped = specs.resolve() == shipped_specs_dir().resolve()
     try:
         if args.check:
-            problems = check(specs, out)
+            problems = check(specs, out, shipped=shipped)
             for p in problems:
                 print(p)
             if problems:
-                print(f"{len(problems)} generated file(s) out of date; run: just gen", file=sys.stderr)
+                regen = HEADER_CMD if shipped else commands(specs, out)[0]
+                print(f"{len(problems)} generated file(s) out of date; run: {regen}", file=sys.stderr)
                 return 1
-            print(f"generated/ is up to date ({len(list(specs.glob('*.yaml')))} specs)")
+            print(f"{out}/ is up to date ({len(list(specs.glob('*.yaml')))} specs)")
             return 0
-        changed = generate(specs, out)
+        changed = generate(specs, out, shipped=shipped)
     except (SpecError, GenerateError) as e:
         print(e, file=sys.stderr)
         return 1
@@ -114,6 +120,19 @@ def _example(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of `lora-lite`. Output into a pipe closed early (`lora-lite matrix | head`)
+    ends the command quietly with exit 1, as Python's own recipe (signal docs, SIGPIPE) does."""
+    try:
+        rc = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here at the latest, not at interpreter exit
+        return rc
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the exit-time flush writes nowhere instead of raising
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # the bench has its own parser (lora_lite/bench.py)
         from lora_lite.bench import main as bench_main

@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import linecache
 import os
+import shlex
 import sys
 import threading
 import types
@@ -67,16 +68,20 @@ def _readable_copy(modname: str, text: str) -> str | None:
     return str(folder / f"{modname}.py")
 
 
-def _import_text(spec: Spec, text: str) -> ModuleType:
+def _import_text(spec: Spec, text: str, path: Path | None = None) -> ModuleType:
     """The module for rendered, verified text (render() compiled it and checked the allow-list).
 
     Byte-identical to a shipped module: that module. Otherwise the text is compiled and executed
     into a fresh module registered as lora_lite_user_<name>_<digest of the text>; the same text
-    again in this process returns the same module. Raises SpecError if executing it fails.
+    again in this process returns the same module. A spec read from `path` is rendered again
+    with a header naming that file and the call that rebuilds it (user_render). Raises SpecError
+    if executing it fails.
     """
     shipped = Path(importlib.import_module("lora_lite.generated").__file__).parent / f"{spec.name}.py"
     if shipped.is_file() and shipped.read_text(encoding="utf-8") == text:
         return importlib.import_module(f"lora_lite.generated.{spec.name}")
+    if path is not None:
+        text = user_render(spec, path)
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
     modname = f"lora_lite_user_{spec.name}_{digest}"
     with _LOCK:  # two threads loading one spec get one module (one Config class)
@@ -114,7 +119,7 @@ def variant_module(name_or_path: str | os.PathLike) -> ModuleType:
     if _is_path(name_or_path):
         path = Path(name_or_path)
         spec = load_spec(path, display=str(name_or_path))
-        return _import_text(spec, render(spec, display=_display(path)))
+        return _import_text(spec, render(spec, display=_display(path)), path)
     name = str(name_or_path)
     if name not in shipped_names():
         raise SpecError(
@@ -132,6 +137,17 @@ def variant_from_text(text: str, name: str) -> ModuleType:
 def _display(path: Path) -> str:
     """Header name for a spec file: `specs/<file>` inside a specs folder, else the path as given."""
     return f"specs/{path.name}" if path.parent.name == "specs" else str(path)
+
+
+def user_render(spec: Spec, path: Path) -> str:
+    """Module text of a user's spec file, its header naming the file as given and the commands
+    that rebuild (ll.from_spec) and check (lora-lite validate) it."""
+    return render(
+        spec,
+        display=str(path),
+        regen=f"ll.from_spec({str(path)!r})",
+        check_cmd=f"lora-lite validate {shlex.quote(str(path))}",
+    )
 
 
 def spec_text(module: ModuleType) -> str:

@@ -187,6 +187,22 @@ def test_bench_bad_inputs_are_one_line_errors(tmp_path, capsys):
     assert "missing train.jsonl" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("variants", ["lora,lora", "lora,specs/lora.yaml"])
+def test_bench_refuses_a_variant_given_twice_in_one_line(tmp_path, capsys, monkeypatch, variants):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    out = tmp_path / "o"
+    assert main(["--model", "tiny", "--data", "builtin", "--variants", variants, "--out", str(out)]) == 2
+    second = variants.split(",")[1]
+    assert capsys.readouterr().err == f"lora-lite bench: error: --variants: lora is given twice ('lora', {second!r})\n"
+    assert not out.exists()
+
+
+def test_explicit_variants_replace_the_quick_presets_list():
+    assert config_from(parser().parse_args(["--quick"])).variants == ("lora", "ia3", "antipasto_corda")
+    cfg = config_from(parser().parse_args(["--quick", "--peft", "--variants", "lora"]))
+    assert cfg.variants == ("lora",) and cfg.steps == 20 and cfg.peft
+
+
 def test_bench_keeps_going_after_a_failing_variant(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "o"

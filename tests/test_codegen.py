@@ -113,3 +113,53 @@ def test_gen_refuses_bad_spec_and_writes_nothing(tmp_path, capsys):
     assert main(["gen", "--specs", str(specs), "--out", str(out)]) == 1
     assert "$.core.kind: 'magnitde' is not one of" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_user_folder_headers_name_its_spec_file_and_gen_command(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my specs").mkdir()
+    shutil.copy(ROOT / "specs" / "lora.yaml", tmp_path / "my specs" / "lora.yaml")
+    assert main(["gen", "--specs", "my specs", "--out", "out"]) == 0
+    regen = "lora-lite gen --specs 'my specs' --out out"
+    check_cmd = "lora-lite gen --check --specs 'my specs' --out out"
+    head = (tmp_path / "out" / "lora.py").read_text().splitlines()[:2]
+    assert head == [
+        "# Code generated from my specs/lora.yaml by lora_lite.codegen. DO NOT EDIT.",
+        f"# Regenerate: {regen}    Check: {check_cmd}",
+    ]
+    assert (tmp_path / "out" / "__init__.py").read_text().splitlines()[1] == head[1]
+    assert main(["gen", "--check", "--specs", "my specs", "--out", "out"]) == 0  # the same headers again
+    shipped = (ROOT / "generated" / "lora.py").read_text()
+    assert shipped.splitlines()[:2] == [
+        "# Code generated from specs/lora.yaml by lora_lite.codegen. DO NOT EDIT.",
+        "# Regenerate: just gen    Check: just gen-check",
+    ]
+    want = shipped.replace("from specs/lora.yaml", "from my specs/lora.yaml")  # header and Config docstring
+    want = want.replace("# Regenerate: just gen    Check: just gen-check", head[1])
+    assert (tmp_path / "out" / "lora.py").read_text() == want  # nothing else differs
+
+
+def test_user_spec_cache_copy_header_names_the_file_and_from_spec(tmp_path, monkeypatch):
+    import lora_lite as ll
+
+    monkeypatch.setenv("LORA_LITE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    text = (ROOT / "specs" / "lora.yaml").read_text().replace("name: lora\n", "name: my_lora\n")
+    (tmp_path / "my_lora.yaml").write_text(text.replace("title: LoRA", "title: My LoRA"))
+    module = type(ll.from_spec("my_lora.yaml")).variant()
+    assert Path(module.__file__).read_text().splitlines()[:2] == [
+        "# Code generated from my_lora.yaml by lora_lite.codegen. DO NOT EDIT.",
+        "# Regenerate: ll.from_spec('my_lora.yaml')    Check: lora-lite validate my_lora.yaml",
+    ]
+
+
+def test_cli_output_into_a_closed_pipe_exits_quietly():
+    import subprocess
+    import sys
+
+    for args in (["matrix"], ["matrix", "--json"], ["gen", "--check"]):
+        cmd = [sys.executable, "-c", "import sys; from lora_lite.cli import main; sys.exit(main())", *args]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.close()  # `| head -0`: the reader is gone before the first line is written
+        err = proc.stderr.read().decode()
+        assert proc.wait() == 1 and "Traceback" not in err and "BrokenPipe" not in err, (args, err)

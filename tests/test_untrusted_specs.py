@@ -385,7 +385,9 @@ def test_user_spec_is_imported_from_verified_text_not_from_the_cache(tmp_path, m
     cfg = ll.from_spec(spec, r=4)
     module = type(cfg).variant()
     copy_path = Path(module.__file__)
-    assert copy_path.parent == registry.cache_dir() and copy_path.read_text() == render(load_spec(spec))
+    assert copy_path.parent == registry.cache_dir() and copy_path.read_text() == registry.user_render(
+        load_spec(spec, display=str(spec)), spec
+    )
     # a planted file under the cache name is overwritten, not imported
     copy_path.write_text("raise SystemExit('planted')\n")
     for mod in [m for m in sys.modules if m.startswith("lora_lite_user_my_lora")]:
@@ -398,7 +400,7 @@ def test_user_spec_is_imported_from_verified_text_not_from_the_cache(tmp_path, m
 def test_symlinked_cache_destination_is_replaced_not_followed(tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_LITE_CACHE", str(tmp_path / "cache"))
     spec = _user_spec(tmp_path, title="Linked LoRA")
-    text = render(load_spec(spec, display=str(spec)), display=str(spec))
+    text = registry.user_render(load_spec(spec, display=str(spec)), spec)
     name = f"lora_lite_user_my_lora_{__import__('hashlib').sha256(text.encode()).hexdigest()[:32]}.py"
     registry.cache_dir().mkdir(parents=True)
     victim = tmp_path / "victim.txt"

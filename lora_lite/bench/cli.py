@@ -49,13 +49,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def variant_names(text: str) -> tuple[str, ...]:
-    """'all', 'twins' or a comma list -> spec names/paths. Raises ValueError for an unknown spec."""
+    """'all', 'twins' or a comma list -> spec names/paths. Raises ValueError for an unknown spec
+    or a variant given twice (by name or path)."""
     if text in ("all", "twins"):
         names = [n for n in ll.shipped_names() if text == "all" or n in TWINS]
     else:
         names = [v.strip() for v in text.split(",") if v.strip()]
+    seen = {}
     for n in names:
-        ll.variant_module(n)  # fail fast on a bad name before loading anything
+        spec = ll.variant_module(n).NAME  # fail fast on a bad name before loading anything
+        if spec in seen:  # one run per variant: a second would overwrite its record's adapter file
+            raise ValueError(f"--variants: {spec} is given twice ({seen[spec]!r}, {n!r})")
+        seen[spec] = n
     return tuple(names)
 
 
