@@ -130,6 +130,32 @@ FUNCTIONS = {
         1,
     ),
     "test_load_peft_refuses_an_unsupported_key_naming_it": ("deploy", "PEFT directories with unsupported keys", 1),
+    "test_load_peft_refuses_a_config_value_of_the_wrong_json_type_naming_the_key": (
+        "deploy",
+        "PEFT configs with mistyped, out-of-range or unfitting values",
+        1,
+    ),
+    "test_load_peft_refuses_a_value_out_of_range_naming_the_config_file_and_key": (
+        "deploy",
+        "PEFT configs with mistyped, out-of-range or unfitting values",
+        1,
+    ),
+    "test_load_peft_refuses_hyperparameters_that_do_not_fit_a_layer_naming_it": (
+        "deploy",
+        "PEFT configs with mistyped, out-of-range or unfitting values",
+        1,
+    ),
+    "test_merge_refuses_an_adapter_with_nan_tensors_leaving_the_model_unchanged": (
+        "deploy",
+        "non-finite adapter tensors at merge or export",
+        1,
+    ),
+    "test_export_peft_refuses_nan_adapter_tensors_writing_nothing": (
+        "deploy",
+        "non-finite adapter tensors at merge or export",
+        1,
+    ),
+    "test_a_typed_config_refuses_an_unknown_keyword_as_from_spec_does": ("runtime", "bad config values", 1),
     "test_fan_in_fan_out_on_a_linear_target_is_refused": ("deploy", "PEFT directories with unsupported keys", 1),
     "test_load_peft_refuses_pickle_weights": ("deploy", "PEFT directories with pickle or misshapen weights", 1),
     "test_load_peft_refuses_a_saved_base_weight_that_is_not_this_models": (
