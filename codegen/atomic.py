@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS allows (Linux /proc)."""
     try:  # Linux: read it without changing it (os.umask would, for every thread, for a moment)
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
@@ -39,7 +40,7 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
     except FileNotFoundError:
         mode = None
     if mode is None:
-        mode = 0o666 & ~_umask()
+        mode = 0o666 & ~current_umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:

@@ -38,6 +38,7 @@ import math
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -645,6 +646,14 @@ def _refuse(path, key, value, why: str):
     raise CheckpointError(f"{path}: {key}={value!r} is not supported: {why}")
 
 
+def _at_least(version, minimum: str) -> bool:
+    """True when a PEFT version string ("0.18.0", "0.18.1.dev0@abc") is at least `minimum`;
+    False when it is missing or unreadable (PEFT reads a missing one as 0.0.0)."""
+    got = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", str(version)) if isinstance(version, str) else None
+    want = tuple(int(x) for x in minimum.split("."))
+    return got is not None and tuple(int(x or 0) for x in got.groups()) >= want
+
+
 def _check_config(path: Path, c: dict) -> str:
     """The lora-lite spec for this PEFT config; CheckpointError naming the first unsupported key
     (or the peft_type, first, when lora-lite has no import route for it)."""
@@ -695,6 +704,13 @@ def _check_config(path: Path, c: dict) -> str:
     if kind == "OFT":
         if not c.get("oft_block_size"):
             _refuse(path, "oft_block_size", c.get("oft_block_size"), "lora-lite's OFT is set by its block size (not r)")
+        if c.get("use_cayley_neumann", True) and not _at_least(c.get("peft_version"), OFT_CAYLEY_NEUMANN_VERSION):
+            warnings.warn(  # PEFT warns alike and loads it with the new series too
+                f"{path}: load_peft: an OFT adapter with Cayley-Neumann saved before PEFT "
+                f"{OFT_CAYLEY_NEUMANN_VERSION} (peft_version {c.get('peft_version')!r}) was trained with the old "
+                "series; lora-lite computes the new one, so its outputs differ slightly from training",
+                stacklevel=3,
+            )
         return "oft"
     if kind == "BOFT":
         if not c.get("boft_block_size"):

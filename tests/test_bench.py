@@ -274,3 +274,34 @@ def test_bench_unreadable_model_report_or_out_folder_is_a_one_line_error(tmp_pat
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("lora-lite bench: error: --out ") and err.count("\n") == 1
+
+
+def test_converted_model_folder_gets_the_umask_modes_not_private_ones(tmp_path, monkeypatch):
+    """The GGUF conversion writes in a mkdtemp folder (0700); the cached folder and its files end
+    with the umask's modes, so a shared cache stays readable, whatever modes the writers chose."""
+    import transformers
+
+    from lora_lite.bench.models import gguf_cached
+    from lora_lite.codegen.atomic import current_umask
+
+    class Saved:  # stands for the converted model and tokenizer: writes one private file each
+        config = type("Config", (), {})()
+        hf_quantizer = "gguf"
+
+        def __init__(self, name):
+            self.name = name
+
+        def save_pretrained(self, folder, **kw):
+            fd = os.open(Path(folder) / self.name, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.close(fd)
+
+    monkeypatch.setenv("LORA_LITE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: Saved("model.safetensors"))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Saved("tokenizer.json"))
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF")
+    folder = gguf_cached(gguf)
+    mask = current_umask()
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~mask
+    files = {f.name: f.stat().st_mode & 0o777 for f in folder.iterdir()}
+    assert files == {"model.safetensors": 0o666 & ~mask, "tokenizer.json": 0o666 & ~mask}

@@ -802,3 +802,34 @@ def test_load_peft_pissa_onto_a_quantized_base_subtracts_leaving_w_untouched(tmp
     assert ll.state(q).cfg.residual == "subtract"
     now = q.state_dict()
     assert all(torch.equal(now[k], v) for k, v in before.items()), "the quantized weights are never rewritten"
+
+
+@pytest.mark.parametrize(
+    "version, cayley_neumann, warns",
+    [(None, True, True), ("0.17.1", True, True), ("0.18.0", True, False), ("0.19.0.dev0@abc", True, False)]
+    + [(None, False, False)],
+)
+def test_load_peft_warns_for_an_oft_adapter_trained_with_the_old_cayley_neumann_series(
+    version, cayley_neumann, warns, tmp_path
+):
+    """PEFT 0.18 changed OFT's Cayley-Neumann series; an adapter saved before (no peft_version, or
+    an older one) loads with the new series and a warning naming the file, as PEFT does; exact
+    Cayley and newer adapters load silently."""
+    base = llama()
+    model = copy.deepcopy(base)
+    ll.attach(model, ll.from_spec("oft", oft_block_size=8, use_cayley_neumann=cayley_neumann))
+    perturb(model, scale=0.1)
+    ll.export_peft(model, tmp_path)
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.pop("peft_version", None)
+    path.write_text(json.dumps(config | ({"peft_version": version} if version else {})))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = ll.load_peft(copy.deepcopy(base), tmp_path)
+    old = [w for w in caught if "old series" in str(w.message)]
+    assert len(old) == int(warns)
+    assert all(str(path) in str(w.message) and "\n" not in str(w.message) for w in old)
+    batch = token_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from lora_lite.codegen.atomic import current_umask
 from lora_lite.registry import cache_dir
 
 from .config import SMOLLM2
@@ -70,6 +71,10 @@ def gguf_cached(gguf: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
+    mask = current_umask()  # mkdtemp made the folder 0700 and some files come out 0600: use the umask's modes
+    for f in tmp.iterdir():
+        f.chmod(0o666 & ~mask)
+    tmp.chmod(0o777 & ~mask)
     os.replace(tmp, folder)
     return folder
 
