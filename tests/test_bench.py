@@ -296,8 +296,9 @@ def test_converted_model_folder_gets_the_umask_modes_not_private_ones(tmp_path, 
             os.close(fd)
 
     monkeypatch.setenv("LORA_LITE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: Saved("model.safetensors"))
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Saved("tokenizer.json"))
+    model, tok = Saved("model.safetensors"), Saved("tokenizer.json")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: model)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tok)
     gguf = tmp_path / "tiny.gguf"
     gguf.write_bytes(b"GGUF")
     folder = gguf_cached(gguf)
