@@ -15,12 +15,21 @@ import sys
 from pathlib import Path
 
 
+def _spelled(folder: str) -> Path:
+    """`folder` in one spelling (specs, ./specs/, $PWD/specs, x/../specs: specs): relative to the
+    current folder when under it, else absolute. A user folder's headers name it, so gen --check
+    agrees with gen however the folder was typed."""
+    path = os.path.abspath(folder)  # normalised, symlinks kept
+    cwd = os.getcwd()
+    return Path(os.path.relpath(path, cwd) if os.path.commonpath([path, cwd]) == cwd else path)
+
+
 def _gen(args) -> int:
     from lora_lite.codegen import SpecError, check, generate
     from lora_lite.codegen.compiler import HEADER_CMD, GenerateError, commands
     from lora_lite.codegen.spec import shipped_specs_dir
 
-    specs, out = Path(args.specs), Path(args.out)
+    specs, out = _spelled(args.specs), _spelled(args.out)
     if not specs.is_dir():
         print(f"lora-lite gen: no specs folder at {specs} (run from a checkout or pass --specs)", file=sys.stderr)
         return 2

@@ -163,3 +163,15 @@ def test_cli_output_into_a_closed_pipe_exits_quietly():
         proc.stdout.close()  # `| head -0`: the reader is gone before the first line is written
         err = proc.stderr.read().decode()
         assert proc.wait() == 1 and "Traceback" not in err and "BrokenPipe" not in err, (args, err)
+
+
+def test_user_folder_check_is_clean_however_the_folders_are_spelled(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()
+    shutil.copy(ROOT / "specs" / "lora.yaml", tmp_path / "mine" / "lora.yaml")
+    assert main(["gen", "--specs", "mine", "--out", "out"]) == 0
+    first = (tmp_path / "out" / "lora.py").read_text()
+    for specs, out in [("./mine/", "./out"), (str(tmp_path / "mine"), str(tmp_path / "out")), ("out/../mine", "out")]:
+        assert main(["gen", "--check", "--specs", specs, "--out", out]) == 0, (specs, out)
+        assert main(["gen", "--specs", specs, "--out", out]) == 0
+        assert (tmp_path / "out" / "lora.py").read_text() == first  # the same bytes, not rewritten
