@@ -17,11 +17,12 @@ from pathlib import Path
 
 def _spelled(folder: str) -> Path:
     """`folder` in one spelling (specs, ./specs/, $PWD/specs, x/../specs: specs): relative to the
-    current folder when under it, else absolute. A user folder's headers name it, so gen --check
-    agrees with gen however the folder was typed."""
+    current folder when under it or given relative (../mine), else absolute as given. A user
+    folder's headers name it, so gen --check agrees with gen however the folder was typed."""
     path = os.path.abspath(folder)  # normalised, symlinks kept
     cwd = os.getcwd()
-    return Path(os.path.relpath(path, cwd) if os.path.commonpath([path, cwd]) == cwd else path)
+    under = os.path.commonpath([path, cwd]) == cwd
+    return Path(os.path.relpath(path, cwd) if under or not os.path.isabs(folder) else path)
 
 
 def _gen(args) -> int:

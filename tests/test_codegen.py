@@ -175,3 +175,7 @@ def test_user_folder_check_is_clean_however_the_folders_are_spelled(tmp_path, mo
         assert main(["gen", "--check", "--specs", specs, "--out", out]) == 0, (specs, out)
         assert main(["gen", "--specs", specs, "--out", out]) == 0
         assert (tmp_path / "out" / "lora.py").read_text() == first  # the same bytes, not rewritten
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")  # a relative folder outside the current one stays relative
+    assert main(["gen", "--specs", "../mine/", "--out", "../out2"]) == 0
+    assert "--specs ../mine --out ../out2" in (tmp_path / "out2" / "lora.py").read_text().splitlines()[1]
