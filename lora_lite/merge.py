@@ -134,12 +134,13 @@ def merge(model: nn.Module) -> nn.Module:
     new = {tname: merged_weight(m, tname) for tname, m in layers.items()}  # nothing changed yet
     for tname, (W, b) in new.items():  # PEFT's safe_merge: a broken adapter never reaches the weights
         base = [layers[tname].weight] + ([layers[tname].bias] if b is not None else [])
-        if not all(bool(torch.isfinite(x).all()) for x in (W, b) if x is not None) and all(
+        cast = [x.to(ref.dtype) for x, ref in zip((W, b), base)]  # as written: fp16 overflows to inf
+        if not all(bool(torch.isfinite(x).all()) for x in cast) and all(
             bool(torch.isfinite(full(x)).all()) for x in base
         ):
             raise AttachError(
                 f"merge: {tname}: the merged weight would hold NaN or inf (the adapter's tensors or its output "
-                "are not finite); nothing merged, the model is unchanged"
+                f"are not finite, or exceed {base[0].dtype}); nothing merged, the model is unchanged"
             )
     tied = {tname: tied_to(model, m) for tname, m in layers.items()}  # shared weights: each target gets its own
     detach(model)

@@ -654,6 +654,20 @@ def test_merge_refuses_an_adapter_with_nan_tensors_leaving_the_model_unchanged(n
     assert_unchanged(model, snap)
 
 
+def test_merge_refuses_a_merged_weight_that_overflows_a_float16_base():
+    """A finite fp32 merged weight beyond float16's range would be written as inf (PEFT's
+    safe_merge checks the weight in its own dtype)."""
+    model = llama().half()
+    ll.attach(model, ll.from_spec("lora", dtype="float32"))
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.lora_B.fill_(1e4)
+        model.model.layers[0].self_attn.q_proj.lora_A.fill_(10.0)
+    snap = snapshot(model)
+    with pytest.raises(ll.AttachError, match=r"merge: model\.layers\.0\.self_attn\.q_proj: the merged weight would"):
+        ll.merge(model)
+    assert_unchanged(model, snap)
+
+
 def test_export_peft_refuses_nan_adapter_tensors_writing_nothing(tmp_path):
     _, model = trained("lora")
     with torch.no_grad():
