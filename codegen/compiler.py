@@ -215,7 +215,7 @@ RUNTIME_COMMENTS = {  # runtime helper -> what the comment over its import says
 def _statistics(init: str) -> tuple[str, ...]:
     """The (i, i) calibration statistics an init() body reads (`stats["second_moment"]`), sorted;
     "mean", "tokens" and "sequences" always come with them (lora_lite.calibration)."""
-    return tuple(sorted(set(re.findall(r'stats\["(\w+)"\]', init)) - {"mean", "tokens", "sequences"}))
+    return tuple(sorted(set(re.findall(r"""stats\[["'](\w+)["']\]""", init)) - {"mean", "tokens", "sequences"}))
 
 
 def context(spec, display: str, regen: str = HEADER_CMD, check_cmd: str = CHECK_CMD) -> dict:

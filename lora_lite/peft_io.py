@@ -649,9 +649,12 @@ def _refuse(path, key, value, why: str):
 def _at_least(version, minimum: str) -> bool:
     """True when a PEFT version string ("0.18.0", "0.18.1.dev0@abc") is at least `minimum`;
     False when it is missing or unreadable (PEFT reads a missing one as 0.0.0)."""
-    got = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", str(version)) if isinstance(version, str) else None
-    want = tuple(int(x) for x in minimum.split("."))
-    return got is not None and tuple(int(x or 0) for x in got.groups()) >= want
+    got = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?(.*)", str(version)) if isinstance(version, str) else None
+    if got is None:
+        return False
+    have, want = tuple(int(x or 0) for x in got.groups()[:3]), tuple(int(x) for x in minimum.split("."))
+    pre = re.match(r"\.?(dev|a|b|rc)", got.group(4))  # 0.18.0.dev0, 0.18.0rc1: before 0.18.0, as PEFT reads them
+    return have > want or (have == want and pre is None)
 
 
 def _check_config(path: Path, c: dict) -> str:

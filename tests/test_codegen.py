@@ -179,3 +179,16 @@ def test_user_folder_check_is_clean_however_the_folders_are_spelled(tmp_path, mo
     monkeypatch.chdir(tmp_path / "sub")  # a relative folder outside the current one stays relative
     assert main(["gen", "--specs", "../mine/", "--out", "../out2"]) == 0
     assert "--specs ../mine --out ../out2" in (tmp_path / "out2" / "lora.py").read_text().splitlines()[1]
+
+
+def test_statistics_are_read_off_the_init_code_whatever_the_quotes():
+    """STATISTICS lists the (i, i) calibration statistics init() reads, so calibration gathers
+    them; a part written with either quote style must not be missed (init would raise KeyError)."""
+    import lora_lite as ll
+    from lora_lite.calibration import STATISTICS
+    from lora_lite.codegen.compiler import _statistics
+
+    code = """C = stats["second_moment"]\nD = stats['sequence_second_moment']\nn = stats['tokens'] + stats["mean"]"""
+    assert _statistics(code) == ("second_moment", "sequence_second_moment")
+    for name in ll.shipped_names():
+        assert set(ll.from_spec(name).variant().STATISTICS) <= set(STATISTICS), name

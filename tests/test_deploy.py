@@ -820,7 +820,8 @@ def test_load_peft_pissa_onto_a_quantized_base_subtracts_leaving_w_untouched(tmp
 
 @pytest.mark.parametrize(
     "version, cayley_neumann, warns",
-    [(None, True, True), ("0.17.1", True, True), ("0.18.0", True, False), ("0.19.0.dev0@abc", True, False)]
+    [(None, True, True), ("0.17.1", True, True), ("0.18.0.dev0", True, True), ("0.18.0", True, False)]
+    + [("0.19.0.dev0@abc", True, False)]
     + [(None, False, False)],
 )
 def test_load_peft_warns_for_an_oft_adapter_trained_with_the_old_cayley_neumann_series(
