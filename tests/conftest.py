@@ -66,6 +66,20 @@ def attach_small(model, name: str, **kw):
     return cfg
 
 
+def saved_shapes(fn) -> list[tuple[int, ...]]:
+    """Shapes of the tensors autograd keeps for backward while fn() runs (matmul may save views,
+    so compare element counts where a view's shape is not the tensor's)."""
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return shapes
+
+
 def perturb(model, seed: int = 1, scale: float = 0.1) -> None:
     """Move every trainable adapter tensor away from its init, deterministically."""
     g = torch.Generator().manual_seed(seed)

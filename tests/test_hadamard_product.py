@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lora_lite as ll
-from conftest import make_model, perturb
+from conftest import make_model, perturb, saved_shapes
 from lora_lite.runtime import hadamard_product
 
 
@@ -39,19 +39,6 @@ def test_hadamard_product_gives_the_plain_formulas_gradients_with_some_factors_f
     want = torch.autograd.grad(2.0 * (ws[0] @ ws[1]) * (ws[2] @ ws[3]), live, g)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-
-
-def saved_shapes(fn) -> list[tuple[int, ...]]:
-    """Shapes of the tensors autograd keeps for backward while fn() runs."""
-    shapes = []
-
-    def pack(t):
-        shapes.append(tuple(t.shape))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return shapes
 
 
 def test_hadamard_product_keeps_only_the_four_factors_for_backward():

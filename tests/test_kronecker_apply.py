@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 import lora_lite as ll
-from conftest import make_model, perturb
+from conftest import make_model, perturb, saved_shapes
 from lora_lite.runtime import kronecker_apply
 
 
@@ -49,36 +51,10 @@ def test_kronecker_apply_gives_the_plain_formulas_gradients_with_some_inputs_fro
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def saved_shapes(fn) -> list[tuple[int, ...]]:
-    """Shapes of the tensors autograd keeps for backward while fn() runs."""
-    shapes = []
-
-    def pack(t):
-        shapes.append(tuple(t.shape))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return shapes
-
-
 def test_kronecker_apply_keeps_only_x_and_the_three_factors_for_backward():
     ts = inputs(lead=(6, 7))
     got = saved_shapes(lambda: kronecker_apply(*ts, 0.5))
     assert sorted(got) == sorted([(6, 7, 15), (2, 3), (4, 2), (2, 5)])
-
-
-def saved_numels(fn) -> list[int]:
-    """Element counts of the tensors autograd keeps for backward while fn() runs (matmul may save views)."""
-    numels = []
-
-    def pack(t):
-        numels.append(t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return numels
 
 
 def test_lokr_forward_keeps_only_x_and_the_factors_for_backward():
@@ -92,7 +68,7 @@ def test_lokr_forward_keeps_only_x_and_the_factors_for_backward():
         x = torch.randn(2, 3, i, requires_grad=True)  # (..., i)
         y = torch.randn(2, 3, o)  # (..., o)
         factors = [getattr(t.module, k) for k in ("lora_lokr_w1", "lora_lokr_w2_a", "lora_lokr_w2_b")]
-        got = saved_numels(lambda: gen.forward(t.module, x, y, t.cfg).sum().backward())
+        got = [math.prod(s) for s in saved_shapes(lambda: gen.forward(t.module, x, y, t.cfg).sum().backward())]
         assert sorted(got) == sorted([x.numel(), *(w.numel() for w in factors)]), (t.name, got)
         for w in factors:
             assert w.grad.abs().sum() > 0, t.name
