@@ -23,6 +23,7 @@ from .runtime import (
     quantization,
     states,
     stored_layout,
+    weight_sharers,
 )
 from .wrappers import full, shard_like, unwrap
 
@@ -79,15 +80,6 @@ def merged_embedding(m: nn.Module) -> Tensor:
     return (Y / es).T  # (d, n)
 
 
-def tied_to(model: nn.Module, m: nn.Module) -> list[str]:
-    """Names of the other modules whose weight is `m`'s very Parameter (lm_head under tie_word_embeddings)."""
-    return [
-        n
-        for n, o in model.named_modules(remove_duplicate=False)
-        if o is not m and getattr(o, "weight", None) is m.weight
-    ]
-
-
 def merge(model: nn.Module) -> nn.Module:
     """Fold every attached adapter, at its current ll.scale and coeff, into weights and biases
     (several on one layer compose as their hooks do); detach them; return `model`, now a plain
@@ -142,7 +134,7 @@ def merge(model: nn.Module) -> nn.Module:
                 f"merge: {tname}: the merged weight would hold NaN or inf (the adapter's tensors or its output "
                 f"are not finite, or exceed {base[0].dtype}); nothing merged, the model is unchanged"
             )
-    tied = {tname: tied_to(model, m) for tname, m in layers.items()}  # shared weights: each target gets its own
+    tied = weight_sharers(model, layers)  # shared weights (a tied lm_head): each target gets its own
     detach(model)
     with torch.no_grad():
         for tname, (W, b) in new.items():

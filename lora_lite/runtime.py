@@ -705,15 +705,22 @@ def _storage(t: Tensor) -> tuple:
         return ("object", id(t))
 
 
-def _check_crop_weights(gen: ModuleType, model: nn.Module, targets: dict[str, nn.Module], fix: str) -> None:
-    """Residual crop writes each target's weight in place: refuse a weight another parameter or
-    buffer shares (tied embeddings, a layer reused under two names, two targets on one weight)."""
+def weight_sharers(model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """For each target, the other parameters and buffers of `model` (by name) whose storage its
+    weight shares: tied embeddings, a layer reused under two names, two targets on one weight.
+    One pass over the model's tensors, whatever the number of targets."""
     owners: dict[tuple, list[str]] = {}
     for n, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
         if t.numel():
             owners.setdefault(_storage(t), []).append(n)
-    for name, m in targets.items():
-        others = [n for n in owners.get(_storage(m.weight), []) if n != f"{name}.weight"]
+    shared = {name: owners.get(_storage(m.weight), []) for name, m in targets.items()}
+    return {name: [n for n in names if n != f"{name}.weight"] for name, names in shared.items()}
+
+
+def _check_crop_weights(gen: ModuleType, model: nn.Module, targets: dict[str, nn.Module], fix: str) -> None:
+    """Residual crop writes each target's weight in place: refuse a weight another parameter or
+    buffer shares (weight_sharers)."""
+    for name, others in weight_sharers(model, targets).items():
         if others:
             raise AttachError(
                 f"{gen.NAME}: {name}.weight shares its storage with {others[0]}, so residual crop would rewrite "
