@@ -191,23 +191,22 @@ def collect_input_stats(
             if x.dim() < 3:  # (n, i) or (i,): one sequence
                 x = x.reshape(1, -1, x.shape[-1])  # (1, n, i)
             rows = x.reshape(-1, x.shape[-2], x.shape[-1])  # (S, T, i): one row per sequence
-            keep = torch.ones(rows.shape[:2], dtype=torch.bool, device=x.device)  # (S, T)
-            mask = current_mask[0]
-            if mask is not None:
-                if mask.numel() != keep.numel():
+            keep = current_mask[0]  # (S, T) tokens to count, or None: all of them
+            if keep is not None:
+                if keep.numel() != rows.shape[0] * rows.shape[1]:
                     raise _error(
-                        f"{name} saw {keep.numel()} tokens but the batch mask has {mask.numel()}; "
+                        f"{name} saw {rows.shape[0] * rows.shape[1]} tokens but the batch mask has {keep.numel()}; "
                         "pass batches whose attention_mask matches the layer's tokens"
                     )
-                keep = mask.reshape(keep.shape).bool()
-            x = rows[keep]  # (n, i) the counted tokens
+                keep = keep.reshape(rows.shape[:2]).bool()
+            x = rows.reshape(-1, rows.shape[-1]) if keep is None else rows[keep]  # (n, i) the counted tokens
             if not torch.isfinite(x).all():
                 raise _error(f"non-finite activations at the input of {name}")
             if "second_moment" in statistics:
                 sums[name] = sums[name] + x.T @ x  # (i, i)
             if "sequence_second_moment" in statistics:
-                for row, k in zip(rows, keep):  # PEFT's CorDA: each sequence scaled by its signed max
-                    xs = row[k]  # (T_s, i)
+                for s, row in enumerate(rows):  # PEFT's CorDA: each sequence scaled by its signed max
+                    xs = row if keep is None else row[keep[s]]  # (T_s, i)
                     if xs.shape[0] == 0:
                         continue
                     top = xs.max().abs()
